@@ -1,0 +1,71 @@
+"""The FCMAE encoder: ConvNeXt V2 parameters, run by an interchangeable sparse backend."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .convnextv2 import init_weights, make_trunk
+from .masking import PATCH_SIZE, check_image_size, check_mask
+
+
+def _backend_forward(name: str):
+    if name == "sparse":
+        from ..sparse.compact import encoder_forward
+    elif name == "dense":
+        from ..sparse.masked_dense import encoder_forward
+    elif name == "minkowski":
+        from ..sparse.minkowski import encoder_forward
+    else:
+        raise ValueError(f"unknown encoder backend {name!r}; choose one of: sparse, dense, minkowski")
+    return encoder_forward
+
+
+class SparseConvNeXtV2Encoder(nn.Module):
+    """ConvNeXt V2 trunk that computes only on visible patches.
+
+    Parameters have the official dense layout and names
+    (``downsample_layers.{0..3}.{0,1}``, ``stages.i.j.*``), whatever the backend.
+
+    Args:
+        backend: ``sparse`` (compact active rows, default), ``dense`` (masked-dense
+            reference) or ``minkowski`` (MinkowskiEngine, optional).
+        grn_stats: ``sample`` (GRN norm over each sample's active sites, what the
+            dense model computes at fine-tune time) or ``batch`` (pooled over all
+            active sites of the batch, as the official ``MinkowskiGRN``).
+    """
+
+    def __init__(self, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3,
+                 drop_path_rate: float = 0.0, backend: str = "sparse", grn_stats: str = "sample"):
+        super().__init__()
+        if grn_stats not in ("sample", "batch"):
+            raise ValueError(f"grn_stats={grn_stats!r} is not supported; use 'sample' or 'batch'")
+        self._forward_impl = _backend_forward(backend)
+        self.backend, self.grn_stats = backend, grn_stats
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
+        self.apply(init_weights)
+
+    @property
+    def out_dim(self) -> int:
+        return self.dims[-1]
+
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor,
+                visible_per_sample: int | None = None) -> torch.Tensor:
+        """``(N, 3, H, W)``, mask ``(N, L)`` (1 = masked) -> ``(N, C_last, H/32, W/32)``.
+
+        Masked sites of the output are zero. ``visible_per_sample`` promises that
+        every sample keeps exactly that many patches (skips a host sync).
+        """
+        grid = check_image_size(imgs.shape[-2], imgs.shape[-1], PATCH_SIZE)
+        if visible_per_sample is None:
+            mask = check_mask(mask, imgs.shape[0], grid)
+        return self._forward_impl(self, imgs, mask, grid, visible_per_sample)
+
+    def forward_dense(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Plain dense forward (nothing masked, per-sample GRN): ``(N, C_last, H/32, W/32)``."""
+        x = imgs
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return x

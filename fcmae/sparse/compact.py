@@ -1,0 +1,111 @@
+"""The ``sparse`` backend: ConvNeXt V2 on a compact ``(rows, C)`` tensor of active sites.
+
+Only the depthwise conv touches a full canvas (scatter rows to zeros, convolve,
+gather the active rows back): inactive inputs count as zero and outputs exist
+only at active sites, i.e. submanifold semantics. Everything else (LayerNorm,
+the two Linears, GELU, GRN, drop path, the downsample) runs on active rows only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.convnextv2 import GRN, Block
+from .layout import SparseLayout, StageSites
+
+
+def scatter_to_canvas(rows: torch.Tensor, sites: StageSites, batch: int) -> torch.Tensor:
+    """``(R, C)`` rows -> ``(N, C, H, W)`` zero canvas (channels-last memory)."""
+    h, w = sites.size
+    canvas = rows.new_zeros(batch * h * w, rows.shape[1])
+    canvas = canvas.index_copy(0, sites.canvas_index, rows)
+    return canvas.view(batch, h, w, -1).permute(0, 3, 1, 2)
+
+
+def gather_from_canvas(canvas: torch.Tensor, sites: StageSites) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(R, C)`` rows at the active sites."""
+    flat = canvas.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1])
+    return flat.index_select(0, sites.canvas_index)
+
+
+def per_sample_reduce(values: torch.Tensor, layout: SparseLayout, stage: int) -> torch.Tensor:
+    """Sum ``(R, C)`` rows per sample -> ``(N, C)``."""
+    rows = layout.rows_per_sample
+    if rows is not None:
+        return values.view(layout.batch, rows[stage], -1).sum(dim=1)
+    out = values.new_zeros(layout.batch, values.shape[1])
+    return out.index_add(0, layout.stages[stage].sample_index, values)
+
+
+def per_sample_expand(values: torch.Tensor, layout: SparseLayout, stage: int) -> torch.Tensor:
+    """``(N, C)`` -> ``(R, C)``, each row getting its sample's values."""
+    rows = layout.rows_per_sample
+    if rows is not None:
+        return values[:, None, :].expand(-1, rows[stage], -1).reshape(-1, values.shape[1])
+    return values.index_select(0, layout.stages[stage].sample_index)
+
+
+def grn_rows(grn: GRN, x: torch.Tensor, layout: SparseLayout, stage: int, stats: str) -> torch.Tensor:
+    """GRN on rows; the L2 norm is over a sample's active sites, or the whole batch's."""
+    if stats == "batch":
+        nx = grn.normalizer(torch.linalg.vector_norm(x, ord=2, dim=0, keepdim=True))
+    elif layout.rows_per_sample is not None:
+        n, r = layout.batch, layout.rows_per_sample[stage]
+        gx = torch.linalg.vector_norm(x.view(n, r, -1), ord=2, dim=1)
+        nx = per_sample_expand(grn.normalizer(gx), layout, stage)
+    else:
+        gx = per_sample_reduce(x * x, layout, stage).sqrt()
+        nx = per_sample_expand(grn.normalizer(gx), layout, stage)
+    return grn.gamma.view(-1) * (x * nx) + grn.beta.view(-1) + x
+
+
+def block_rows(block: Block, x: torch.Tensor, layout: SparseLayout, stage: int, grn_stats: str):
+    """One ConvNeXt V2 block on ``(R, C)`` rows."""
+    sites = layout.stages[stage]
+    canvas = scatter_to_canvas(x, sites, layout.batch)
+    y = gather_from_canvas(block.dwconv(canvas), sites)
+    y = block.act(block.pwconv1(block.norm(y)))
+    y = block.pwconv2(grn_rows(block.grn, y, layout, stage, grn_stats))
+    scale = block.drop_path.sample_scale(layout.batch, y)
+    if scale is not None:
+        y = y * per_sample_expand(scale[:, None], layout, stage)
+    return x + y
+
+
+def stem_rows(stem, imgs: torch.Tensor, sites: StageSites) -> torch.Tensor:
+    """Stem on the visible 4x4 pixel cells only: ``(N, 3, H, W) -> (R0, C0)``.
+
+    A 4x4 stride-4 conv is a Linear on each cell, so this equals the dense stem
+    followed by masking, without computing the masked cells.
+    """
+    conv, norm = stem[0], stem[1]
+    n, c, h, w = imgs.shape
+    k = conv.kernel_size[0]
+    cells = imgs.view(n, c, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * k * k)
+    x = F.linear(cells.index_select(0, sites.canvas_index), conv.weight.flatten(1), conv.bias)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def downsample_rows(down, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm + 2x2 stride-2 conv: ``(R, C_in) -> (R/4, C_out)``.
+
+    The four children of each coarse site are consecutive rows in (dy, dx)
+    order, so the conv is one Linear over the concatenated children.
+    """
+    norm, conv = down[0], down[1]
+    x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (out, dy, dx, in)
+    return F.linear(x.reshape(-1, 4 * x.shape[1]), weight, conv.bias)
+
+
+def encoder_forward(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
+                    visible_per_sample: int | None = None) -> torch.Tensor:
+    """``(N, 3, H, W)`` + mask ``(N, L)`` -> ``(N, C_last, H/32, W/32)``, zeros at masked sites."""
+    layout = SparseLayout.from_mask(mask, grid, len(encoder.stages), visible_per_sample)
+    x = stem_rows(encoder.downsample_layers[0], imgs, layout.stages[0])
+    for k, stage in enumerate(encoder.stages):
+        if k > 0:
+            x = downsample_rows(encoder.downsample_layers[k], x)
+        for block in stage:
+            x = block_rows(block, x, layout, k, encoder.grn_stats)
+    return scatter_to_canvas(x, layout.stages[-1], layout.batch).contiguous()
