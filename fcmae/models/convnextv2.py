@@ -123,7 +123,8 @@ def make_trunk(in_chans: int, depths: Sequence[int], dims: Sequence[int], drop_p
     """
     downsample_layers = nn.ModuleList([make_stem(in_chans, dims[0])])
     downsample_layers.extend(make_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    total = sum(depths)
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
     stages = nn.ModuleList()
     start = 0
     for depth, dim in zip(depths, dims):

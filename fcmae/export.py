@@ -1,0 +1,84 @@
+"""``fcmae-export``: write a dense, verified encoder file from a pretraining checkpoint.
+
+    fcmae-export outputs/2026-11-22/10-00-00 --format timm --out atto.safetensors
+    fcmae-export convnextv2_atto_1k_224_fcmae.pt --format official --out atto_official.pth
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .convert import (FORMATS, CheckpointError, canonical_to_timm, infer_shape, load_state_dict_file,
+                      save_state_dict, to_canonical, variant_of, verify_export, TIMM_CONV_MLP)
+
+# Where a pretraining run directory keeps its checkpoints (see fcmae.checkpoint).
+RUN_CHECKPOINTS = ("checkpoints/last.pt", "last.pt")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's last checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        for rel in RUN_CHECKPOINTS:
+            if (path / rel).is_file():
+                return path / rel
+        raise CheckpointError(
+            f"{path} is a directory without a checkpoint ({' or '.join(RUN_CHECKPOINTS)}); "
+            "pass a pretraining run directory or a checkpoint file"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    return path
+
+
+def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None = None,
+           verify: bool = True, log=print) -> Path:
+    """Convert ``checkpoint`` (file or run directory) to a dense ``format`` file; returns its path."""
+    src = resolve_checkpoint(checkpoint)
+    canonical, layout = to_canonical(load_state_dict_file(src), source=str(src))
+    depths, dims = infer_shape(canonical)
+    variant = variant_of(canonical)
+    name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
+    if format == "timm":
+        if variant is None:
+            raise CheckpointError(f"{src}: {name} has no timm model; use --format official")
+        sd = canonical_to_timm(canonical, conv_mlp=variant.name in TIMM_CONV_MLP)
+    elif format == "official":
+        sd = dict(canonical)
+    else:
+        raise CheckpointError(f"--format {format!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out) if out else src.with_name(f"{src.stem}_{format}.safetensors")
+    save_state_dict(sd, out, metadata={"format": format, "model": name, "source_layout": layout})
+    params = sum(v.numel() for k, v in sd.items() if not k.startswith("head."))
+    log(f"read {src} ({layout} layout, {name})")
+    log(f"wrote {out} ({format} format, {params / 1e6:.2f}M encoder parameters, "
+        f"{out.stat().st_size / 2**20:.1f} MiB)")
+    if verify:
+        err = verify_export(out, format, canonical)
+        log(f"verified: dense forward equals the sparse encoder with nothing masked (relative error {err:.1e})")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fcmae-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="checkpoint file (ours, official sparse or dense, timm) or a run directory")
+    p.add_argument("--format", choices=FORMATS, default="timm",
+                   help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default)")
+    p.add_argument("--out", help="output .safetensors or .pth (default: next to the checkpoint)")
+    p.add_argument("--no-verify", action="store_true", help="skip the dense-vs-sparse self-check")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        export(args.checkpoint, args.format, args.out, verify=not args.no_verify)
+    except CheckpointError as exc:
+        print(f"fcmae-export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The converter: MinkowskiEngine kernel layout, timm/official outputs, bad input, the CLI."""
+import pytest
+import torch
+
+from fcmae import ConvNeXtV2, create_fcmae
+from fcmae.convert import (CheckpointError, canonical_to_minkowski, dense_conv_to_me, dense_depthwise_to_me,
+                           detect_layout, me_conv_to_dense, me_depthwise_to_dense, save_state_dict, to_canonical,
+                           to_dense)
+from fcmae.export import export, main
+
+from conftest import rel_err
+
+timm = pytest.importorskip("timm")
+
+
+def _encoder_sd(model):
+    return {k.removeprefix("encoder."): v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+
+
+def test_me_depthwise_kernel_first_axis_fastest_hand_example():
+    # Offset 1 is one step along the FIRST spatial axis (rows, H): dense (ky=1, kx=0).
+    kernel = torch.zeros(49, 2)
+    kernel[1, 0] = 1.0
+    kernel[7, 1] = 2.0  # offset 7: one step along the second axis (columns, W)
+    w = me_depthwise_to_dense(kernel)
+    assert w.shape == (2, 1, 7, 7)
+    expected = torch.zeros(2, 1, 7, 7)
+    expected[0, 0, 1, 0] = 1.0
+    expected[1, 0, 0, 1] = 2.0
+    assert torch.equal(w, expected)
+
+
+def test_me_conv_kernel_hand_example():
+    kernel = torch.zeros(4, 3, 5)  # (K*K, C_in, C_out)
+    kernel[1, 2, 4] = 1.0  # offset 1 -> (ky=1, kx=0)
+    kernel[2, 0, 3] = 3.0  # offset 2 -> (ky=0, kx=1)
+    w = me_conv_to_dense(kernel)
+    assert w.shape == (5, 3, 2, 2)
+    assert w[4, 2, 1, 0] == 1.0 and w[3, 0, 0, 1] == 3.0 and w.abs().sum() == 4.0
+
+
+def test_me_kernel_mappings_invert():
+    w = torch.randn(8, 1, 7, 7)
+    assert torch.equal(me_depthwise_to_dense(dense_depthwise_to_me(w)), w)
+    c = torch.randn(6, 4, 2, 2)
+    assert torch.equal(me_conv_to_dense(dense_conv_to_me(c)), c)
+
+
+def test_minkowski_layout_round_trip_is_exact():
+    model = create_fcmae("convnextv2_atto")
+    full = model.state_dict()
+    me = canonical_to_minkowski(_encoder_sd(model))
+    assert me["encoder.stages.0.0.dwconv.kernel"].shape == (49, 40)
+    assert me["encoder.stages.0.0.dwconv.bias"].shape == (1, 40)
+    assert me["encoder.downsample_layers.1.1.kernel"].shape == (4, 40, 80)
+    assert me["encoder.downsample_layers.1.1.bias"].shape == (1, 80)
+    assert me["encoder.stages.0.0.grn.gamma"].shape == (1, 160)
+    assert "encoder.stages.0.0.norm.ln.weight" in me and "encoder.stages.0.0.pwconv1.linear.weight" in me
+    # an official sparse FCMAE checkpoint also carries the decoder: it must be dropped
+    me.update({k: v for k, v in full.items() if not k.startswith("encoder.")})
+    assert detect_layout(me) == "minkowski"
+    back = to_dense({"model": me}, "official")
+    assert back.keys() == _encoder_sd(model).keys()
+    for k, v in _encoder_sd(model).items():
+        assert torch.equal(back[k], v), k
+
+
+def test_timm_and_official_inputs_round_trip():
+    model = create_fcmae("convnextv2_femto")
+    canonical = _encoder_sd(model)
+    timm_sd = to_dense(model.state_dict(), "timm")
+    assert detect_layout(timm_sd) == "timm"
+    back, layout = to_canonical(timm_sd)
+    assert layout == "timm"
+    assert all(torch.equal(back[k], v) for k, v in canonical.items())
+    # released *_fcmae.pt style: dense, no decoder, GRN as (1, 4C), nested under "model"
+    official = {k: (v.reshape(1, -1) if "grn" in k else v) for k, v in canonical.items()}
+    back, layout = to_canonical({"model": official})
+    assert layout == "official" and all(torch.equal(back[k], v) for k, v in canonical.items())
+
+
+def test_export_safetensors_loads_into_timm_strict(tmp_path):
+    model = create_fcmae("convnextv2_atto")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "step": 3}, ckpt)
+    out = export(tmp_path / "run", "timm", tmp_path / "atto.safetensors", log=lambda *_: None)
+    from safetensors.torch import load_file
+    ref = timm.create_model("convnextv2_atto", pretrained=False, num_classes=0).eval()
+    ref.load_state_dict(load_file(str(out)), strict=True)
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(ref.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+
+
+def test_export_official_pth_loads_into_dense_convnextv2(tmp_path):
+    model = create_fcmae("convnextv2_atto")
+    me = canonical_to_minkowski(_encoder_sd(model))
+    torch.save({"model": me}, tmp_path / "official_sparse.pth")
+    out = export(tmp_path / "official_sparse.pth", "official", tmp_path / "dense.pth", log=lambda *_: None)
+    dense = ConvNeXtV2(model.encoder.depths, model.encoder.dims, num_classes=0)
+    missing, unexpected = dense.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert not unexpected and set(missing) == {"norm.weight", "norm.bias"}
+    imgs = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        assert rel_err(dense.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+
+
+def test_cli_prints_and_verifies(tmp_path, capsys):
+    torch.save(create_fcmae("convnextv2_atto").state_dict(), tmp_path / "ck.pt")
+    assert main([str(tmp_path / "ck.pt"), "--format", "official", "--out", str(tmp_path / "o.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "verified" in out and "convnextv2_atto" in out
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert main([str(junk)]) == 2
+    assert "not a loadable PyTorch checkpoint" in capsys.readouterr().err
+
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        to_dense(torch.load(tmp_path / "other.pt"), "official")
+
+    sd = create_fcmae("convnextv2_atto").state_dict()
+    sd["encoder.stages.2.3.pwconv1.weight"] = torch.zeros(640, 99)
+    with pytest.raises(CheckpointError, match=r"stages\.2\.3\.pwconv1\.weight.*\(640, 160\)"):
+        to_dense(sd, "timm")
+
+    del sd["encoder.stages.2.3.pwconv1.weight"]
+    with pytest.raises(CheckpointError, match=r"missing key 'stages\.2\.3\.pwconv1\.weight'"):
+        to_dense(sd, "official")
+
+    with pytest.raises(CheckpointError, match="no such file"):
+        export(tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match="must end in"):
+        save_state_dict({}, tmp_path / "x.bin")
+
+
+def test_export_verification_catches_a_wrong_file(tmp_path, monkeypatch):
+    """The self-check must fail when the written weights differ from the source."""
+    import fcmae.export as ex
+    model = create_fcmae("convnextv2_atto")
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    real = ex.canonical_to_timm
+
+    def corrupt(sd, conv_mlp):
+        out = real(sd, conv_mlp)
+        out["stages.1.blocks.0.conv_dw.weight"] = out["stages.1.blocks.0.conv_dw.weight"].flip(-1)
+        return out
+    monkeypatch.setattr(ex, "canonical_to_timm", corrupt)
+    with pytest.raises(CheckpointError, match="verification FAILED"):
+        export(tmp_path / "ck.pt", "timm", tmp_path / "bad.safetensors", log=lambda *_: None)
