@@ -74,9 +74,13 @@ class FCMAE(nn.Module):
         return masked_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None,
-                mask_ratio: float | None = None):
+                mask_ratio: float | None = None, visible_per_sample: int | None = None):
+        """``visible_per_sample``, with a given ``mask``, promises that every sample keeps
+        exactly that many patches (the training loop's masks do): no host sync."""
         h, w = self.grid(imgs)
-        if mask is None:
+        if mask is not None and visible_per_sample is not None:
+            visible = visible_per_sample
+        elif mask is None:
             ratio = check_mask_ratio(self.mask_ratio if mask_ratio is None else mask_ratio)
             mask = random_mask(imgs.shape[0], h * w, ratio, device=imgs.device)
             visible = num_visible(h * w, ratio)  # static count: no host sync in the encoder

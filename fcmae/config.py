@@ -1,0 +1,196 @@
+"""Structured configs for ``fcmae-pretrain``: the schema Hydra type-checks, plus range checks.
+
+The YAML files in ``conf/`` fill these dataclasses; a misspelled key or a wrong
+type fails at start with Hydra's own message, and :func:`validate` checks ranges
+before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .models.variants import VARIANTS
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnextv2_atto"
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    dims: list[int] = field(default_factory=lambda: [40, 80, 160, 320])
+    decoder_depth: int = 1
+    decoder_embed_dim: int = 512
+    mask_ratio: float = 0.6
+    norm_pix_loss: bool = True
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class EncoderConfig:
+    backend: str = "sparse"  # sparse | dense | minkowski
+    grn_stats: str = "sample"  # sample | batch (the official MinkowskiGRN)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | imagefolder | folder | filelist
+    root: Optional[str] = None  # a directory, or the list file for source=filelist
+    img_size: int = 224
+    batch_size: int = 16  # per GPU / per process
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    synthetic_images: int = 2048
+    synthetic_classes: int = 8
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    max_bad_fraction: float = 0.01  # unreadable images tolerated before the run fails
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256 unless lr is set
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    effective_batch_size: Optional[int] = None  # sets the accumulation when given
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 40.0
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 800
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (schedule keeps epochs)
+    accum_iter: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    vis_every: int = 500  # reconstruction grid every N steps (and at the end)
+    ckpt_every: int = 500  # checkpoint every N optimizer steps (and each epoch end, and at the end)
+    keep_checkpoints: int = 2
+    progress: str = "auto"  # auto (bar on a TTY) | bar | log
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "fcmae"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None  # defaults to the top-level run_name
+    tags: list[str] = field(default_factory=list)
+    image_every: int = 500
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 8
+    cpus_per_task: int = 10
+    mem_gb: int = 480
+    timeout_min: int = 4320
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    max_num_timeout: int = 20  # requeues on timeout/preemption
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run_name: str = MISSING
+    resume: str = "auto"  # auto (continue the run directory's last checkpoint) | never | PATH
+    init_from: Optional[str] = None  # encoder weights (any converter layout), fresh decoder
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration values; the message lists every problem and how to fix it."""
+
+
+def validate(cfg: Any) -> None:
+    """Range checks that the type system cannot express. Raises :class:`ConfigError`."""
+    errors = []
+
+    def check(ok: bool, msg: str):
+        if not ok:
+            errors.append(msg)
+
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    check(0.0 <= m.mask_ratio < 1.0, f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
+    check(len(m.depths) == 4 and len(m.dims) == 4, "model.depths and model.dims need 4 entries each")
+    check(m.decoder_depth >= 1 and m.decoder_embed_dim >= 1, "model.decoder_depth and decoder_embed_dim must be >= 1")
+    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    check(cfg.encoder.backend in ("sparse", "dense", "minkowski"),
+          f"encoder.backend={cfg.encoder.backend!r}; use sparse, dense or minkowski")
+    check(cfg.encoder.grn_stats in ("sample", "batch"), f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use sample or batch")
+    check(d.img_size > 0 and d.img_size % 32 == 0,
+          f"data.img_size={d.img_size} must be a positive multiple of 32 (e.g. 224)")
+    if d.img_size > 0 and d.img_size % 32 == 0:
+        patches = (d.img_size // 32) ** 2
+        check(int(patches * (1 - m.mask_ratio)) >= 1,
+              f"model.mask_ratio={m.mask_ratio} leaves no visible patch at data.img_size={d.img_size}")
+    check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be > 0")
+    check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    check(d.source in ("synthetic", "imagefolder", "folder", "filelist"),
+          f"data.source={d.source!r}; use synthetic, imagefolder, folder or filelist")
+    check(d.source == "synthetic" or bool(d.root), f"data.source={d.source} needs data.root=/path/to/images")
+    check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+          f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
+    check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
+    check(d.source != "synthetic" or d.synthetic_images >= d.batch_size,
+          "data.synthetic_images must be at least data.batch_size")
+    check(o.name == "adamw", f"optim.name={o.name!r}; only adamw is supported")
+    check(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be > 0")
+    check(o.min_lr >= 0 and o.weight_decay >= 0, "optim.min_lr and optim.weight_decay must be >= 0")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    check(o.effective_batch_size is None or o.effective_batch_size > 0, "optim.effective_batch_size must be > 0")
+    check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad must be > 0 (or null to disable)")
+    check(cfg.schedule.name == "cosine", f"schedule.name={cfg.schedule.name!r}; only cosine is supported")
+    check(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0")
+    check(t.epochs > 0, f"trainer.epochs={t.epochs} must be > 0")
+    check(t.max_steps is None or t.max_steps > 0, f"trainer.max_steps={t.max_steps} must be > 0")
+    check(t.accum_iter > 0, f"trainer.accum_iter={t.accum_iter} must be > 0")
+    check(t.precision in ("auto", "fp32", "bf16", "fp16"), f"trainer.precision={t.precision!r}; use auto, fp32, bf16 or fp16")
+    check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}; use auto, cpu or cuda")
+    check(t.progress in ("auto", "bar", "log"), f"trainer.progress={t.progress!r}; use auto, bar or log")
+    check(min(t.log_every, t.vis_every, t.ckpt_every, t.keep_checkpoints) > 0,
+          "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
+    check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r}; use logger=none or logger=wandb")
+    check(cfg.logger.mode in ("online", "offline", "disabled"), f"logger.mode={cfg.logger.mode!r}; use online, offline or disabled")
+    known = {f"convnextv2_{k}" for k in VARIANTS}
+    check(m.name in known or m.name.startswith("custom"), f"model.name={m.name!r}; use one of {sorted(known)} or custom_*")
+    if m.name in known:
+        v = VARIANTS[m.name.removeprefix("convnextv2_")]
+        check(list(m.depths) == list(v.depths) and list(m.dims) == list(v.dims),
+              f"model.depths/dims do not match {m.name}; select the size with model={m.name} "
+              "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

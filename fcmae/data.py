@@ -1,0 +1,279 @@
+"""Pretraining data: image sources, augmentation, per-sample masks and a resumable sampler.
+
+Every random choice for a sample (crop, flip, mask) is a pure function of
+``(seed, epoch, index)``. So the worker count does not change a run, and a
+resumed run sees exactly the samples and masks an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+from .models.masking import PATCH_SIZE, num_visible
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+MAX_CONSECUTIVE_BAD = 20
+
+
+class DataError(RuntimeError):
+    """The data cannot be used as configured; the message says what to change."""
+
+
+# ---------------------------------------------------------------- sources
+
+class SyntheticImages(Dataset):
+    """Procedural images with class structure (oriented gratings + a shape), no download.
+
+    Class ``c = index % classes`` sets the grating orientation/frequency and the
+    shape kind; colours, phase and placement vary per image. Deterministic in
+    ``(seed, index)``. Returns ``(PIL image, label)``.
+    """
+
+    def __init__(self, num_images: int, classes: int = 8, size: int = 256, seed: int = 0):
+        self.num_images, self.classes, self.size, self.seed = num_images, classes, size, seed
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def describe(self, index: int) -> str:
+        return f"synthetic image #{index}"
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng((self.seed, index))
+        c = index % self.classes
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        theta = math.pi * c / self.classes
+        freq = 3.0 + 2.0 * (c % 4) + rng.uniform(-0.5, 0.5)
+        wave = np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + rng.uniform(0, 2 * math.pi))
+        img = rng.uniform(0.2, 0.8, 3).astype(np.float32) + 0.25 * wave[..., None] * rng.uniform(0.2, 1.0, 3)
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+        if c % 2 == 0:
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        else:
+            inside = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
+        img[inside] = rng.uniform(0.0, 1.0, 3)
+        img += rng.normal(0.0, 0.02, img.shape).astype(np.float32)
+        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), c
+
+
+class ImageFiles(Dataset):
+    """Images from a list of paths. Returns ``(PIL RGB image, label)``; unreadable files raise."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None = None):
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [0] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def __getitem__(self, index: int):
+        with Image.open(self.paths[index]) as img:
+            return img.convert("RGB"), self.labels[index]
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_image_folder(root: str | Path) -> ImageFiles:
+    """``root/<class>/**/<image>``; classes sorted, labels are class indices."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root={root} is not a directory (expected class folders root/<class>/<image>)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name)):
+            for f in sorted(files):
+                if _is_image(Path(f)):
+                    paths.append(Path(dirpath) / f)
+                    labels.append(label)
+    if not paths:
+        raise DataError(
+            f"no images found under class folders of {root} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+            "for a flat folder use data=folder"
+        )
+    return ImageFiles(paths, labels)
+
+
+def scan_folder(root: str | Path) -> ImageFiles:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root={root} is not a directory")
+    paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files if _is_image(Path(f)))
+    if not paths:
+        raise DataError(f"no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return ImageFiles(paths)
+
+
+def read_file_list(list_file: str | Path) -> ImageFiles:
+    """One path per line; blank lines and ``#`` comments ignored; relative to the list's folder."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"data.root={list_file} is not a file (data=filelist expects a text file of image paths)")
+    base = list_file.parent
+    paths = []
+    for line in list_file.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line)
+            paths.append(p if p.is_absolute() else base / p)
+    if not paths:
+        raise DataError(f"{list_file} lists no images")
+    return ImageFiles(paths)
+
+
+def build_source(data_cfg, seed: int = 0) -> Dataset:
+    src = data_cfg.source
+    if src == "synthetic":
+        size = int(round(data_cfg.img_size * 8 / 7))  # a little larger than the crop, like 256 -> 224
+        return SyntheticImages(data_cfg.synthetic_images, data_cfg.synthetic_classes, size, seed)
+    if src == "imagefolder":
+        return scan_image_folder(data_cfg.root)
+    if src == "folder":
+        return scan_folder(data_cfg.root)
+    if src == "filelist":
+        return read_file_list(data_cfg.root)
+    raise DataError(f"data.source={src!r}; use synthetic, imagefolder, folder or filelist")
+
+
+# ---------------------------------------------------------------- augmentation and masks
+
+def pretrain_transform(img_size: int, crop_scale=(0.2, 1.0), hflip: bool = True,
+                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, as the paper."""
+    ops = [transforms.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+                                        interpolation=transforms.InterpolationMode.BICUBIC)]
+    if hflip:
+        ops.append(transforms.RandomHorizontalFlip())
+    ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(ops)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from ``(seed, epoch, index)`` (SplitMix64-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    x ^= x >> 32
+    return x & (2**63 - 1)
+
+
+def sample_mask(num_patches: int, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """``(L,)`` mask with exactly ``keep`` zeros (visible), by argsort of Gaussian noise."""
+    ids = torch.argsort(torch.randn(num_patches, generator=generator))
+    mask = torch.ones(num_patches)
+    mask[ids[:keep]] = 0.0
+    return mask
+
+
+class PretrainSamples(Dataset):
+    """Wraps a source: ``key = epoch * len(source) + index`` -> ``(image, mask, bad, key)``.
+
+    ``bad`` counts unreadable files skipped to produce this sample (each is
+    logged by name); the next index stands in for an unreadable one so batches
+    keep their size.
+    """
+
+    def __init__(self, source: Dataset, transform, img_size: int, mask_ratio: float, seed: int = 0):
+        self.source, self.transform, self.seed = source, transform, seed
+        self.img_size = img_size
+        self.num_patches = (img_size // PATCH_SIZE) ** 2
+        self.keep = num_visible(self.num_patches, mask_ratio)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _describe(self, index: int) -> str:
+        describe = getattr(self.source, "describe", None)
+        return describe(index) if describe else f"sample #{index}"
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(int(key), len(self.source))
+        s = sample_seed(self.seed, epoch, index)
+        bad, failures = 0, []
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self.source)
+            try:
+                img, _ = self.source[i]
+                break
+            except Exception as exc:  # a corrupt or unreadable file: skip it, name it
+                bad += 1
+                failures.append(self._describe(i))
+                log.warning("skipping unreadable image %s (%s: %s)", self._describe(i), type(exc).__name__, exc)
+        else:
+            raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive images could not be read, e.g. {failures[:3]}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            x = self.transform(img)
+        if x.shape[-1] % PATCH_SIZE or x.shape[-2] % PATCH_SIZE:
+            raise DataError(
+                f"{self._describe(i)} became {tuple(x.shape[-2:])} after transforms; height and width must be "
+                f"multiples of {PATCH_SIZE} (set data.img_size to a multiple of 32)"
+            )
+        g = torch.Generator().manual_seed(s ^ 0x5DEECE66D)
+        return x, sample_mask(self.num_patches, self.keep, g), bad, int(key)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (per-epoch reshuffle) that yields sample keys and can start mid-epoch.
+
+    ``set_start(n)`` skips the first ``n`` samples of this rank in the current
+    epoch, so a resumed run neither repeats nor skips samples.
+    """
+
+    def __init__(self, dataset: PretrainSamples, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self):
+        n = len(self.dataset)
+        for index in list(super().__iter__())[self.start:]:
+            yield self.epoch * n + index
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
+                          pin_memory: bool = False):
+    """``(loader, sampler, dataset)`` for pretraining; batches are ``(imgs, masks, bad, keys)``."""
+    source = build_source(data_cfg, seed)
+    transform = pretrain_transform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std)
+    dataset = PretrainSamples(source, transform, data_cfg.img_size, mask_ratio, seed)
+    per_rank = len(dataset) // world_size
+    if per_rank < data_cfg.batch_size:
+        raise DataError(
+            f"{len(dataset)} images give {per_rank} per process, fewer than data.batch_size={data_cfg.batch_size}; "
+            "use more images or a smaller batch"
+        )
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    workers = data_cfg.num_workers
+    loader = DataLoader(
+        dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory and data_cfg.pin_memory, drop_last=True,
+        persistent_workers=workers > 0 and data_cfg.persistent_workers,
+        prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: creating an iterator (each epoch, and on resume mid-epoch)
+        # must not draw from the global RNG that drop path uses.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler, dataset

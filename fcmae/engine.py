@@ -1,0 +1,287 @@
+"""The pretraining loop: accumulation, mixed precision, checkpoints, preemption, logging.
+
+Position is counted in optimizer steps (``step``) and, inside an epoch, in
+micro-batches already consumed (``batch_in_epoch``, always a multiple of the
+accumulation at a checkpoint), which is all a resume needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointManager, capture_rng
+from .distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean
+from .loggers import Progress
+from .optim import cosine_lr, set_lr
+from .visualize import save_reconstruction_grid
+
+log = logging.getLogger("fcmae")
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    def __init__(self, signum: int, step: int, path: Path | None):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class DataQualityError(RuntimeError):
+    pass
+
+
+class PreemptionGuard:
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag the loop checks after each optimizer step,
+    so the checkpoint is written at a clean step boundary. Handlers that were installed
+    before (e.g. submitit's requeue on SIGUSR2) are called after the checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def chain(self) -> None:
+        """Call the handler that was installed before ours, if it was a real one."""
+        prev = self.previous.get(self.signum)
+        if callable(prev):
+            prev(self.signum, None)
+
+    def __exit__(self, *exc):
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        return False
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    bad_images: int = 0
+    seen_images: int = 0
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int  # schedule length (epochs * steps_per_epoch)
+    stop_step: int  # min(total_steps, max_steps)
+    steps_per_epoch: int
+    accum: int
+    base_lr: float
+    min_lr: float
+    warmup_steps: int
+    visible_per_sample: int
+    batch_size: int
+    precision: str  # fp32 | bf16 | fp16
+    clip_grad: float | None
+    log_every: int
+    vis_every: int
+    ckpt_every: int
+    max_bad_fraction: float
+    norm_pix: bool
+    mean: tuple
+    std: tuple
+    progress: str = "auto"
+    image_every: int = 500
+    callbacks: list[Callable] = field(default_factory=list)
+
+
+class PretrainLoop:
+    def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer, scaler, loader, sampler,
+                 settings: LoopSettings, state: LoopState, dist_info: DistInfo, ckpt: CheckpointManager,
+                 metrics_file, tracker, config: dict, run_dir: Path, extra_state: dict | None = None):
+        self.model, self.raw_model = model, raw_model
+        self.optimizer, self.scaler = optimizer, scaler
+        self.loader, self.sampler = loader, sampler
+        self.s, self.state, self.dist = settings, state, dist_info
+        self.ckpt, self.metrics_file, self.tracker = ckpt, metrics_file, tracker
+        self.config, self.run_dir = config, Path(run_dir)
+        self.extra_state = extra_state or {}
+        self.last_batch = None
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "bad_images": self.state.bad_images,
+            "seen_images": self.state.seen_images,
+            "rng": all_gather_objects(capture_rng(), self.dist),
+            "config": self.config,
+            **self.extra_state,
+        }
+
+    def save(self) -> Path | None:
+        state = self.state_dict()  # every rank takes part in the RNG gather
+        if not self.dist.is_main:
+            return None
+        path = self.ckpt.save(state, self.state.step)
+        log.info("saved checkpoint %s (step %d)", path, self.state.step)
+        return path
+
+    # ------------------------------------------------------------ one optimizer step
+    def _autocast(self):
+        if self.s.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.s.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.dist.device.type, dtype=dtype)
+
+    def _micro_step(self, imgs, masks, sync: bool) -> torch.Tensor:
+        ctx = contextlib.nullcontext() if sync or not self.dist.enabled else self.model.no_sync()
+        with ctx:
+            with self._autocast():
+                loss, pred, mask = self.model(imgs, mask=masks, visible_per_sample=self.s.visible_per_sample)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {self.state.step + 1}")
+            scaled = loss / self.s.accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.last_batch = (imgs, pred.detach(), mask)
+        return loss.detach()
+
+    def _optimizer_step(self) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.s.clip_grad if self.s.clip_grad is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ------------------------------------------------------------ outputs
+    def _visualize(self) -> None:
+        if not self.dist.is_main or self.last_batch is None:
+            return
+        imgs, pred, mask = self.last_batch
+        path = save_reconstruction_grid(
+            self.run_dir / "reconstructions" / f"step-{self.state.step:07d}.png", imgs, pred, mask,
+            self.s.norm_pix, self.s.mean, self.s.std)
+        if self.state.step % self.s.image_every == 0 or self.state.step >= self.s.stop_step:
+            self.tracker.log_image("reconstruction", path, self.state.step)
+
+    def _check_data_quality(self) -> None:
+        st = self.state
+        if st.bad_images and st.bad_images > self.s.max_bad_fraction * max(st.seen_images, 100):
+            raise DataQualityError(
+                f"{st.bad_images} of {st.seen_images} images were unreadable (more than "
+                f"data.max_bad_fraction={self.s.max_bad_fraction}); fix the data or raise the limit"
+            )
+
+    # ------------------------------------------------------------ the loop
+    def run(self) -> LoopState:
+        s, st = self.s, self.state
+        if st.step >= s.stop_step:
+            log.info("nothing to do: the run is at step %d of %d", st.step, s.stop_step)
+            return st
+        micro_per_epoch = s.steps_per_epoch * s.accum
+        progress = Progress(s.stop_step, st.step, s.progress, enabled=self.dist.is_main)
+        self.model.train()
+        t_last, imgs_since = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.dist.device)
+        try:
+            with PreemptionGuard() as guard:
+                while st.step < s.stop_step:
+                    self.sampler.set_epoch(st.epoch)
+                    self.sampler.set_start(st.batch_in_epoch * s.batch_size)
+                    micro = st.batch_in_epoch
+                    for imgs, masks, bad, _keys in self.loader:
+                        if micro >= micro_per_epoch:
+                            break
+                        if micro % s.accum == 0:
+                            set_lr(self.optimizer, cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps))
+                        imgs = imgs.to(self.dist.device, non_blocking=True)
+                        masks = masks.to(self.dist.device, non_blocking=True)
+                        sync = (micro + 1) % s.accum == 0
+                        loss_sum += self._micro_step(imgs, masks, sync)
+                        st.bad_images += int(bad.sum())
+                        st.seen_images += imgs.shape[0] * self.dist.world_size
+                        imgs_since += imgs.shape[0] * self.dist.world_size
+                        micro += 1
+                        st.batch_in_epoch = micro
+                        if not sync:
+                            continue
+                        grad_norm = self._optimizer_step()
+                        st.step += 1
+                        self._after_step(progress, loss_sum, grad_norm, imgs_since, t_last)
+                        if st.step % s.log_every == 0:
+                            t_last, imgs_since = time.perf_counter(), 0
+                        loss_sum.zero_()
+                        for cb in s.callbacks:
+                            cb(self)
+                        if all_reduce_max(guard.signum is not None, self.dist):
+                            path = self.save()
+                            signum = guard.signum or signal.SIGTERM
+                            guard.chain()
+                            raise Preempted(signum, st.step, path)
+                        if st.step >= s.stop_step:
+                            break
+                    if st.batch_in_epoch >= micro_per_epoch:
+                        st.epoch += 1
+                        st.batch_in_epoch = 0
+                        if st.step < s.stop_step:
+                            self.save()
+            self._visualize()
+            self.save()
+        finally:
+            progress.close()
+        return st
+
+    def _after_step(self, progress, loss_sum, grad_norm, imgs_since, t_last) -> None:
+        s, st = self.s, self.state
+        self._check_data_quality()
+        log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
+        # Collectives only on steps every rank agrees on (log steps); the bar between
+        # log steps shows this rank's own loss.
+        loss = all_reduce_mean(loss_sum, self.dist) if log_now else float(loss_sum)
+        metrics = None
+        if log_now or progress.bar is not None:
+            elapsed = max(time.perf_counter() - t_last, 1e-9)
+            metrics = {
+                "step": st.step, "epoch": st.epoch,
+                "loss": loss / s.accum,  # at log steps: the global batch's loss
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm),
+                "images_per_s": imgs_since / elapsed,
+                "bad_images": st.bad_images,
+            }
+            progress.update(st.step, metrics, log_now)
+        if log_now and self.dist.is_main:
+            self.metrics_file.write(metrics)
+            self.tracker.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, st.step)
+        if st.step % s.vis_every == 0:
+            self._visualize()
+        if st.step % s.ckpt_every == 0 and st.step < s.stop_step:
+            self.save()
+

@@ -1,0 +1,50 @@
+"""Reconstruction grids: original / masked / reconstruction, one column per image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from .models.loss import patchify, pred_to_patches, unpatchify
+
+
+@torch.no_grad()
+def reconstruction_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix: bool,
+                        mean, std, patch_size: int = 32, max_images: int = 8) -> torch.Tensor:
+    """``(3 * n, 3, H, W)`` images in ``[0, 1]``: originals, masked inputs, reconstructions.
+
+    With ``norm_pix`` the prediction is in per-patch normalised units; it is
+    mapped back with each patch's own mean/std. Visible patches of the
+    reconstruction show the input, as in the MAE visualisations.
+    """
+    n = min(max_images, imgs.shape[0])
+    imgs, pred, mask = imgs[:n].float(), pred[:n].float(), mask[:n].float()
+    grid = (imgs.shape[-2] // patch_size, imgs.shape[-1] // patch_size)
+    target = patchify(imgs, patch_size)
+    p = pred_to_patches(pred)
+    if norm_pix:
+        mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        p = p * (var + 1e-6) ** 0.5 + mu
+    m = mask[..., None]
+    recon = unpatchify(p * m + target * (1 - m), grid, patch_size, imgs.shape[1])
+    masked = unpatchify(target * (1 - m), grid, patch_size, imgs.shape[1])
+    mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+
+    def show(x):
+        return (x * std_t + mean_t).clamp(0, 1)
+    return torch.cat([show(imgs), show(masked) * (1 - _patch_mask_image(mask, grid, patch_size)), show(recon)])
+
+
+def _patch_mask_image(mask: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
+    m = mask.view(-1, 1, *grid)
+    return m.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
+
+
+def save_reconstruction_grid(path: str | Path, *args, **kwargs) -> Path:
+    rows = reconstruction_grid(*args, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows, path, nrow=rows.shape[0] // 3, padding=2)
+    return path
