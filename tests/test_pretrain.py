@@ -227,3 +227,28 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     a, b = params(tmp_path / "ddp"), params(tmp_path / "single")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_wandb_offline_logs_config_and_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(make_cfg("logger=wandb", "logger.mode=offline", "trainer.max_steps=2", "trainer.vis_every=2",
+                 "logger.image_every=2"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files)
+    assert (tmp_path / "wandb_id.txt").read_text().strip() in runs[0].name
+
+
+def test_multirun_sweep_one_directory_per_value(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("model.mask_ratio")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcmae.pretrain", "-m", "model.mask_ratio=0.25,0.5", "trainer.max_steps=1",
+         *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = tmp_path / "outputs" / "multirun" / "convnextv2_atto-synthetic"
+    for ratio in ("0.25", "0.5"):
+        job = next(sweep.glob(f"*model.mask_ratio={ratio}*"))
+        assert (job / "checkpoints" / "last.pt").is_file()
+        assert f"mask_ratio: {ratio}" in (job / "config.yaml").read_text()

@@ -1,0 +1,1 @@
+"""Hydra configs of fcmae-pretrain (packaged as fcmae.conf in wheels)."""
