@@ -317,15 +317,10 @@ def variant_of(sd: Mapping[str, torch.Tensor]) -> Variant | None:
     return find_variant(*infer_shape(sd))
 
 
-def to_dense(state_dict: Mapping, format: str = "official") -> dict[str, torch.Tensor]:
-    """Any supported checkpoint or state dict -> dense encoder state dict.
-
-    ``official``: keys of the official dense ``convnextv2.py`` (no ``norm``/``head``).
-    ``timm``: loads into ``timm.create_model("convnextv2_<size>", num_classes=0)`` strictly.
-    """
+def canonical_to_format(canonical: Mapping[str, torch.Tensor], format: str) -> dict[str, torch.Tensor]:
+    """Canonical encoder state dict -> ``official`` or ``timm`` keys."""
     if format not in FORMATS:
-        raise ValueError(f"format={format!r}; choose one of {FORMATS}")
-    canonical, _ = to_canonical(state_dict)
+        raise CheckpointError(f"format={format!r}; choose one of {', '.join(FORMATS)}")
     if format == "official":
         return dict(canonical)
     variant = variant_of(canonical)
@@ -335,6 +330,18 @@ def to_dense(state_dict: Mapping, format: str = "official") -> dict[str, torch.T
             "export with format='official'"
         )
     return canonical_to_timm(canonical, conv_mlp=variant.name in TIMM_CONV_MLP)
+
+
+def to_dense(state_dict: Mapping, format: str = "official") -> dict[str, torch.Tensor]:
+    """Any supported checkpoint or state dict -> dense encoder state dict.
+
+    ``official``: keys of the official dense ``convnextv2.py`` (no ``norm``/``head``).
+    ``timm``: loads into ``timm.create_model("convnextv2_<size>", num_classes=0)`` strictly.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}; choose one of {FORMATS}")
+    canonical, _ = to_canonical(state_dict)
+    return canonical_to_format(canonical, format)
 
 
 # ---------------------------------------------------------------- writing and verification

@@ -9,11 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .convert import (FORMATS, CheckpointError, canonical_to_timm, infer_shape, load_state_dict_file,
-                      save_state_dict, to_canonical, variant_of, verify_export, TIMM_CONV_MLP)
+from .checkpoint import CHECKPOINT_DIR, LAST
+from .convert import (FORMATS, CheckpointError, canonical_to_format, infer_shape, load_state_dict_file,
+                      save_state_dict, to_canonical, variant_of, verify_export)
 
-# Where a pretraining run directory keeps its checkpoints (see fcmae.checkpoint).
-RUN_CHECKPOINTS = ("checkpoints/last.pt", "last.pt")
+# Where a pretraining run directory keeps its last checkpoint (a bare last.pt is accepted too).
+RUN_CHECKPOINTS = (f"{CHECKPOINT_DIR}/{LAST}", LAST)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -40,14 +41,7 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     depths, dims = infer_shape(canonical)
     variant = variant_of(canonical)
     name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
-    if format == "timm":
-        if variant is None:
-            raise CheckpointError(f"{src}: {name} has no timm model; use --format official")
-        sd = canonical_to_timm(canonical, conv_mlp=variant.name in TIMM_CONV_MLP)
-    elif format == "official":
-        sd = dict(canonical)
-    else:
-        raise CheckpointError(f"--format {format!r}; choose one of {', '.join(FORMATS)}")
+    sd = canonical_to_format(canonical, format)
     out = Path(out) if out else src.with_name(f"{src.stem}_{format}.safetensors")
     save_state_dict(sd, out, metadata={"format": format, "model": name, "source_layout": layout})
     params = sum(v.numel() for k, v in sd.items() if not k.startswith("head."))

@@ -77,8 +77,9 @@ def _divisor_hint(target: int, world: int, batch: int) -> int:
 
 def _changed_keys(old: dict, new: dict, keys) -> list[str]:
     out = []
+    old, new = OmegaConf.create(old), OmegaConf.create(new)
     for key in keys:
-        a, b = OmegaConf.select(OmegaConf.create(old), key), OmegaConf.select(OmegaConf.create(new), key)
+        a, b = OmegaConf.select(old, key), OmegaConf.select(new, key)
         if a != b:
             out.append(f"{key}: {OmegaConf.to_container(a) if OmegaConf.is_config(a) else a} -> "
                        f"{OmegaConf.to_container(b) if OmegaConf.is_config(b) else b}")

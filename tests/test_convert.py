@@ -140,15 +140,15 @@ def test_bad_inputs_get_clear_errors(tmp_path, capsys):
 
 def test_export_verification_catches_a_wrong_file(tmp_path, monkeypatch):
     """The self-check must fail when the written weights differ from the source."""
-    import fcmae.export as ex
+    import fcmae.convert as cv
     model = create_fcmae("convnextv2_atto")
     torch.save(model.state_dict(), tmp_path / "ck.pt")
-    real = ex.canonical_to_timm
+    real = cv.canonical_to_timm
 
     def corrupt(sd, conv_mlp):
         out = real(sd, conv_mlp)
         out["stages.1.blocks.0.conv_dw.weight"] = out["stages.1.blocks.0.conv_dw.weight"].flip(-1)
         return out
-    monkeypatch.setattr(ex, "canonical_to_timm", corrupt)
+    monkeypatch.setattr(cv, "canonical_to_timm", corrupt)
     with pytest.raises(CheckpointError, match="verification FAILED"):
         export(tmp_path / "ck.pt", "timm", tmp_path / "bad.safetensors", log=lambda *_: None)
