@@ -41,11 +41,16 @@ class SparseConvNeXtV2Encoder(nn.Module):
         super().__init__()
         if grn_stats not in ("sample", "batch"):
             raise ValueError(f"grn_stats={grn_stats!r} is not supported; use 'sample' or 'batch'")
-        self._forward_impl = _backend_forward(backend)
-        self.backend, self.grn_stats = backend, grn_stats
+        self.set_backend(backend)
+        self.grn_stats = grn_stats
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
         self.apply(init_weights)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the implementation; parameters and state dict are the same for every backend."""
+        self._forward_impl = _backend_forward(backend)
+        self.backend = backend
 
     @property
     def out_dim(self) -> int:

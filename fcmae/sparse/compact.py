@@ -28,6 +28,20 @@ def gather_from_canvas(canvas: torch.Tensor, sites: StageSites) -> torch.Tensor:
     return flat.index_select(0, sites.canvas_index)
 
 
+def depthwise_conv_channels_last(conv: torch.nn.Conv2d, canvas: torch.Tensor) -> torch.Tensor:
+    """``conv`` on a channels-last canvas, with the weight grad in the parameter's own strides.
+
+    Convolving a channels-last input yields a weight grad with channels-last
+    strides; for a ``(C, 1, k, k)`` weight that is the same memory, but DDP
+    compares strides exactly, warns, and copies every step. Viewing the weight
+    as channels-last makes autograd hand back a grad with the parameter's strides.
+    """
+    w = conv.weight
+    k = w.shape[2] * w.shape[3]
+    w = w.as_strided(w.shape, (k * w.shape[1], 1, w.shape[3] * w.shape[1], w.shape[1]))
+    return F.conv2d(canvas, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def per_sample_reduce(values: torch.Tensor, layout: SparseLayout, stage: int) -> torch.Tensor:
     """Sum ``(R, C)`` rows per sample -> ``(N, C)``."""
     rows = layout.rows_per_sample
@@ -63,7 +77,7 @@ def block_rows(block: Block, x: torch.Tensor, layout: SparseLayout, stage: int, 
     """One ConvNeXt V2 block on ``(R, C)`` rows."""
     sites = layout.stages[stage]
     canvas = scatter_to_canvas(x, sites, layout.batch)
-    y = gather_from_canvas(block.dwconv(canvas), sites)
+    y = gather_from_canvas(depthwise_conv_channels_last(block.dwconv, canvas), sites)
     y = block.act(block.pwconv1(block.norm(y)))
     y = block.pwconv2(grn_rows(block.grn, y, layout, stage, grn_stats))
     scale = block.drop_path.sample_scale(layout.batch, y)
