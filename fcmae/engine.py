@@ -160,25 +160,35 @@ class PretrainLoop:
         with ctx:
             with self._autocast():
                 loss, pred, mask = self.model(imgs, mask=masks, visible_per_sample=self.s.visible_per_sample)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {self.state.step + 1}")
             scaled = loss / self.s.accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.last_batch = (imgs, pred.detach(), mask)
         return loss.detach()
 
-    def _optimizer_step(self) -> torch.Tensor:
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[float, float]:
+        """Clip, check, update. Returns the step's (summed micro-batch loss, grad norm).
+
+        The only host-device sync of a step: loss and grad norm come back together,
+        and a non-finite loss stops the run before the weights change.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.s.clip_grad if self.s.clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
+        # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks
+        # stop together. With fp16 the scaler owns non-finite grads (it skips the step).
+        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"non-finite loss ({loss / self.s.accum}) or gradient norm ({norm}) "
+                                f"at step {self.state.step + 1}")
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return loss, norm
 
     # ------------------------------------------------------------ outputs
     def _visualize(self) -> None:
@@ -232,9 +242,9 @@ class PretrainLoop:
                         st.batch_in_epoch = micro
                         if not sync:
                             continue
-                        grad_norm = self._optimizer_step()
+                        loss, grad_norm = self._optimizer_step(loss_sum)
                         st.step += 1
-                        self._after_step(progress, loss_sum, grad_norm, imgs_since, t_last)
+                        self._after_step(progress, loss, loss_sum, grad_norm, imgs_since, t_last)
                         if st.step % s.log_every == 0:
                             t_last, imgs_since = time.perf_counter(), 0
                         loss_sum.zero_()
@@ -258,13 +268,15 @@ class PretrainLoop:
             progress.close()
         return st
 
-    def _after_step(self, progress, loss_sum, grad_norm, imgs_since, t_last) -> None:
+    def _after_step(self, progress, loss: float, loss_sum: torch.Tensor, grad_norm: float,
+                    imgs_since, t_last) -> None:
         s, st = self.s, self.state
         self._check_data_quality()
         log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
         # Collectives only on steps every rank agrees on (log steps); the bar between
         # log steps shows this rank's own loss.
-        loss = all_reduce_mean(loss_sum, self.dist) if log_now else float(loss_sum)
+        if log_now:
+            loss = all_reduce_mean(loss_sum, self.dist)
         metrics = None
         if log_now or progress.bar is not None:
             elapsed = max(time.perf_counter() - t_last, 1e-9)
@@ -272,7 +284,7 @@ class PretrainLoop:
                 "step": st.step, "epoch": st.epoch,
                 "loss": loss / s.accum,  # at log steps: the global batch's loss
                 "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "images_per_s": imgs_since / elapsed,
                 "bad_images": st.bad_images,
             }
