@@ -252,3 +252,17 @@ def test_multirun_sweep_one_directory_per_value(tmp_path):
         job = next(sweep.glob(f"*model.mask_ratio={ratio}*"))
         assert (job / "checkpoints" / "last.pt").is_file()
         assert f"mask_ratio: {ratio}" in (job / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_trainer_compile_trains_like_eager(tmp_path):
+    """trainer.compile=true (inductor) gives the eager run's losses and weights."""
+    run(make_cfg("trainer.max_steps=3"), tmp_path / "eager")
+    run(make_cfg("trainer.max_steps=3", "trainer.compile=true"), tmp_path / "compiled")
+    le = [m["loss"] for m in metrics(tmp_path / "eager")]
+    lc = [m["loss"] for m in metrics(tmp_path / "compiled")]
+    assert lc == pytest.approx(le, rel=1e-4, abs=1e-5)
+    pe, pc = params(tmp_path / "eager"), params(tmp_path / "compiled")
+    assert pe.keys() == pc.keys()  # no "_orig_mod." prefix in the saved state dict
+    for k in pe:
+        assert torch.allclose(pc[k], pe[k], rtol=1e-3, atol=1e-5), k

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Side-by-side step times of the FCMAE encoder backends.
+
+For every configuration (model, batch, image size, mask ratio, dtype, device) it
+builds one model per variant with identical weights and times, interleaved
+(every repeat runs each variant once, in rotating order, so drifts in clock or
+load hit all of them alike):
+
+- ``encoder``: encoder forward + backward (a fixed random gradient on the output);
+- ``step``: the full training step: encoder + decoder + masked loss, backward,
+  AdamW step.
+
+Variants: ``sparse`` and ``dense`` (masked-dense) backends, ``unmasked`` (the
+plain dense encoder on the whole image; its step still uses the same decoder
+and loss), ``minkowski`` when MinkowskiEngine imports, and ``<variant>+compile``
+with ``--compile``. Reports medians, images/s, CUDA peak memory and the ratio
+of each variant to masked-dense, as a table and as JSON (``--json FILE``).
+
+    python benchmarks/step_time.py                      # CPU, atto, batch 8, 224, mask 0.6, fp32
+    python benchmarks/step_time.py --device cuda --models tiny base --batch-sizes 128 \\
+        --dtypes bf16 --compile --json gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fcmae.models import create_fcmae  # noqa: E402
+from fcmae.models.masking import num_visible, random_mask  # noqa: E402
+from fcmae.models.variants import get_variant  # noqa: E402
+
+BASE_VARIANTS = ("sparse", "dense", "unmasked", "minkowski")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    img_size: int
+    mask_ratio: float
+    dtype: str
+    device: str
+    variant: str
+    encoder_ms: float | None = None
+    step_ms: float | None = None
+    encoder_img_s: float | None = None
+    step_img_s: float | None = None
+    encoder_peak_mib: float | None = None
+    step_peak_mib: float | None = None
+    encoder_ratio: float | None = None
+    step_ratio: float | None = None
+    encoder_peak_ratio: float | None = None
+    step_peak_ratio: float | None = None
+    samples: dict = field(default_factory=dict)
+
+
+def minkowski_available() -> bool:
+    try:
+        import MinkowskiEngine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class Timer:
+    """Wall time on CPU; CUDA events around the work (after a sync) on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+class Case:
+    """One variant's model, optimizer and the two timed closures."""
+
+    def __init__(self, variant: str, reference, cfg):
+        self.variant = variant
+        base, _, compiled = variant.partition("+")
+        backend = "dense" if base == "unmasked" else base
+        self.model = copy.deepcopy(reference)
+        self.model.encoder.set_backend(backend)
+        self.model.to(cfg["device"]).train()
+        self.unmasked = base == "unmasked"
+        self.autocast = torch.autocast(cfg["device"].type, dtype=DTYPES[cfg["dtype"]],
+                                       enabled=cfg["dtype"] != "fp32")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05,
+                                     fused=cfg["device"].type == "cuda")
+        self.visible = cfg["visible"]
+        encoder_fn = self._encoder_out
+        step_fn = self._loss
+        if compiled:
+            encoder_fn = torch.compile(encoder_fn, dynamic=False)
+            step_fn = torch.compile(step_fn, dynamic=False)
+        self.encoder_fn, self.step_fn = encoder_fn, step_fn
+
+    def _encoder_out(self, imgs, mask):
+        enc = self.model.encoder
+        if self.unmasked:
+            return enc.forward_dense(imgs)
+        return enc(imgs, mask, self.visible)
+
+    def _loss(self, imgs, mask):
+        m = self.model
+        latent = self._encoder_out(imgs, mask)
+        pred = m.forward_decoder(latent, mask)
+        return m.forward_loss(imgs, pred, mask)
+
+    def encoder(self, imgs, mask, grad):
+        with self.autocast:
+            out = self.encoder_fn(imgs, mask)
+        out.backward(grad.to(out.dtype))
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, imgs, mask, _grad):
+        with self.autocast:
+            loss = self.step_fn(imgs, mask)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def state_bytes(case: Case) -> int:
+    """Parameters + optimizer state of one case: the memory its step holds before it starts."""
+    total = sum(p.numel() * p.element_size() for p in case.model.parameters())
+    for st in case.opt.state.values():
+        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return total
+
+
+def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -> list[Result]:
+    device = cfg["device"]
+    torch.manual_seed(0)
+    reference = create_fcmae(f"convnextv2_{cfg['model']}", mask_ratio=cfg["mask_ratio"])
+    cases = [Case(v, reference, cfg) for v in variants]
+    n, size = cfg["batch"], cfg["img_size"]
+    grid = size // 32
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randn(n, 3, size, size, generator=g).to(device)
+    masks = [random_mask(n, grid * grid, cfg["mask_ratio"], generator=g).to(device) for _ in range(4)]
+    dims = get_variant(f"convnextv2_{cfg['model']}").dims
+    grad = torch.randn(n, dims[-1], grid, grid, generator=g).to(device)
+    timer = Timer(device)
+    samples = {(c.variant, kind): [] for c in cases for kind in ("encoder", "step")}
+    peaks = {}
+    for kind in ("encoder", "step"):
+        for c in cases:  # warm-up (and compilation) outside the timed loop
+            for i in range(warmup):
+                getattr(c, kind)(imgs, masks[i % len(masks)], grad)
+        for r in range(repeats):
+            order = cases[r % len(cases):] + cases[:r % len(cases)]
+            for c in order:
+                mask = masks[r % len(masks)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                samples[(c.variant, kind)].append(timer(lambda: getattr(c, kind)(imgs, mask, grad)))
+                if device.type == "cuda":
+                    delta = torch.cuda.max_memory_allocated() - base
+                    peaks[(c.variant, kind)] = max(peaks.get((c.variant, kind), 0), delta + state_bytes(c))
+        log(f"  {kind}: done")
+    results = []
+    for c in cases:
+        r = Result(cfg["model"], n, size, cfg["mask_ratio"], cfg["dtype"], device.type, c.variant)
+        for kind in ("encoder", "step"):
+            ms = statistics.median(samples[(c.variant, kind)])
+            setattr(r, f"{kind}_ms", ms)
+            setattr(r, f"{kind}_img_s", n / ms * 1e3)
+            if (c.variant, kind) in peaks:
+                setattr(r, f"{kind}_peak_mib", peaks[(c.variant, kind)] / 2**20)
+            r.samples[kind] = samples[(c.variant, kind)]
+        results.append(r)
+    ref = {r.variant.partition("+")[2]: r for r in results if r.variant.partition("+")[0] == "dense"}
+    for r in results:
+        d = ref.get(r.variant.partition("+")[2], ref.get(""))
+        if d is None:
+            continue
+        for kind in ("encoder", "step"):
+            setattr(r, f"{kind}_ratio", getattr(r, f"{kind}_ms") / getattr(d, f"{kind}_ms"))
+            if getattr(r, f"{kind}_peak_mib") is not None:
+                setattr(r, f"{kind}_peak_ratio", getattr(r, f"{kind}_peak_mib") / getattr(d, f"{kind}_peak_mib"))
+    return results
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(results: list[Result]) -> str:
+    head = ("model", "batch", "size", "mask", "dtype", "dev", "variant", "enc ms", "enc/dense",
+            "step ms", "step/dense", "step img/s", "step MiB", "mem/dense")
+    rows = [head]
+    for r in results:
+        rows.append((r.model, str(r.batch), str(r.img_size), f"{r.mask_ratio:g}", r.dtype, r.device, r.variant,
+                     fmt(r.encoder_ms, ".1f"), fmt(r.encoder_ratio, ".2f"), fmt(r.step_ms, ".1f"),
+                     fmt(r.step_ratio, ".2f"), fmt(r.step_img_s, ".1f"), fmt(r.step_peak_mib, ".0f"),
+                     fmt(r.step_peak_ratio, ".2f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["atto"], help="sizes: atto femto pico nano tiny base large huge")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
+    p.add_argument("--img-sizes", nargs="+", type=int, default=[224])
+    p.add_argument("--mask-ratios", nargs="+", type=float, default=[0.6])
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    p.add_argument("--devices", "--device", nargs="+", default=["cpu"], help="cpu and/or cuda")
+    p.add_argument("--variants", nargs="+", default=list(BASE_VARIANTS), choices=BASE_VARIANTS)
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd copies of every variant")
+    p.add_argument("--only-compiled", action="store_true", help="with --compile: drop the eager variants")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    p.add_argument("--json", type=Path, default=None, help="write all results (with raw samples) here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Result]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v for v in args.variants if v != "minkowski" or minkowski_available()]
+    if "minkowski" in args.variants and "minkowski" not in variants:
+        print("minkowski: MinkowskiEngine is not importable; skipped (launch/install_minkowski.sh)")
+    if args.compile:
+        compiled = [f"{v}+compile" for v in variants if v != "minkowski"]
+        variants = compiled if args.only_compiled else variants + compiled
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine()}
+    if "cuda" in args.devices:
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
+        env["gpu"] = torch.cuda.get_device_name()
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+        torch.backends.cudnn.allow_tf32 = False
+    print(f"# {json.dumps(env)}")
+    results = []
+    for model, batch, size, ratio, dtype, dev in itertools.product(
+            args.models, args.batch_sizes, args.img_sizes, args.mask_ratios, args.dtypes, args.devices):
+        if size % 32:
+            raise SystemExit(f"--img-sizes {size}: must be a multiple of 32")
+        cfg = {"model": model, "batch": batch, "img_size": size, "mask_ratio": ratio, "dtype": dtype,
+               "device": torch.device(dev), "visible": num_visible((size // 32) ** 2, ratio)}
+        print(f"{model} batch={batch} {size}px mask={ratio:g} {dtype} {dev}: {', '.join(variants)}", flush=True)
+        results += run_config(cfg, variants, args.warmup, args.repeats, lambda s: print(s, flush=True))
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "results": [asdict(r) for r in results]}, indent=1))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
