@@ -1,7 +1,7 @@
 """``fcmae-export``: write a dense, verified encoder file from a pretraining checkpoint.
 
-    fcmae-export outputs/2026-11-22/10-00-00 --format timm --out atto.safetensors
-    fcmae-export convnextv2_atto_1k_224_fcmae.pt --format official --out atto_official.pth
+    fcmae-export outputs/convnextv2_atto-synthetic --format timm --out atto.safetensors
+    fcmae-export --from-official convnextv2_atto_1k_224_fcmae.pt --format timm --out atto_timm.safetensors
 """
 from __future__ import annotations
 
@@ -33,11 +33,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+OFFICIAL_LAYOUTS = ("official", "minkowski")
+
+
 def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None = None,
-           verify: bool = True, log=print) -> Path:
-    """Convert ``checkpoint`` (file or run directory) to a dense ``format`` file; returns its path."""
+           verify: bool = True, log=print, require_official: bool = False) -> Path:
+    """Convert ``checkpoint`` (file or run directory) to a dense ``format`` file; returns its path.
+
+    ``require_official``: the file must be an official FCMAE release/checkpoint (dense
+    or MinkowskiEngine sparse layout), not one of ours or a timm file.
+    """
     src = resolve_checkpoint(checkpoint)
     canonical, layout = to_canonical(load_state_dict_file(src), source=str(src))
+    if require_official and layout not in OFFICIAL_LAYOUTS:
+        raise CheckpointError(f"{src} has the {layout} layout, not an official FCMAE one (dense or "
+                              "MinkowskiEngine sparse keys); pass it without --from-official")
     depths, dims = infer_shape(canonical)
     variant = variant_of(canonical)
     name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
@@ -56,7 +66,10 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fcmae-export", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="checkpoint file (ours, official sparse or dense, timm) or a run directory")
+    p.add_argument("checkpoint", nargs="?",
+                   help="checkpoint file (ours, official sparse or dense, timm) or a pretraining run directory")
+    p.add_argument("--from-official", metavar="FILE",
+                   help="an official FCMAE checkpoint (released *_fcmae.pt, or a sparse MinkowskiEngine one)")
     p.add_argument("--format", choices=FORMATS, default="timm",
                    help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default)")
     p.add_argument("--out", help="output .safetensors or .pth (default: next to the checkpoint)")
@@ -65,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.from_official is None):
+        parser.error("give either a checkpoint/run directory or --from-official FILE")
     try:
-        export(args.checkpoint, args.format, args.out, verify=not args.no_verify)
+        export(args.checkpoint or args.from_official, args.format, args.out, verify=not args.no_verify,
+               require_official=args.from_official is not None)
     except CheckpointError as exc:
         print(f"fcmae-export: error: {exc}", file=sys.stderr)
         return 2

@@ -152,3 +152,29 @@ def test_export_verification_catches_a_wrong_file(tmp_path, monkeypatch):
     monkeypatch.setattr(cv, "canonical_to_timm", corrupt)
     with pytest.raises(CheckpointError, match="verification FAILED"):
         export(tmp_path / "ck.pt", "timm", tmp_path / "bad.safetensors", log=lambda *_: None)
+
+
+def test_from_official_accepts_both_official_layouts_and_refuses_others(tmp_path, capsys):
+    model = create_fcmae("convnextv2_atto")
+    canonical = _encoder_sd(model)
+    sparse = {"model": {**canonical_to_minkowski(canonical), "mask_token": model.mask_token.detach()}}
+    torch.save(sparse, tmp_path / "official_sparse.pt")
+    torch.save({"model": to_dense(model.state_dict(), "official")}, tmp_path / "official_dense.pt")
+    for name in ("official_sparse", "official_dense"):
+        out = tmp_path / f"{name}_timm.safetensors"
+        assert main(["--from-official", str(tmp_path / f"{name}.pt"), "--format", "timm", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "verified" in printed and ("minkowski" in printed or "official" in printed)
+        dense = timm.create_model("convnextv2_atto", num_classes=0)
+        from fcmae.convert import load_state_dict_file
+        dense.load_state_dict({k: v for k, v in load_state_dict_file(out).items() if not k.startswith("head.fc")},
+                              strict=False)
+        imgs = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            assert rel_err(dense.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+
+    timm_file = tmp_path / "official_dense_timm.safetensors"
+    assert main(["--from-official", str(timm_file), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "timm layout, not an official" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])  # neither a checkpoint nor --from-official
