@@ -11,6 +11,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
@@ -69,7 +70,9 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}  # plain types: weights_only loads it
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,5 +82,8 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -182,19 +182,16 @@ def sample_mask(num_patches: int, keep: int, generator: torch.Generator) -> torc
     return mask
 
 
-class PretrainSamples(Dataset):
-    """Wraps a source: ``key = epoch * len(source) + index`` -> ``(image, mask, bad, key)``.
+class KeyedSamples(Dataset):
+    """Wraps a source: ``key = epoch * len(source) + index`` -> one augmented sample.
 
-    ``bad`` counts unreadable files skipped to produce this sample (each is
-    logged by name); the next index stands in for an unreadable one so batches
-    keep their size.
+    The transform runs under a seed that is a function of ``(seed, epoch, index)``.
+    An unreadable file is logged by name and the next index stands in for it,
+    so batches keep their size; ``bad`` counts the files skipped for a sample.
     """
 
-    def __init__(self, source: Dataset, transform, img_size: int, mask_ratio: float, seed: int = 0):
+    def __init__(self, source: Dataset, transform, seed: int = 0):
         self.source, self.transform, self.seed = source, transform, seed
-        self.img_size = img_size
-        self.num_patches = (img_size // PATCH_SIZE) ** 2
-        self.keep = num_visible(self.num_patches, mask_ratio)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -203,14 +200,15 @@ class PretrainSamples(Dataset):
         describe = getattr(self.source, "describe", None)
         return describe(index) if describe else f"sample #{index}"
 
-    def __getitem__(self, key: int):
+    def read(self, key: int):
+        """``(image tensor, label, bad, per-sample seed)`` for ``key``."""
         epoch, index = divmod(int(key), len(self.source))
         s = sample_seed(self.seed, epoch, index)
         bad, failures = 0, []
         for attempt in range(MAX_CONSECUTIVE_BAD):
             i = (index + attempt) % len(self.source)
             try:
-                img, _ = self.source[i]
+                img, label = self.source[i]
                 break
             except Exception as exc:  # a corrupt or unreadable file: skip it, name it
                 bad += 1
@@ -226,8 +224,30 @@ class PretrainSamples(Dataset):
                 f"{self._describe(i)} became {tuple(x.shape[-2:])} after transforms; height and width must be "
                 f"multiples of {PATCH_SIZE} (set data.img_size to a multiple of 32)"
             )
+        return x, label, bad, s
+
+
+class PretrainSamples(KeyedSamples):
+    """``key -> (image, mask, bad, key)``; the mask is also a function of the sample's seed."""
+
+    def __init__(self, source: Dataset, transform, img_size: int, mask_ratio: float, seed: int = 0):
+        super().__init__(source, transform, seed)
+        self.img_size = img_size
+        self.num_patches = (img_size // PATCH_SIZE) ** 2
+        self.keep = num_visible(self.num_patches, mask_ratio)
+
+    def __getitem__(self, key: int):
+        x, _, bad, s = self.read(key)
         g = torch.Generator().manual_seed(s ^ 0x5DEECE66D)
         return x, sample_mask(self.num_patches, self.keep, g), bad, int(key)
+
+
+class LabelledSamples(KeyedSamples):
+    """``key -> (image, label, bad, key)`` for supervised fine-tuning."""
+
+    def __getitem__(self, key: int):
+        x, label, bad, _ = self.read(key)
+        return x, int(label), bad, int(key)
 
 
 class ResumableSampler(DistributedSampler):
@@ -237,7 +257,7 @@ class ResumableSampler(DistributedSampler):
     epoch, so a resumed run neither repeats nor skips samples.
     """
 
-    def __init__(self, dataset: PretrainSamples, num_replicas: int, rank: int, seed: int = 0):
+    def __init__(self, dataset: KeyedSamples, num_replicas: int, rank: int, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.start = 0
 
@@ -253,27 +273,92 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int, seed: int, rank: int = 0,
+                       world_size: int = 1, pin_memory: bool = False, persistent_workers: bool = True):
+    """``(loader, sampler)`` over keyed samples: resumable, sharded, deterministic per sample."""
+    per_rank = len(dataset) // world_size
+    if per_rank < batch_size:
+        raise DataError(
+            f"{len(dataset)} images give {per_rank} per process, fewer than data.batch_size={batch_size}; "
+            "use more images or a smaller batch"
+        )
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=True,
+        persistent_workers=num_workers > 0 and persistent_workers,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # Its own generator: creating an iterator (each epoch, and on resume mid-epoch)
+        # must not draw from the global RNG that drop path uses.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
 def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
                           pin_memory: bool = False):
     """``(loader, sampler, dataset)`` for pretraining; batches are ``(imgs, masks, bad, keys)``."""
     source = build_source(data_cfg, seed)
     transform = pretrain_transform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std)
     dataset = PretrainSamples(source, transform, data_cfg.img_size, mask_ratio, seed)
-    per_rank = len(dataset) // world_size
-    if per_rank < data_cfg.batch_size:
-        raise DataError(
-            f"{len(dataset)} images give {per_rank} per process, fewer than data.batch_size={data_cfg.batch_size}; "
-            "use more images or a smaller batch"
-        )
-    sampler = ResumableSampler(dataset, world_size, rank, seed)
-    workers = data_cfg.num_workers
-    loader = DataLoader(
-        dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=pin_memory and data_cfg.pin_memory, drop_last=True,
-        persistent_workers=workers > 0 and data_cfg.persistent_workers,
-        prefetch_factor=4 if workers > 0 else None,
-        # Its own generator: creating an iterator (each epoch, and on resume mid-epoch)
-        # must not draw from the global RNG that drop path uses.
-        generator=torch.Generator().manual_seed(seed),
-    )
+    loader, sampler = build_train_loader(dataset, data_cfg.batch_size, data_cfg.num_workers, seed, rank, world_size,
+                                         pin_memory and data_cfg.pin_memory, data_cfg.persistent_workers)
     return loader, sampler, dataset
+
+
+# ---------------------------------------------------------------- labelled sets (fine-tuning, evaluation)
+
+def labelled_source(source: str, root: str | None, split: str, num_images: int, classes: int, img_size: int,
+                    seed: int) -> Dataset:
+    """A labelled set: ``imagefolder`` at ``root``, or synthetic images (``split`` picks
+    a disjoint seed, so train and val images differ but share the class structure)."""
+    if source == "synthetic":
+        offset = {"train": 1, "val": 2}[split]
+        return SyntheticImages(num_images, classes, int(round(img_size * 8 / 7)), seed + 7919 * offset)
+    if source == "imagefolder":
+        if not root:
+            raise DataError(f"the {split} set needs a folder: set its root (root/<class>/<image>)")
+        return scan_image_folder(root)
+    raise DataError(f"labelled source {source!r}; use synthetic or imagefolder")
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    if isinstance(dataset, SyntheticImages):
+        return dataset.classes
+    return max(dataset.labels) + 1
+
+
+def eval_transform(img_size: int, crop_pct: float = 0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """Resize the short side to ``img_size / crop_pct``, centre crop, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(round(img_size / crop_pct)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+class EvalImages(Dataset):
+    """Un-augmented labelled images: ``index -> (image, label, ok)``; an unreadable file
+    gives ``ok = False`` (logged by name) and is left out of the metrics."""
+
+    def __init__(self, source: Dataset, transform, img_size: int):
+        self.source, self.transform, self.img_size = source, transform, img_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            img, label = self.source[index]
+            return self.transform(img), int(label), True
+        except Exception as exc:
+            describe = getattr(self.source, "describe", lambda i: f"sample #{i}")
+            log.warning("skipping unreadable image %s (%s: %s)", describe(index), type(exc).__name__, exc)
+            return torch.zeros(3, self.img_size, self.img_size), -1, False
+
+
+def build_eval_loader(dataset: EvalImages, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1):
+    """This rank's shard (``rank::world_size``, no padding: every image counted once)."""
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world_size)))
+    # Its own generator: an iterator draws a base seed, which must not come from the global
+    # RNG (drop path's), or evaluating would change the training that follows it.
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False,
+                      generator=torch.Generator().manual_seed(0))

@@ -84,3 +84,11 @@ def all_gather_objects(obj, info: DistInfo) -> list:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise sum of a tensor over ranks (call on every rank); returns a new tensor."""
+    out = values.detach().clone()
+    if info.enabled:
+        dist.all_reduce(out)
+    return out

@@ -1,4 +1,9 @@
-"""The pretraining loop: accumulation, mixed precision, checkpoints, preemption, logging.
+"""The training loop shared by pretraining and fine-tuning: accumulation, mixed
+precision, checkpoints, preemption, logging, per-epoch evaluation.
+
+What a batch means is the business of a *task* (:class:`PretrainTask`,
+``fcmae.finetune.ClassifyTask``): it turns a batch into a loss, and may act
+after a step (reconstruction images) or at an epoch's end (evaluation).
 
 Position is counted in optimizer steps (``step``) and, inside an epoch, in
 micro-batches already consumed (``batch_in_epoch``, always a multiple of the
@@ -95,26 +100,74 @@ class LoopSettings:
     base_lr: float
     min_lr: float
     warmup_steps: int
-    visible_per_sample: int
     batch_size: int
     precision: str  # fp32 | bf16 | fp16
     clip_grad: float | None
     log_every: int
-    vis_every: int
     ckpt_every: int
     max_bad_fraction: float
-    norm_pix: bool
-    mean: tuple
-    std: tuple
     progress: str = "auto"
-    image_every: int = 500
     callbacks: list[Callable] = field(default_factory=list)
 
 
-class PretrainLoop:
-    def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer, scaler, loader, sampler,
+class Task:
+    """What the loop trains. Batches are tuples whose first item is the images
+    and whose third is the count of unreadable files skipped to fill it."""
+
+    def loss(self, model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, loop: "TrainLoop") -> None:
+        """Called on every rank after each optimizer step."""
+
+    def evaluate(self, loop: "TrainLoop", final: bool) -> dict | None:
+        """Called on every rank at each epoch's end (and at the run's end with
+        ``final=True``); returns metrics to log, or None."""
+        return None
+
+
+class PretrainTask(Task):
+    """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
+
+    def __init__(self, visible_per_sample: int, norm_pix: bool, mean, std, vis_every: int, image_every: int,
+                 evaluator=None):
+        self.visible = visible_per_sample
+        self.norm_pix, self.mean, self.std = norm_pix, tuple(mean), tuple(std)
+        self.vis_every, self.image_every = vis_every, image_every
+        self.evaluator = evaluator
+        self.last_batch = None
+
+    def loss(self, model, batch, device):
+        imgs, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=self.visible)
+        self.last_batch = (imgs, pred.detach(), mask)
+        return loss
+
+    def visualize(self, loop: "TrainLoop") -> None:
+        if not loop.dist.is_main or self.last_batch is None:
+            return
+        imgs, pred, mask = self.last_batch
+        step = loop.state.step
+        path = save_reconstruction_grid(loop.run_dir / "reconstructions" / f"step-{step:07d}.png", imgs, pred,
+                                        mask, self.norm_pix, self.mean, self.std)
+        if step % self.image_every == 0 or step >= loop.s.stop_step:
+            loop.tracker.log_image("reconstruction", path, step)
+
+    def after_step(self, loop):
+        if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.s.stop_step:
+            self.visualize(loop)
+
+    def evaluate(self, loop, final):
+        if self.evaluator is None or not self.evaluator.due(loop.state.epoch, final):
+            return None
+        return self.evaluator(loop.raw_model.encoder, loop.dist)
+
+
+class TrainLoop:
+    def __init__(self, task: Task, model: nn.Module, raw_model: nn.Module, optimizer, scaler, loader, sampler,
                  settings: LoopSettings, state: LoopState, dist_info: DistInfo, ckpt: CheckpointManager,
                  metrics_file, tracker, config: dict, run_dir: Path, extra_state: dict | None = None):
+        self.task = task
         self.model, self.raw_model = model, raw_model
         self.optimizer, self.scaler = optimizer, scaler
         self.loader, self.sampler = loader, sampler
@@ -122,7 +175,6 @@ class PretrainLoop:
         self.ckpt, self.metrics_file, self.tracker = ckpt, metrics_file, tracker
         self.config, self.run_dir = config, Path(run_dir)
         self.extra_state = extra_state or {}
-        self.last_batch = None
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -155,14 +207,13 @@ class PretrainLoop:
         dtype = torch.bfloat16 if self.s.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.dist.device.type, dtype=dtype)
 
-    def _micro_step(self, imgs, masks, sync: bool) -> torch.Tensor:
+    def _micro_step(self, batch, sync: bool) -> torch.Tensor:
         ctx = contextlib.nullcontext() if sync or not self.dist.enabled else self.model.no_sync()
         with ctx:
             with self._autocast():
-                loss, pred, mask = self.model(imgs, mask=masks, visible_per_sample=self.s.visible_per_sample)
+                loss = self.task.loss(self.model, batch, self.dist.device)
             scaled = loss / self.s.accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        self.last_batch = (imgs, pred.detach(), mask)
         return loss.detach()
 
     def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[float, float]:
@@ -191,15 +242,21 @@ class PretrainLoop:
         return loss, norm
 
     # ------------------------------------------------------------ outputs
-    def _visualize(self) -> None:
-        if not self.dist.is_main or self.last_batch is None:
+    def log_metrics(self, metrics: dict, prefix: str = "") -> None:
+        """Write ``metrics`` (main rank) to the metrics file and the tracker at the current step."""
+        if not metrics or not self.dist.is_main:
             return
-        imgs, pred, mask = self.last_batch
-        path = save_reconstruction_grid(
-            self.run_dir / "reconstructions" / f"step-{self.state.step:07d}.png", imgs, pred, mask,
-            self.s.norm_pix, self.s.mean, self.s.std)
-        if self.state.step % self.s.image_every == 0 or self.state.step >= self.s.stop_step:
-            self.tracker.log_image("reconstruction", path, self.state.step)
+        record = {"step": self.state.step, "epoch": self.state.epoch, **{f"{prefix}{k}": v for k, v in metrics.items()}}
+        self.metrics_file.write(record)
+        self.tracker.log({k: v for k, v in record.items() if k != "step"}, self.state.step)
+
+    def _evaluate(self, final: bool) -> None:
+        metrics = self.task.evaluate(self, final)
+        if metrics:
+            self.log_metrics(metrics)
+            if self.dist.is_main:
+                log.info("eval at step %d: %s", self.state.step,
+                         "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def _check_data_quality(self) -> None:
         st = self.state
@@ -226,18 +283,17 @@ class PretrainLoop:
                     self.sampler.set_epoch(st.epoch)
                     self.sampler.set_start(st.batch_in_epoch * s.batch_size)
                     micro = st.batch_in_epoch
-                    for imgs, masks, bad, _keys in self.loader:
+                    for batch in self.loader:
                         if micro >= micro_per_epoch:
                             break
                         if micro % s.accum == 0:
                             set_lr(self.optimizer, cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps))
-                        imgs = imgs.to(self.dist.device, non_blocking=True)
-                        masks = masks.to(self.dist.device, non_blocking=True)
                         sync = (micro + 1) % s.accum == 0
-                        loss_sum += self._micro_step(imgs, masks, sync)
-                        st.bad_images += int(bad.sum())
-                        st.seen_images += imgs.shape[0] * self.dist.world_size
-                        imgs_since += imgs.shape[0] * self.dist.world_size
+                        loss_sum += self._micro_step(batch, sync)
+                        n = batch[0].shape[0] * self.dist.world_size
+                        st.bad_images += int(batch[2].sum())
+                        st.seen_images += n
+                        imgs_since += n
                         micro += 1
                         st.batch_in_epoch = micro
                         if not sync:
@@ -261,8 +317,9 @@ class PretrainLoop:
                         st.epoch += 1
                         st.batch_in_epoch = 0
                         if st.step < s.stop_step:
+                            self._evaluate(final=False)
                             self.save()
-            self._visualize()
+            self._evaluate(final=True)
             self.save()
         finally:
             progress.close()
@@ -292,8 +349,7 @@ class PretrainLoop:
         if log_now and self.dist.is_main:
             self.metrics_file.write(metrics)
             self.tracker.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, st.step)
-        if st.step % s.vis_every == 0:
-            self._visualize()
+        self.task.after_step(self)
         if st.step % s.ckpt_every == 0 and st.step < s.stop_step:
             self.save()
 

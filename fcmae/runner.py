@@ -1,0 +1,162 @@
+"""Run setup shared by ``fcmae-pretrain`` and ``fcmae-finetune``: precision, accumulation,
+resume, DDP/compile wrapping, trackers, the Hydra entry point. Each app builds its own
+model, data and task, then hands them to :func:`train`."""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import CheckpointManager, load_checkpoint, restore_rng
+from .config import ConfigError
+from .convert import CheckpointError
+from .data import DataError
+from .distributed import DistInfo
+from .engine import DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, Task, TrainLoop
+from .loggers import MetricsFile, NullLogger, WandbLogger
+
+log = logging.getLogger("fcmae")
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLoss, DataQualityError)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device.type != "cuda":
+        raise ConfigError(f"trainer.precision={precision} needs a GPU; on CPU use trainer.precision=fp32")
+    return precision
+
+
+def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
+    """``(accum, effective_batch)``; with optim.effective_batch_size the accumulation is derived."""
+    per_step = cfg.data.batch_size * world_size
+    target = cfg.optim.effective_batch_size
+    if target is None:
+        return cfg.trainer.accum_iter, per_step * cfg.trainer.accum_iter
+    if target % per_step:
+        hint = max((b for b in range(1, cfg.data.batch_size + 1) if target % (b * world_size) == 0), default=1)
+        raise ConfigError(
+            f"optim.effective_batch_size={target} is not a multiple of data.batch_size x world size = "
+            f"{cfg.data.batch_size} x {world_size} = {per_step}; choose a batch size that divides it "
+            f"(e.g. data.batch_size={hint})"
+        )
+    return target // per_step, target
+
+
+def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ``auto`` (the run directory's last), ``never``, or a path."""
+    if resume == "auto":
+        return ckpt.last if ckpt.exists() else None
+    if resume != "never":
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"resume={resume}: no such checkpoint file (use resume=auto or resume=never)")
+        return path
+    if ckpt.exists():
+        raise ConfigError(f"{run_dir} already holds checkpoints and resume=never would overwrite them; "
+                          "use resume=auto to continue, or another run_name")
+    return None
+
+
+def changed_keys(old: dict, new: dict, keys) -> list[str]:
+    out = []
+    old, new = OmegaConf.create(old), OmegaConf.create(new)
+    for key in keys:
+        a, b = OmegaConf.select(old, key), OmegaConf.select(new, key)
+        if a != b:
+            out.append(f"{key}: {OmegaConf.to_container(a) if OmegaConf.is_config(a) else a} -> "
+                       f"{OmegaConf.to_container(b) if OmegaConf.is_config(b) else b}")
+    return out
+
+
+def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info: DistInfo, seed: int) -> LoopState:
+    """Load a training checkpoint into model/optimizer/scaler/RNG; refuse a different setup."""
+    ck = load_checkpoint(path)
+    changed = changed_keys(ck.get("config", {}), config, must_match)
+    if changed:
+        raise ConfigError(f"{path} was trained with a different setup ({'; '.join(changed)}); "
+                          "continue with the original settings, or start another run (run_name=...)")
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    state = LoopState(ck["step"], ck["epoch"], ck["batch_in_epoch"], ck.get("bad_images", 0),
+                      ck.get("seen_images", 0))
+    rngs = ck.get("rng") or []
+    if len(rngs) == info.world_size:
+        restore_rng(rngs[info.rank])
+    else:
+        log.warning("checkpoint has RNG states for %d processes, this run has %d: reseeding",
+                    len(rngs), info.world_size)
+        torch.manual_seed(seed + info.rank + state.step)
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def wrap_model(model: torch.nn.Module, compile: bool, info: DistInfo) -> torch.nn.Module:
+    """torch.compile (optional), then DDP when distributed; the raw model keeps the state dict."""
+    train_model = torch.compile(model) if compile else model
+    if info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    return train_model
+
+
+def open_tracker(cfg, run_dir: Path, config: dict, info: DistInfo):
+    """Create the run directory, save the resolved config, start wandb (main rank only)."""
+    if not info.is_main:
+        return NullLogger()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    if cfg.logger.name == "wandb":
+        return WandbLogger(cfg.logger, cfg.run_name, config, run_dir)
+    return NullLogger()
+
+
+def train(task: Task, model, raw_model, optimizer, scaler, loader, sampler, settings: LoopSettings,
+          state: LoopState, info: DistInfo, ckpt: CheckpointManager, tracker, config: dict,
+          run_dir: Path, extra_state: dict | None = None) -> LoopState:
+    """Run the loop; a non-finite loss is reported with the last good checkpoint."""
+    loop = TrainLoop(task, model, raw_model, optimizer, scaler, loader, sampler, settings, state, info, ckpt,
+                     MetricsFile(run_dir), tracker, config, run_dir, extra_state)
+    try:
+        return loop.run()
+    except NonFiniteLoss as exc:
+        last = f"{ckpt.last} (step {load_checkpoint(ckpt.last)['step']})" if ckpt.exists() else "none yet"
+        raise NonFiniteLoss(f"{exc}; the weights were not updated and the last good checkpoint is {last}. "
+                            "Lower optim.blr, set optim.clip_grad, or use trainer.precision=fp32") from None
+    finally:
+        tracker.finish()
+
+
+def hydra_entry(config_path: str, config_name: str, run: Callable[[DictConfig, str], object]) -> None:
+    """``@hydra.main`` around ``run(cfg, run_dir)``: user errors exit 1 with one clear line;
+    preemption exits 128+signal after its checkpoint, for the launcher to requeue."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path=config_path, config_name=config_name, version_base=None)
+    def _main(cfg: DictConfig) -> None:
+        try:
+            run(cfg, HydraConfig.get().runtime.output_dir)
+        except Preempted as exc:
+            log.warning("%s; run the same command again to resume", exc)
+            sys.exit(128 + int(exc.signum))
+        except USER_ERRORS as exc:
+            log.error("%s", exc)
+            sys.exit(1)
+
+    _main()
