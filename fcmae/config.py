@@ -1,4 +1,5 @@
-"""Structured configs for ``fcmae-pretrain``: the schema Hydra type-checks, plus range checks.
+"""Structured configs for ``fcmae-pretrain`` and ``fcmae-finetune``: the schemas Hydra
+type-checks, plus range checks.
 
 The YAML files in ``conf/`` fill these dataclasses; a misspelled key or a wrong
 type fails at start with Hydra's own message, and :func:`validate` checks ranges
@@ -112,6 +113,28 @@ class LauncherConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Representation quality during pretraining: pooled encoder features (nothing masked)
+    of a labelled train/val pair, scored by k-NN and/or a linear probe."""
+    name: str = "none"  # none | knn | linear | knn+linear
+    source: str = "synthetic"  # synthetic | imagefolder
+    train_root: Optional[str] = None
+    val_root: Optional[str] = None
+    synthetic_train_images: int = 512
+    synthetic_val_images: int = 256
+    img_size: Optional[int] = None  # defaults to data.img_size
+    crop_pct: float = 0.875
+    batch_size: int = 64
+    num_workers: int = 2
+    every_epochs: int = 1  # and always at the end of the run
+    k: int = 20
+    temperature: float = 0.07
+    linear_steps: int = 300  # full-batch AdamW steps of the linear probe
+    linear_lr: float = 1.0e-2
+    linear_weight_decay: float = 1.0e-4
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -121,14 +144,79 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_name: str = MISSING
     resume: str = "auto"  # auto (continue the run directory's last checkpoint) | never | PATH
     init_from: Optional[str] = None  # encoder weights (any converter layout), fresh decoder
 
 
+# ---------------------------------------------------------------- fine-tuning
+
+@dataclass
+class ClassifierConfig:
+    name: str = "convnextv2_atto"  # timm's convnextv2_<size>
+    num_classes: Optional[int] = None  # from the data when null
+    drop_path_rate: float = 0.1
+    head_init_scale: float = 0.001
+    init_from: Optional[str] = None  # fcmae-export file, pretraining checkpoint or run dir; null = random init
+
+
+@dataclass
+class FinetuneDataConfig:
+    source: str = "synthetic"  # synthetic | imagefolder
+    train_root: Optional[str] = None  # root/<class>/<image>
+    val_root: Optional[str] = None
+    img_size: int = 224
+    batch_size: int = 32  # per GPU / per process
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    synthetic_images: int = 1024
+    synthetic_val_images: int = 256
+    synthetic_classes: int = 8
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, centre crop
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    blr: float = 6.25e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    layer_decay: float = 1.0  # lr scale per layer from the head down (1.0 = off)
+
+
+@dataclass
+class MixupConfig:
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) cutmix; 0 = off
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class FinetuneConfig:
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run_name: str = MISSING
+    resume: str = "auto"
+    eval_every: int = 1  # validate every N epochs (and at the end)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
 
 
 class ConfigError(ValueError):
@@ -143,7 +231,7 @@ def validate(cfg: Any) -> None:
         if not ok:
             errors.append(msg)
 
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    m, d = cfg.model, cfg.data
     check(0.0 <= m.mask_ratio < 1.0, f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
     check(len(m.depths) == 4 and len(m.dims) == 4, "model.depths and model.dims need 4 entries each")
     check(m.decoder_depth >= 1 and m.decoder_embed_dim >= 1, "model.decoder_depth and decoder_embed_dim must be >= 1")
@@ -167,6 +255,40 @@ def validate(cfg: Any) -> None:
     check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
     check(d.source != "synthetic" or d.synthetic_images >= d.batch_size,
           "data.synthetic_images must be at least data.batch_size")
+    _check_eval(cfg.eval, check)
+    _check_training(cfg, check)
+    known = {f"convnextv2_{k}" for k in VARIANTS}
+    check(m.name in known or m.name.startswith("custom"), f"model.name={m.name!r}; use one of {sorted(known)} or custom_*")
+    if m.name in known:
+        v = VARIANTS[m.name.removeprefix("convnextv2_")]
+        check(list(m.depths) == list(v.depths) and list(m.dims) == list(v.dims),
+              f"model.depths/dims do not match {m.name}; select the size with model={m.name} "
+              "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
+    _raise(errors)
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _check_eval(e, check) -> None:
+    check(e.name in ("none", "knn", "linear", "knn+linear"), f"eval.name={e.name!r}; use eval=none, knn, linear or knn+linear")
+    if e.name == "none":
+        return
+    check(e.source in ("synthetic", "imagefolder"), f"eval.source={e.source!r}; use synthetic or imagefolder")
+    check(e.source == "synthetic" or (bool(e.train_root) and bool(e.val_root)),
+          "eval.source=imagefolder needs eval.train_root=/path/train and eval.val_root=/path/val")
+    check(e.img_size is None or (e.img_size > 0 and e.img_size % 32 == 0), "eval.img_size must be a multiple of 32")
+    check(0 < e.crop_pct <= 1, "eval.crop_pct must be in (0, 1]")
+    check(min(e.batch_size, e.every_epochs, e.k, e.linear_steps) > 0,
+          "eval.batch_size, every_epochs, k and linear_steps must be > 0")
+    check(e.temperature > 0 and e.linear_lr > 0, "eval.temperature and eval.linear_lr must be > 0")
+
+
+def _check_training(cfg, check) -> None:
+    """Checks of the groups both apps share: optim, schedule, trainer, logger."""
+    o, t = cfg.optim, cfg.trainer
     check(o.name == "adamw", f"optim.name={o.name!r}; only adamw is supported")
     check(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be > 0")
     check(o.min_lr >= 0 and o.weight_decay >= 0, "optim.min_lr and optim.weight_decay must be >= 0")
@@ -185,12 +307,36 @@ def validate(cfg: Any) -> None:
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
     check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r}; use logger=none or logger=wandb")
     check(cfg.logger.mode in ("online", "offline", "disabled"), f"logger.mode={cfg.logger.mode!r}; use online, offline or disabled")
+
+
+def validate_finetune(cfg: Any) -> None:
+    """Range checks for ``fcmae-finetune``. Raises :class:`ConfigError`."""
+    errors = []
+
+    def check(ok: bool, msg: str):
+        if not ok:
+            errors.append(msg)
+
+    m, d, mx = cfg.model, cfg.data, cfg.mixup
     known = {f"convnextv2_{k}" for k in VARIANTS}
-    check(m.name in known or m.name.startswith("custom"), f"model.name={m.name!r}; use one of {sorted(known)} or custom_*")
-    if m.name in known:
-        v = VARIANTS[m.name.removeprefix("convnextv2_")]
-        check(list(m.depths) == list(v.depths) and list(m.dims) == list(v.dims),
-              f"model.depths/dims do not match {m.name}; select the size with model={m.name} "
-              "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    check(m.name in known, f"model.name={m.name!r}; use one of {sorted(known)}")
+    check(m.num_classes is None or m.num_classes > 1, "model.num_classes must be > 1 (or null: from the data)")
+    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    check(d.source in ("synthetic", "imagefolder"), f"data.source={d.source!r}; use synthetic or imagefolder")
+    check(d.source == "synthetic" or (bool(d.train_root) and bool(d.val_root)),
+          "data.source=imagefolder needs data.train_root=/path/train and data.val_root=/path/val")
+    check(d.img_size > 0 and d.img_size % 32 == 0, f"data.img_size={d.img_size} must be a positive multiple of 32")
+    check(d.batch_size > 0 and d.num_workers >= 0, "data.batch_size must be > 0 and data.num_workers >= 0")
+    check(0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]")
+    check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+          f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
+    check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
+    check(0 < cfg.optim.layer_decay <= 1.0, f"optim.layer_decay={cfg.optim.layer_decay} must be in (0, 1]")
+    check(mx.mixup >= 0 and mx.cutmix >= 0 and 0 <= mx.prob <= 1 and 0 <= mx.switch_prob <= 1,
+          "mixup.mixup/cutmix must be >= 0, mixup.prob and switch_prob in [0, 1]")
+    check(0 <= mx.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)")
+    check(not (mx.mixup > 0 or mx.cutmix > 0) or d.batch_size % 2 == 0,
+          f"mixup/cutmix pair images within a batch: data.batch_size={d.batch_size} must be even")
+    check(cfg.eval_every > 0, "eval_every must be > 0")
+    _check_training(cfg, check)
+    _raise(errors)

@@ -35,5 +35,6 @@ def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int, total
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr, times its ``lr_scale`` (layer-wise decay) when it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,215 @@
+"""``fcmae-finetune``: supervised fine-tuning of a dense ConvNeXt V2 classifier (timm's
+``convnextv2_<size>``) from an FCMAE export or pretraining run, with the same loop,
+checkpoints, resume, logging and DDP as pretraining.
+
+    fcmae-finetune                                                   # CPU demo, synthetic classes
+    fcmae-finetune model.init_from=outputs/convnextv2_atto-synthetic/data.img_size=64  # from a run
+    fcmae-finetune experiment=ft_base model.init_from=base.safetensors \\
+        data.source=imagefolder data.train_root=/data/in1k/train data.val_root=/data/in1k/val
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import CheckpointManager
+from .config import register_configs, validate_finetune
+from .convert import CheckpointError, canonical_to_format, infer_shape, load_state_dict_file, to_canonical, variant_of
+from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
+                   labelled_source, num_classes_of, pretrain_transform)
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .engine import LoopSettings, LoopState, Task
+from .export import resolve_checkpoint
+from .pretrain import CONFIG_PATH
+from .runner import (ConfigError, find_resume, hydra_entry, open_tracker, resolve_accumulation, resolve_precision,
+                     restore, seed_everything, train, wrap_model)
+
+log = logging.getLogger("fcmae")
+
+_RESUME_MUST_MATCH = ("model", "data.img_size", "data.source")
+
+
+def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_init_scale: float) -> nn.Module:
+    import timm
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                             head_init_scale=head_init_scale)
+
+
+def load_pretrained(model: nn.Module, name: str, path: str | Path) -> str:
+    """Encoder weights from an export file, a pretraining checkpoint or a run directory
+    (any layout the converter reads); the classifier head stays freshly initialised."""
+    src = resolve_checkpoint(path)
+    canonical, layout = to_canonical(load_state_dict_file(src), source=str(src))
+    found = variant_of(canonical)
+    found_name = f"convnextv2_{found.name}" if found else f"depths/dims {infer_shape(canonical)}"
+    if found_name != name:
+        raise CheckpointError(f"model.init_from={src} holds {found_name} weights but model.name={name}; "
+                              f"set model.name={found_name}")
+    sd = {k: v for k, v in canonical_to_format(canonical, "timm").items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{src}: keys do not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    log.info("initialised %s from %s (%s layout); fresh head", name, src, layout)
+    return layout
+
+
+def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
+    """AdamW over timm's layer-decay groups: group ``i`` of ``L`` gets ``lr * decay ** (L - i)``;
+    1-D parameters (norms, biases, GRN) are not decayed."""
+    from timm.optim import param_groups_layer_decay
+    groups = param_groups_layer_decay(model, weight_decay=optim_cfg.weight_decay,
+                                      no_weight_decay_list=tuple(getattr(model, "no_weight_decay", lambda: ())()),
+                                      layer_decay=optim_cfg.layer_decay)
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), fused=fused or None)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, device: torch.device, info: DistInfo) -> dict:
+    """Top-1/top-5 (%) and mean cross-entropy over the validation set (all ranks' shards)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, count
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    try:
+        for imgs, y, ok in loader:
+            imgs, y = imgs[ok].to(device, non_blocking=True), y[ok].to(device)
+            if y.numel() == 0:
+                continue
+            with autocast:
+                logits = model(imgs).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(),
+                                  F.cross_entropy(logits, y, reduction="sum").item(), y.numel()], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    if info.enabled:
+        sums = all_reduce_sum(sums.to(device), info).cpu()
+    n = max(sums[3].item(), 1.0)
+    return {"val/top1": 100 * sums[0].item() / n, "val/top5": 100 * sums[1].item() / n,
+            "val/loss": sums[2].item() / n, "val/images": int(sums[3].item())}
+
+
+class ClassifyTask(Task):
+    """Cross-entropy with label smoothing, or soft targets under mixup/cutmix (timm's Mixup)."""
+
+    def __init__(self, num_classes: int, mixup_cfg, val_loader, eval_every: int):
+        self.mixup = None
+        if mixup_cfg.mixup > 0 or mixup_cfg.cutmix > 0:
+            from timm.data import Mixup
+            self.mixup = Mixup(mixup_alpha=mixup_cfg.mixup, cutmix_alpha=mixup_cfg.cutmix, prob=mixup_cfg.prob,
+                               switch_prob=mixup_cfg.switch_prob, label_smoothing=mixup_cfg.label_smoothing,
+                               num_classes=num_classes)
+        self.smoothing = mixup_cfg.label_smoothing
+        self.val_loader, self.eval_every = val_loader, eval_every
+        self.best_top1 = None
+
+    def loss(self, model, batch, device):
+        imgs, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if self.mixup is not None:
+            imgs, soft = self.mixup(imgs, y)
+            return torch.sum(-soft * F.log_softmax(model(imgs).float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(model(imgs).float(), y, label_smoothing=self.smoothing)
+
+    def evaluate(self, loop, final):
+        if not (final or loop.state.epoch % self.eval_every == 0):
+            return None
+        metrics = evaluate_classifier(loop.raw_model, self.val_loader, loop.dist.device, loop.dist)
+        self.best_top1 = max(self.best_top1 or 0.0, metrics["val/top1"])
+        return {**metrics, "val/best_top1": self.best_top1}
+
+
+def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
+    """Fine-tune as configured, in ``run_dir``; returns the final loop state."""
+    validate_finetune(cfg)
+    info = init_distributed(cfg.trainer.device)
+    try:
+        return _run(cfg, Path(run_dir), info, list(callbacks))
+    finally:
+        cleanup()
+
+
+def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
+    t, d = cfg.trainer, cfg.data
+    precision = resolve_precision(t.precision, info.device)
+    accum, eff_batch = resolve_accumulation(cfg, info.world_size)
+    base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
+    ckpt = CheckpointManager(run_dir, keep=t.keep_checkpoints)
+    resume_path = find_resume(cfg.resume, ckpt, run_dir)
+
+    # Data first: bad folders fail before a model is built.
+    train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
+                                d.img_size, t.seed)
+    val_src = labelled_source(d.source, d.val_root, "val", d.synthetic_val_images, d.synthetic_classes,
+                              d.img_size, t.seed)
+    num_classes = cfg.model.num_classes or num_classes_of(train_src)
+    if num_classes_of(val_src) > num_classes:
+        raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
+                          "point data.val_root at the same class folders as data.train_root")
+    cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes}})
+    config = OmegaConf.to_container(cfg, resolve=True)
+    train_set = LabelledSamples(train_src, pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std),
+                                t.seed)
+    loader, sampler = build_train_loader(train_set, d.batch_size, d.num_workers, t.seed, info.rank, info.world_size,
+                                         info.device.type == "cuda" and d.pin_memory, d.persistent_workers)
+    val_loader = build_eval_loader(EvalImages(val_src, eval_transform(d.img_size, d.crop_pct, d.mean, d.std),
+                                              d.img_size), d.batch_size, d.num_workers, info.rank, info.world_size)
+    steps_per_epoch = len(sampler) // d.batch_size // accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"one epoch has {len(sampler) // d.batch_size} batches per process, fewer than the "
+                          f"accumulation ({accum}); use more data or a smaller optim.effective_batch_size")
+    total_steps = t.epochs * steps_per_epoch
+    stop_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    warmup = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
+        else int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
+
+    seed_everything(t.seed)
+    model = build_classifier(cfg.model.name, num_classes, cfg.model.drop_path_rate,
+                             cfg.model.head_init_scale).to(info.device)
+    if cfg.model.init_from and resume_path is None:
+        load_pretrained(model, cfg.model.name, cfg.model.init_from)
+    elif resume_path is None:
+        log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
+    optimizer = build_optimizer(model, cfg.optim, base_lr)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    state = LoopState()
+    if resume_path is not None:
+        state = restore(resume_path, config, _RESUME_MUST_MATCH, model, optimizer, scaler, info, t.seed)
+    else:
+        torch.manual_seed(t.seed + info.rank)
+    train_model = wrap_model(model, t.compile, info)
+    tracker = open_tracker(cfg, run_dir, config, info)
+    if info.is_main:
+        log.info("run directory %s | %s, %d classes, %d process(es) on %s, %s | effective batch %d, lr %.3e, "
+                 "layer decay %g | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name, num_classes,
+                 info.world_size, info.device, precision, eff_batch, base_lr, cfg.optim.layer_decay,
+                 steps_per_epoch, stop_step, total_steps)
+    settings = LoopSettings(
+        total_steps=total_steps, stop_step=stop_step, steps_per_epoch=steps_per_epoch, accum=accum,
+        base_lr=base_lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, batch_size=d.batch_size,
+        precision=precision, clip_grad=cfg.optim.clip_grad, log_every=t.log_every, ckpt_every=t.ckpt_every,
+        max_bad_fraction=d.max_bad_fraction, progress=t.progress, callbacks=callbacks)
+    task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every)
+    final = train(task, train_model, model, optimizer, scaler, loader, sampler, settings, state, info, ckpt,
+                  tracker, config, run_dir)
+    if info.is_main:
+        log.info("done: step %d, best val top-1 %s; checkpoint %s (timm state dict under 'model')", final.step,
+                 f"{task.best_top1:.2f}%" if task.best_top1 is not None else "n/a", ckpt.last)
+    return final
+
+
+register_configs()
+
+
+def main() -> None:
+    hydra_entry(CONFIG_PATH, "finetune", run)
+
+
+if __name__ == "__main__":
+    main()
