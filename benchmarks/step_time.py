@@ -69,7 +69,7 @@ class Result:
 
 def minkowski_available() -> bool:
     try:
-        import MinkowskiEngine  # noqa: F401
+        import MinkowskiEngine  # noqa: F401 (only whether it imports)
     except Exception:
         return False
     return True

@@ -23,11 +23,11 @@ from .convert import CheckpointError, canonical_to_format, infer_shape, load_sta
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
                    labelled_source, num_classes_of, pretrain_transform)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .engine import LoopSettings, LoopState, Task
+from .engine import LoopState, Task
 from .export import resolve_checkpoint
 from .pretrain import CONFIG_PATH
-from .runner import (ConfigError, find_resume, hydra_entry, open_tracker, resolve_accumulation, resolve_precision,
-                     restore, seed_everything, train, wrap_model)
+from .runner import (ConfigError, find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
+                     resolve_precision, restore, seed_everything, train, wrap_model)
 
 log = logging.getLogger("fcmae")
 
@@ -160,14 +160,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
                                          info.device.type == "cuda" and d.pin_memory, d.persistent_workers)
     val_loader = build_eval_loader(EvalImages(val_src, eval_transform(d.img_size, d.crop_pct, d.mean, d.std),
                                               d.img_size), d.batch_size, d.num_workers, info.rank, info.world_size)
-    steps_per_epoch = len(sampler) // d.batch_size // accum
-    if steps_per_epoch < 1:
-        raise ConfigError(f"one epoch has {len(sampler) // d.batch_size} batches per process, fewer than the "
-                          f"accumulation ({accum}); use more data or a smaller optim.effective_batch_size")
-    total_steps = t.epochs * steps_per_epoch
-    stop_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
-    warmup = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
-        else int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
+    s = loop_settings(cfg, len(sampler) // d.batch_size, accum, base_lr, precision, d.max_bad_fraction, callbacks)
 
     seed_everything(t.seed)
     model = build_classifier(cfg.model.name, num_classes, cfg.model.drop_path_rate,
@@ -189,14 +182,9 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
         log.info("run directory %s | %s, %d classes, %d process(es) on %s, %s | effective batch %d, lr %.3e, "
                  "layer decay %g | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name, num_classes,
                  info.world_size, info.device, precision, eff_batch, base_lr, cfg.optim.layer_decay,
-                 steps_per_epoch, stop_step, total_steps)
-    settings = LoopSettings(
-        total_steps=total_steps, stop_step=stop_step, steps_per_epoch=steps_per_epoch, accum=accum,
-        base_lr=base_lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, batch_size=d.batch_size,
-        precision=precision, clip_grad=cfg.optim.clip_grad, log_every=t.log_every, ckpt_every=t.ckpt_every,
-        max_bad_fraction=d.max_bad_fraction, progress=t.progress, callbacks=callbacks)
+                 s.steps_per_epoch, s.stop_step, s.total_steps)
     task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every)
-    final = train(task, train_model, model, optimizer, scaler, loader, sampler, settings, state, info, ckpt,
+    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, ckpt,
                   tracker, config, run_dir)
     if info.is_main:
         log.info("done: step %d, best val top-1 %s; checkpoint %s (timm state dict under 'model')", final.step,

@@ -18,12 +18,12 @@ from .config import register_configs, validate
 from .convert import CheckpointError, load_state_dict_file, to_canonical
 from .data import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
-from .engine import LoopSettings, LoopState, PretrainTask
+from .engine import LoopState, PretrainTask
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .models.masking import num_visible
 from .optim import build_optimizer
-from .runner import (ConfigError, find_resume, hydra_entry, open_tracker, resolve_accumulation,
+from .runner import (find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
                      resolve_precision, restore, seed_everything, train, wrap_model)
 
 log = logging.getLogger("fcmae")
@@ -77,15 +77,8 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     loader, sampler, dataset = build_pretrain_loader(
         cfg.data, cfg.model.mask_ratio, t.seed, info.rank, info.world_size, pin_memory=info.device.type == "cuda")
     evaluator = build_evaluator(cfg.eval, cfg.data, t.seed, info)
-    micro_per_epoch = len(sampler) // cfg.data.batch_size
-    steps_per_epoch = micro_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ConfigError(f"one epoch has {micro_per_epoch} batches per process, fewer than the accumulation "
-                          f"({accum}); use more data or a smaller optim.effective_batch_size")
-    total_steps = t.epochs * steps_per_epoch
-    stop_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
-    warmup = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
-        else int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
+    s = loop_settings(cfg, len(sampler) // cfg.data.batch_size, accum, base_lr, precision,
+                      cfg.data.max_bad_fraction, callbacks)
 
     seed_everything(t.seed)
     model = build_model(cfg).to(info.device)
@@ -105,16 +98,11 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
         log.info("run directory %s | %s, %d process(es) on %s, %s | effective batch %d (%d x %d x %d), "
                  "lr %.3e | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,
                  info.world_size, info.device, precision, eff_batch, cfg.data.batch_size, accum,
-                 info.world_size, base_lr, steps_per_epoch, stop_step, total_steps)
+                 info.world_size, base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
 
-    settings = LoopSettings(
-        total_steps=total_steps, stop_step=stop_step, steps_per_epoch=steps_per_epoch, accum=accum,
-        base_lr=base_lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, batch_size=cfg.data.batch_size,
-        precision=precision, clip_grad=cfg.optim.clip_grad, log_every=t.log_every, ckpt_every=t.ckpt_every,
-        max_bad_fraction=cfg.data.max_bad_fraction, progress=t.progress, callbacks=callbacks)
     task = PretrainTask(num_visible((cfg.data.img_size // 32) ** 2, cfg.model.mask_ratio), cfg.model.norm_pix_loss,
                         cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator)
-    final = train(task, train_model, model, optimizer, scaler, loader, sampler, settings, state, info, ckpt,
+    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, ckpt,
                   tracker, config, run_dir)
     if info.is_main:
         log.info("done: step %d, checkpoint %s; export with: fcmae-export %s --format timm", final.step,

@@ -50,6 +50,25 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
     return target // per_step, target
 
 
+def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precision: str,
+                  max_bad_fraction: float, callbacks) -> LoopSettings:
+    """Steps per epoch, schedule length, stop step and warmup from the config."""
+    t = cfg.trainer
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"one epoch has {micro_per_epoch} batches per process, fewer than the accumulation "
+                          f"({accum}); use more data or a smaller optim.effective_batch_size")
+    total_steps = t.epochs * steps_per_epoch
+    warmup = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
+        else int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
+    return LoopSettings(
+        total_steps=total_steps, stop_step=min(total_steps, t.max_steps) if t.max_steps else total_steps,
+        steps_per_epoch=steps_per_epoch, accum=accum, base_lr=base_lr, min_lr=cfg.optim.min_lr,
+        warmup_steps=warmup, batch_size=cfg.data.batch_size, precision=precision, clip_grad=cfg.optim.clip_grad,
+        log_every=t.log_every, ckpt_every=t.ckpt_every, max_bad_fraction=max_bad_fraction, progress=t.progress,
+        callbacks=list(callbacks))
+
+
 def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: ``auto`` (the run directory's last), ``never``, or a path."""
     if resume == "auto":
