@@ -239,6 +239,12 @@ def validate(cfg: Any) -> None:
     check(cfg.encoder.backend in ("sparse", "dense", "minkowski"),
           f"encoder.backend={cfg.encoder.backend!r}; use sparse, dense or minkowski")
     check(cfg.encoder.grn_stats in ("sample", "batch"), f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use sample or batch")
+    if cfg.encoder.backend == "minkowski":
+        try:
+            from .sparse.minkowski import import_minkowski
+            import_minkowski()
+        except ImportError as exc:
+            errors.append(str(exc))
     check(d.img_size > 0 and d.img_size % 32 == 0,
           f"data.img_size={d.img_size} must be a positive multiple of 32 (e.g. 224)")
     if d.img_size > 0 and d.img_size % 32 == 0:
