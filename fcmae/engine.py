@@ -319,6 +319,7 @@ class TrainLoop:
                         if st.step < s.stop_step:
                             self._evaluate(final=False)
                             self.save()
+                            t_last, imgs_since = time.perf_counter(), 0  # img/s counts training only
             self._evaluate(final=True)
             self.save()
         finally:
