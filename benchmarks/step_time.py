@@ -154,6 +154,11 @@ def state_bytes(case: Case) -> int:
 
 def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -> list[Result]:
     device = cfg["device"]
+    if device.type == "cuda" and "minkowski" in variants:
+        import MinkowskiEngine as ME
+        if not ME.is_cuda_available():
+            log("  minkowski: this MinkowskiEngine build is CPU-only; skipped on cuda")
+            variants = [v for v in variants if v != "minkowski"]
     torch.manual_seed(0)
     reference = create_fcmae(f"convnextv2_{cfg['model']}", mask_ratio=cfg["mask_ratio"])
     cases = [Case(v, reference, cfg) for v in variants]
