@@ -68,11 +68,8 @@ class Result:
 
 
 def minkowski_available() -> bool:
-    try:
-        import MinkowskiEngine  # noqa: F401 (only whether it imports)
-    except Exception:
-        return False
-    return True
+    from fcmae.sparse.me_compat import minkowski_error
+    return minkowski_error() is None
 
 
 class Timer:
@@ -155,8 +152,8 @@ def state_bytes(case: Case) -> int:
 def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -> list[Result]:
     device = cfg["device"]
     if device.type == "cuda" and "minkowski" in variants:
-        import MinkowskiEngine as ME
-        if not ME.is_cuda_available():
+        from fcmae.sparse.me_compat import import_minkowski
+        if not import_minkowski().is_cuda_available():
             log("  minkowski: this MinkowskiEngine build is CPU-only; skipped on cuda")
             variants = [v for v in variants if v != "minkowski"]
     torch.manual_seed(0)

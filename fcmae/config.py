@@ -241,7 +241,7 @@ def validate(cfg: Any) -> None:
     check(cfg.encoder.grn_stats in ("sample", "batch"), f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use sample or batch")
     if cfg.encoder.backend == "minkowski":
         try:
-            from .sparse.minkowski import import_minkowski
+            from .sparse.me_compat import import_minkowski
             import_minkowski()
         except ImportError as exc:
             errors.append(str(exc))

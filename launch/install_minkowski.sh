@@ -11,12 +11,14 @@
 set -euo pipefail
 PYTHON="${PYTHON:-python}"
 VERSION=0.5.4
+# MinkowskiEngine 0.5.4 imports collections.Sequence, gone since Python 3.10: alias it (as fcmae does).
+IMPORT_ME="import collections, collections.abc; collections.Sequence = collections.abc.Sequence; import MinkowskiEngine as ME"
 CACHE="${FCMAE_WHEEL_CACHE:-$HOME/.cache/fcmae/wheels}"
 MODE=cpu
 [[ "${ME_CUDA:-0}" == 1 ]] && MODE=cuda
 
-if "$PYTHON" -c "import MinkowskiEngine" 2>/dev/null; then
-  echo "MinkowskiEngine already importable: $("$PYTHON" -c 'import MinkowskiEngine as ME; print(ME.__version__)')"
+if "$PYTHON" -c "$IMPORT_ME" 2>/dev/null; then
+  echo "MinkowskiEngine already importable: $("$PYTHON" -c "$IMPORT_ME; print(ME.__version__)")"
   exit 0
 fi
 
@@ -27,7 +29,7 @@ WHEEL_DIR="$CACHE/minkowski-$VERSION-$KEY"
 if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
   echo "installing the cached wheel from $WHEEL_DIR"
   "$PYTHON" -m pip install --quiet --no-deps "$WHEEL_DIR"/*.whl
-  "$PYTHON" -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'imports')"
+  "$PYTHON" -c "$IMPORT_ME; print('MinkowskiEngine', ME.__version__, 'imports')"
   exit 0
 fi
 
@@ -67,4 +69,4 @@ mkdir -p "$WHEEL_DIR"
 cp dist/*.whl "$WHEEL_DIR/"
 "$PYTHON" -m pip install --quiet --no-deps "$WHEEL_DIR"/*.whl
 cd /
-"$PYTHON" -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'imports; wheel cached in $WHEEL_DIR')"
+"$PYTHON" -c "$IMPORT_ME; print('MinkowskiEngine', ME.__version__, 'imports; wheel cached in $WHEEL_DIR')"

@@ -24,28 +24,7 @@ from ..convert import dense_conv_to_me, dense_depthwise_to_me
 from ..models.convnextv2 import GRN, Block
 from .compact import stem_rows
 from .layout import SparseLayout
-
-INSTALL_HINT = "bash launch/install_minkowski.sh (CPU build; see docs/sparse_backends.md for CUDA)"
-
-
-def import_minkowski():
-    """MinkowskiEngine, or an ImportError that says how to install it."""
-    try:
-        import MinkowskiEngine as ME
-    except Exception as exc:  # ImportError, or a broken build raising OSError
-        raise ImportError(f"encoder.backend=minkowski needs MinkowskiEngine, which does not import here "
-                          f"({type(exc).__name__}: {exc}); install it with: {INSTALL_HINT}; "
-                          "or use encoder.backend=sparse") from exc
-    return ME
-
-
-def available() -> bool:
-    try:
-        import_minkowski()
-    except ImportError:
-        return False
-    return True
-
+from .me_compat import INSTALL_HINT, import_minkowski
 
 ME = import_minkowski()
 from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction  # noqa: E402
