@@ -55,7 +55,9 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     out = Path(out) if out else src.with_name(f"{src.stem}_{format}.safetensors")
     save_state_dict(sd, out, metadata={"format": format, "model": name, "source_layout": layout})
     params = sum(v.numel() for k, v in sd.items() if not k.startswith("head."))
-    log(f"read {src} ({layout} layout, {name})")
+    described = {"official": "official dense keys (ours or a release)",
+                 "minkowski": "official sparse MinkowskiEngine keys", "timm": "timm keys"}.get(layout, layout)
+    log(f"read {src} ({described}, {name})")
     log(f"wrote {out} ({format} format, {params / 1e6:.2f}M encoder parameters, "
         f"{out.stat().st_size / 2**20:.1f} MiB)")
     if verify:
