@@ -225,12 +225,7 @@ class ConfigError(ValueError):
 
 def validate(cfg: Any) -> None:
     """Range checks that the type system cannot express. Raises :class:`ConfigError`."""
-    errors = []
-
-    def check(ok: bool, msg: str):
-        if not ok:
-            errors.append(msg)
-
+    errors, check = _collector()
     m, d = cfg.model, cfg.data
     check(0.0 <= m.mask_ratio < 1.0, f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
     check(len(m.depths) == 4 and len(m.dims) == 4, "model.depths and model.dims need 4 entries each")
@@ -271,6 +266,17 @@ def validate(cfg: Any) -> None:
               f"model.depths/dims do not match {m.name}; select the size with model={m.name} "
               "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
     _raise(errors)
+
+
+def _collector():
+    """``(errors, check)``: ``check(ok, msg)`` records ``msg`` when ``ok`` is false, so one
+    run reports every problem at once."""
+    errors: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+    return errors, check
 
 
 def _raise(errors: list[str]) -> None:
@@ -317,12 +323,7 @@ def _check_training(cfg, check) -> None:
 
 def validate_finetune(cfg: Any) -> None:
     """Range checks for ``fcmae-finetune``. Raises :class:`ConfigError`."""
-    errors = []
-
-    def check(ok: bool, msg: str):
-        if not ok:
-            errors.append(msg)
-
+    errors, check = _collector()
     m, d, mx = cfg.model, cfg.data, cfg.mixup
     known = {f"convnextv2_{k}" for k in VARIANTS}
     check(m.name in known, f"model.name={m.name!r}; use one of {sorted(known)}")

@@ -182,6 +182,12 @@ def sample_mask(num_patches: int, keep: int, generator: torch.Generator) -> torc
     return mask
 
 
+def describe_sample(source: Dataset, index: int) -> str:
+    """The file path of a sample when the source knows it, for error messages."""
+    describe = getattr(source, "describe", None)
+    return describe(index) if describe else f"sample #{index}"
+
+
 class KeyedSamples(Dataset):
     """Wraps a source: ``key = epoch * len(source) + index`` -> one augmented sample.
 
@@ -197,8 +203,7 @@ class KeyedSamples(Dataset):
         return len(self.source)
 
     def _describe(self, index: int) -> str:
-        describe = getattr(self.source, "describe", None)
-        return describe(index) if describe else f"sample #{index}"
+        return describe_sample(self.source, index)
 
     def read(self, key: int):
         """``(image tensor, label, bad, per-sample seed)`` for ``key``."""
@@ -350,8 +355,8 @@ class EvalImages(Dataset):
             img, label = self.source[index]
             return self.transform(img), int(label), True
         except Exception as exc:
-            describe = getattr(self.source, "describe", lambda i: f"sample #{i}")
-            log.warning("skipping unreadable image %s (%s: %s)", describe(index), type(exc).__name__, exc)
+            log.warning("skipping unreadable image %s (%s: %s)", describe_sample(self.source, index),
+                        type(exc).__name__, exc)
             return torch.zeros(3, self.img_size, self.img_size), -1, False
 
 

@@ -66,11 +66,7 @@ def all_reduce_max(flag: bool, info: DistInfo) -> bool:
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> float:
     """Mean of a scalar tensor over ranks (call on every rank)."""
-    if not info.enabled:
-        return float(value)
-    t = value.detach().clone().float().reshape(1)
-    dist.all_reduce(t)
-    return float(t) / info.world_size
+    return float(all_reduce_sum(value.float(), info)) / info.world_size
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:

@@ -242,11 +242,11 @@ class TrainLoop:
         return loss, norm
 
     # ------------------------------------------------------------ outputs
-    def log_metrics(self, metrics: dict, prefix: str = "") -> None:
+    def log_metrics(self, metrics: dict) -> None:
         """Write ``metrics`` (main rank) to the metrics file and the tracker at the current step."""
         if not metrics or not self.dist.is_main:
             return
-        record = {"step": self.state.step, "epoch": self.state.epoch, **{f"{prefix}{k}": v for k, v in metrics.items()}}
+        record = {"step": self.state.step, "epoch": self.state.epoch, **metrics}
         self.metrics_file.write(record)
         self.tracker.log({k: v for k, v in record.items() if k != "step"}, self.state.step)
 

@@ -6,6 +6,7 @@ global-average pooled. Every rank extracts its shard; rank 0 scores.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -17,21 +18,26 @@ from .distributed import DistInfo, all_gather_objects
 log = logging.getLogger("fcmae")
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def inference(model: torch.nn.Module, device: torch.device):
+    """Eval mode, no grad, bf16 autocast on CUDA; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def extract_features(encoder, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (M, C) float32 on CPU, labels (M,))`` for the readable images of ``loader``."""
-    was_training = encoder.training
-    encoder.eval()
     feats, labels = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    try:
+    with inference(encoder, device):
         for imgs, y, ok in loader:
-            with autocast:
-                f = encoder.forward_dense(imgs.to(device, non_blocking=True)).mean(dim=(2, 3))
+            f = encoder.forward_dense(imgs.to(device, non_blocking=True)).mean(dim=(2, 3))
             feats.append(f.float().cpu()[ok])
             labels.append(y[ok])
-    finally:
-        encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -114,13 +120,10 @@ def build_evaluator(eval_cfg, data_cfg, seed: int, info: DistInfo) -> FeatureEva
         return None
     size = eval_cfg.img_size or data_cfg.img_size
     transform = eval_transform(size, eval_cfg.crop_pct, data_cfg.mean, data_cfg.std)
-    classes = data_cfg.synthetic_classes
-    loaders = []
-    for split, root, n in (("train", eval_cfg.train_root, eval_cfg.synthetic_train_images),
-                           ("val", eval_cfg.val_root, eval_cfg.synthetic_val_images)):
-        source = labelled_source(eval_cfg.source, root, split, n, classes, size, seed)
-        loaders.append(build_eval_loader(EvalImages(source, transform, size), eval_cfg.batch_size,
-                                         eval_cfg.num_workers, info.rank, info.world_size))
-        if split == "train":
-            num_classes = num_classes_of(source)
-    return FeatureEvaluator(eval_cfg, loaders[0], loaders[1], num_classes, info.device, seed)
+    sources = [labelled_source(eval_cfg.source, root, split, n, data_cfg.synthetic_classes, size, seed)
+               for split, root, n in (("train", eval_cfg.train_root, eval_cfg.synthetic_train_images),
+                                      ("val", eval_cfg.val_root, eval_cfg.synthetic_val_images))]
+    train_loader, val_loader = [build_eval_loader(EvalImages(src, transform, size), eval_cfg.batch_size,
+                                                  eval_cfg.num_workers, info.rank, info.world_size)
+                                for src in sources]
+    return FeatureEvaluator(eval_cfg, train_loader, val_loader, num_classes_of(sources[0]), info.device, seed)

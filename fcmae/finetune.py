@@ -24,6 +24,7 @@ from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_l
                    labelled_source, num_classes_of, pretrain_transform)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, Task
+from .evaluation import inference
 from .export import resolve_checkpoint
 from .pretrain import CONFIG_PATH
 from .runner import (ConfigError, find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
@@ -70,30 +71,22 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), fused=fused or None)
 
 
-@torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader, device: torch.device, info: DistInfo) -> dict:
     """Top-1/top-5 (%) and mean cross-entropy over the validation set (all ranks' shards)."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, count
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    try:
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, count
+    with inference(model, device):
         for imgs, y, ok in loader:
             imgs, y = imgs[ok].to(device, non_blocking=True), y[ok].to(device)
             if y.numel() == 0:
                 continue
-            with autocast:
-                logits = model(imgs).float()
+            logits = model(imgs).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(),
-                                  F.cross_entropy(logits, y, reduction="sum").item(), y.numel()], dtype=torch.float64)
-    finally:
-        model.train(was_training)
-    if info.enabled:
-        sums = all_reduce_sum(sums.to(device), info).cpu()
-    n = max(sums[3].item(), 1.0)
-    return {"val/top1": 100 * sums[0].item() / n, "val/top5": 100 * sums[1].item() / n,
-            "val/loss": sums[2].item() / n, "val/images": int(sums[3].item())}
+            sums += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
+                                 F.cross_entropy(logits, y, reduction="sum"), torch.tensor(y.numel(), device=device)
+                                 ]).double()
+    top1, top5, loss, n = all_reduce_sum(sums, info).tolist()  # the one host sync
+    n = max(n, 1.0)
+    return {"val/top1": 100 * top1 / n, "val/top5": 100 * top5 / n, "val/loss": loss / n, "val/images": int(n)}
 
 
 class ClassifyTask(Task):
