@@ -1,7 +1,8 @@
 """Run-directory checkpoints: atomic writes, ``last.pt``, keep-last-K, RNG state capture.
 
-Layout: ``RUN_DIR/checkpoints/checkpoint-0000123.pt`` (K newest kept) and
-``RUN_DIR/checkpoints/last.pt`` (a hard link to the newest). A crash while
+Layout: ``RUN_DIR/checkpoints/checkpoint-0000123.pt`` (K newest kept),
+``RUN_DIR/checkpoints/last.pt`` (a hard link to the newest), and named extras such as
+``best.pt`` that the rotation never removes. A crash while
 writing leaves only a ``.tmp`` file behind; the previous checkpoints are intact.
 """
 from __future__ import annotations
@@ -56,6 +57,13 @@ class CheckpointManager:
         _atomic_save(state, path)
         _atomic_link(path, self.last)
         self._prune()
+        return path
+
+    def save_as(self, state: dict, name: str) -> Path:
+        """An extra checkpoint kept by name (``best.pt``), outside the keep-K rotation."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / name
+        _atomic_save(state, path)
         return path
 
     def _prune(self) -> None:

@@ -14,6 +14,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from .models.variants import VARIANTS
+from .optim import LAYER_DECAY_TYPES
+
+PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
+LABELLED_SOURCES = ("synthetic", "imagefolder", "fashion_mnist")
 
 
 @dataclass
@@ -36,8 +40,8 @@ class EncoderConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | imagefolder | folder | filelist
-    root: Optional[str] = None  # a directory, or the list file for source=filelist
+    source: str = "synthetic"  # synthetic | imagefolder | folder | filelist | fashion_mnist
+    root: Optional[str] = None  # a directory, the list file for filelist; fashion_mnist: null = Debian's path
     img_size: int = 224
     batch_size: int = 16  # per GPU / per process
     num_workers: int = 2
@@ -62,6 +66,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     effective_batch_size: Optional[int] = None  # sets the accumulation when given
     clip_grad: Optional[float] = None
+
+
+@dataclass
+class PretrainOptimConfig(OptimConfig):
+    # The official pretraining (timm 0.3.2 add_weight_decay) skips decay only for 1-D
+    # parameters and biases, so GRN gamma/beta and the mask token are decayed. false also
+    # skips them (the rule of the official fine-tuning code).
+    decay_grn_and_mask_token: bool = True
 
 
 @dataclass
@@ -117,9 +129,11 @@ class EvalConfig:
     """Representation quality during pretraining: pooled encoder features (nothing masked)
     of a labelled train/val pair, scored by k-NN and/or a linear probe."""
     name: str = "none"  # none | knn | linear | knn+linear
-    source: str = "synthetic"  # synthetic | imagefolder
+    source: str = "synthetic"  # synthetic | imagefolder | fashion_mnist (train split vs test split)
     train_root: Optional[str] = None
     val_root: Optional[str] = None
+    labels_per_class: Optional[int] = None  # a fixed class-balanced subset of the train set; null = all
+    val_per_class: Optional[int] = None  # likewise for the val set
     synthetic_train_images: int = 512
     synthetic_val_images: int = 256
     img_size: Optional[int] = None  # defaults to data.img_size
@@ -139,7 +153,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -163,9 +177,12 @@ class ClassifierConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    source: str = "synthetic"  # synthetic | imagefolder
-    train_root: Optional[str] = None  # root/<class>/<image>
+    source: str = "synthetic"  # synthetic | imagefolder | fashion_mnist
+    train_root: Optional[str] = None  # root/<class>/<image>; fashion_mnist: the IDX folder, null = Debian's
     val_root: Optional[str] = None
+    labels_per_class: Optional[int] = None  # low-label fine-tuning: this many train images per class
+    labels_seed: int = 0  # which images: a fixed draw for this seed
+    val_per_class: Optional[int] = None  # validate on this many images per class (fixed draw); null = all
     img_size: int = 224
     batch_size: int = 32  # per GPU / per process
     num_workers: int = 2
@@ -176,7 +193,14 @@ class FinetuneDataConfig:
     synthetic_classes: int = 8
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
-    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, centre crop
+    # The official training transform (timm create_transform), official defaults:
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # RandAugment policy; null = none
+    color_jitter: Optional[float] = None  # used only without auto_augment (official default: none)
+    interpolation: str = "bicubic"
+    re_prob: float = 0.25  # random erasing probability
+    re_mode: str = "pixel"  # const | rand | pixel
+    re_count: int = 1
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, centre crop (plain resize at >= 384)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.01
@@ -185,8 +209,10 @@ class FinetuneDataConfig:
 @dataclass
 class FinetuneOptimConfig(OptimConfig):
     blr: float = 6.25e-4
+    min_lr: float = 1.0e-6  # as the official main_finetune.py
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     layer_decay: float = 1.0  # lr scale per layer from the head down (1.0 = off)
+    layer_decay_type: str = "single"  # single (a level per block: atto-tiny) | group (3 blocks a level: base+)
 
 
 @dataclass
@@ -199,6 +225,15 @@ class MixupConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (timm ``ModelEmaV2``), as the official
+    ``--model_ema``/``--model_ema_decay``/``--model_ema_eval``."""
+    enabled: bool = False
+    decay: float = 0.9999
+    eval: bool = False  # also evaluate the EMA weights each time (val_ema/*) and keep best-ema.pt
+
+
+@dataclass
 class FinetuneConfig:
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
@@ -206,11 +241,13 @@ class FinetuneConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     run_name: str = MISSING
     resume: str = "auto"
     eval_every: int = 1  # validate every N epochs (and at the end)
+    eval_only: bool = False  # evaluate model.init_from (a fine-tuned checkpoint) on the val set, no training
 
 
 def register_configs() -> None:
@@ -248,9 +285,9 @@ def validate(cfg: Any) -> None:
               f"model.mask_ratio={m.mask_ratio} leaves no visible patch at data.img_size={d.img_size}")
     check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be > 0")
     check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
-    check(d.source in ("synthetic", "imagefolder", "folder", "filelist"),
-          f"data.source={d.source!r}; use synthetic, imagefolder, folder or filelist")
-    check(d.source == "synthetic" or bool(d.root), f"data.source={d.source} needs data.root=/path/to/images")
+    check(d.source in PRETRAIN_SOURCES, f"data.source={d.source!r}; use one of {', '.join(PRETRAIN_SOURCES)}")
+    check(d.source in ("synthetic", "fashion_mnist") or bool(d.root),
+          f"data.source={d.source} needs data.root=/path/to/images")
     check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
           f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
     check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
@@ -288,9 +325,11 @@ def _check_eval(e, check) -> None:
     check(e.name in ("none", "knn", "linear", "knn+linear"), f"eval.name={e.name!r}; use eval=none, knn, linear or knn+linear")
     if e.name == "none":
         return
-    check(e.source in ("synthetic", "imagefolder"), f"eval.source={e.source!r}; use synthetic or imagefolder")
-    check(e.source == "synthetic" or (bool(e.train_root) and bool(e.val_root)),
+    check(e.source in LABELLED_SOURCES, f"eval.source={e.source!r}; use one of {', '.join(LABELLED_SOURCES)}")
+    check(e.source != "imagefolder" or (bool(e.train_root) and bool(e.val_root)),
           "eval.source=imagefolder needs eval.train_root=/path/train and eval.val_root=/path/val")
+    check(all(n is None or n > 0 for n in (e.labels_per_class, e.val_per_class)),
+          "eval.labels_per_class and eval.val_per_class must be > 0 (or null: all images)")
     check(e.img_size is None or (e.img_size > 0 and e.img_size % 32 == 0), "eval.img_size must be a multiple of 32")
     check(0 < e.crop_pct <= 1, "eval.crop_pct must be in (0, 1]")
     check(min(e.batch_size, e.every_epochs, e.k, e.linear_steps) > 0,
@@ -329,21 +368,42 @@ def validate_finetune(cfg: Any) -> None:
     check(m.name in known, f"model.name={m.name!r}; use one of {sorted(known)}")
     check(m.num_classes is None or m.num_classes > 1, "model.num_classes must be > 1 (or null: from the data)")
     check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
-    check(d.source in ("synthetic", "imagefolder"), f"data.source={d.source!r}; use synthetic or imagefolder")
-    check(d.source == "synthetic" or (bool(d.train_root) and bool(d.val_root)),
+    check(d.source in LABELLED_SOURCES, f"data.source={d.source!r}; use one of {', '.join(LABELLED_SOURCES)}")
+    check(d.source != "imagefolder" or (bool(d.train_root) and bool(d.val_root)),
           "data.source=imagefolder needs data.train_root=/path/train and data.val_root=/path/val")
+    check(d.labels_per_class is None or d.labels_per_class > 0,
+          "data.labels_per_class must be > 0 (or null: every training image)")
+    check(d.val_per_class is None or d.val_per_class > 0,
+          "data.val_per_class must be > 0 (or null: every validation image)")
     check(d.img_size > 0 and d.img_size % 32 == 0, f"data.img_size={d.img_size} must be a positive multiple of 32")
     check(d.batch_size > 0 and d.num_workers >= 0, "data.batch_size must be > 0 and data.num_workers >= 0")
     check(0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]")
     check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
           f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
     check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
+    check(0.0 <= d.re_prob <= 1.0 and d.re_count >= 1 and d.re_mode in ("const", "rand", "pixel"),
+          "data.re_prob must be in [0, 1], data.re_count >= 1, data.re_mode const, rand or pixel")
+    check(d.interpolation in ("bicubic", "bilinear", "nearest", "random"),
+          f"data.interpolation={d.interpolation!r}; use bicubic, bilinear, nearest or random")
+    check(d.color_jitter is None or d.color_jitter >= 0, "data.color_jitter must be >= 0 (or null)")
+    if not errors:  # timm's transform factory judges the augmentation keys (e.g. a bad RandAugment string)
+        try:
+            from .data import finetune_transform
+            finetune_transform(d)
+        except Exception as exc:
+            errors.append(f"the training transform cannot be built from data.* ({type(exc).__name__}: {exc}); "
+                          "check data.auto_augment (e.g. rand-m9-mstd0.5-inc1, or null), data.re_mode, "
+                          "data.interpolation")
     check(0 < cfg.optim.layer_decay <= 1.0, f"optim.layer_decay={cfg.optim.layer_decay} must be in (0, 1]")
+    check(cfg.optim.layer_decay_type in LAYER_DECAY_TYPES,
+          f"optim.layer_decay_type={cfg.optim.layer_decay_type!r}; use one of {', '.join(LAYER_DECAY_TYPES)}")
     check(mx.mixup >= 0 and mx.cutmix >= 0 and 0 <= mx.prob <= 1 and 0 <= mx.switch_prob <= 1,
           "mixup.mixup/cutmix must be >= 0, mixup.prob and switch_prob in [0, 1]")
     check(0 <= mx.label_smoothing < 1, "mixup.label_smoothing must be in [0, 1)")
     check(not (mx.mixup > 0 or mx.cutmix > 0) or d.batch_size % 2 == 0,
           f"mixup/cutmix pair images within a batch: data.batch_size={d.batch_size} must be even")
     check(cfg.eval_every > 0, "eval_every must be > 0")
+    check(0.0 < cfg.ema.decay < 1.0, f"ema.decay={cfg.ema.decay} must be in (0, 1)")
+    check(not cfg.ema.eval or cfg.ema.enabled, "ema.eval=true needs ema.enabled=true")
     _check_training(cfg, check)
     _raise(errors)

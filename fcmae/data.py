@@ -6,18 +6,21 @@ resumed run sees exactly the samples and masks an uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import random
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
+from .fashion_mnist import FashionMNIST, FashionMNISTError
 from .models.masking import PATCH_SIZE, num_visible
 
 log = logging.getLogger(__name__)
@@ -149,7 +152,17 @@ def build_source(data_cfg, seed: int = 0) -> Dataset:
         return scan_folder(data_cfg.root)
     if src == "filelist":
         return read_file_list(data_cfg.root)
-    raise DataError(f"data.source={src!r}; use synthetic, imagefolder, folder or filelist")
+    if src == "fashion_mnist":
+        return fashion_mnist(data_cfg.root, "train")
+    raise DataError(f"data.source={src!r}; use synthetic, imagefolder, folder, filelist or fashion_mnist")
+
+
+def fashion_mnist(root: str | None, split: str) -> FashionMNIST:
+    """Fashion-MNIST's ``train`` or ``test`` split; a missing file is a :class:`DataError`."""
+    try:
+        return FashionMNIST(root, split)
+    except FashionMNISTError as exc:
+        raise DataError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- augmentation and masks
@@ -163,6 +176,51 @@ def pretrain_transform(img_size: int, crop_scale=(0.2, 1.0), hflip: bool = True,
         ops.append(transforms.RandomHorizontalFlip())
     ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(ops)
+
+
+def finetune_transform(data_cfg):
+    """The official fine-tuning transform, built by timm's ``create_transform``: random resized
+    crop, flip, RandAugment (``data.auto_augment``), colour jitter (``data.color_jitter``,
+    ignored under RandAugment), normalisation, random erasing (``data.re_prob/re_mode/re_count``)."""
+    from timm.data import create_transform
+    d = data_cfg
+    transform = create_transform(d.img_size, is_training=True, scale=tuple(d.crop_scale),
+                                 hflip=0.5 if d.hflip else 0.0, color_jitter=d.color_jitter,
+                                 auto_augment=d.auto_augment, interpolation=d.interpolation, re_prob=d.re_prob,
+                                 re_mode=d.re_mode, re_count=d.re_count, mean=tuple(d.mean), std=tuple(d.std))
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):  # RandAugment / AutoAugment ops
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_any_bits
+    return transform
+
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize with the Pillow < 11 meaning of 0 bits kept: a black image. At the
+    official magnitude (m9, std 0.5, clipped at 10) ``PosterizeIncreasing`` asks for 0 bits now
+    and then, which Pillow >= 11 rejects ("bits must be between ... 1 and 8"), killing the run."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """torch, Python and numpy RNGs seeded with ``seed`` for one sample's transform (timm's
+    RandAugment and random erasing draw from all three), then restored: the global streams
+    that drop path and mixup use are untouched."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -221,8 +279,7 @@ class KeyedSamples(Dataset):
                 log.warning("skipping unreadable image %s (%s: %s)", self._describe(i), type(exc).__name__, exc)
         else:
             raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive images could not be read, e.g. {failures[:3]}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+        with seeded_rngs(s):
             x = self.transform(img)
         if x.shape[-1] % PATCH_SIZE or x.shape[-2] % PATCH_SIZE:
             raise DataError(
@@ -314,30 +371,75 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
 # ---------------------------------------------------------------- labelled sets (fine-tuning, evaluation)
 
 def labelled_source(source: str, root: str | None, split: str, num_images: int, classes: int, img_size: int,
-                    seed: int) -> Dataset:
-    """A labelled set: ``imagefolder`` at ``root``, or synthetic images (``split`` picks
-    a disjoint seed, so train and val images differ but share the class structure)."""
-    if source == "synthetic":
+                    seed: int, per_class: int | None = None, subset_seed: int = 0) -> Dataset:
+    """A labelled set: ``imagefolder`` at ``root``; Fashion-MNIST (``train`` -> its train split,
+    ``val`` -> its test split; ``root`` null = the Debian path); or synthetic images (``split``
+    picks a disjoint seed, so train and val images differ but share the class structure).
+    ``per_class`` keeps that many images of each class, a fixed draw for ``subset_seed``."""
+    if source == "fashion_mnist":
+        full = fashion_mnist(root, {"train": "train", "val": "test"}[split])
+    elif source == "synthetic":
         offset = {"train": 1, "val": 2}[split]
-        return SyntheticImages(num_images, classes, int(round(img_size * 8 / 7)), seed + 7919 * offset)
-    if source == "imagefolder":
+        full = SyntheticImages(num_images, classes, int(round(img_size * 8 / 7)), seed + 7919 * offset)
+    elif source == "imagefolder":
         if not root:
             raise DataError(f"the {split} set needs a folder: set its root (root/<class>/<image>)")
-        return scan_image_folder(root)
-    raise DataError(f"labelled source {source!r}; use synthetic or imagefolder")
+        full = scan_image_folder(root)
+    else:
+        raise DataError(f"labelled source {source!r}; use synthetic, imagefolder or fashion_mnist")
+    return PerClassSubset(full, per_class, subset_seed) if per_class else full
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    if isinstance(dataset, SyntheticImages):
+        return np.arange(len(dataset)) % dataset.classes
+    return np.asarray(dataset.labels)
 
 
 def num_classes_of(dataset: Dataset) -> int:
+    if isinstance(dataset, PerClassSubset):
+        return num_classes_of(dataset.source)
     if isinstance(dataset, SyntheticImages):
         return dataset.classes
-    return max(dataset.labels) + 1
+    return int(max(dataset.labels)) + 1
+
+
+class PerClassSubset(Dataset):
+    """``per_class`` images of every class of ``source``: a fixed draw for ``seed`` (low-label
+    fine-tuning, evaluation on a labelled budget). Same items as the source."""
+
+    def __init__(self, source: Dataset, per_class: int, seed: int):
+        labels = labels_of(source)
+        rng = np.random.default_rng(seed)
+        picked = []
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            if per_class > idx.size:
+                raise DataError(f"{per_class} labelled images per class asked for, but class {c} has {idx.size}")
+            picked.append(rng.permutation(idx)[:per_class])
+        self.source, self.indices = source, np.sort(np.concatenate(picked))
+        self.labels = labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self, index: int) -> str:
+        return describe_sample(self.source, int(self.indices[index]))
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[index])]
 
 
 def eval_transform(img_size: int, crop_pct: float = 0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """Resize the short side to ``img_size / crop_pct``, centre crop, normalise."""
-    return transforms.Compose([
-        transforms.Resize(int(round(img_size / crop_pct)), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    """The official evaluation transform: below 384 px, resize the short side to
+    ``int(img_size / crop_pct)`` and centre crop; at 384 px and above, resize to
+    ``img_size x img_size`` (no crop). Bicubic, then normalise."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if img_size >= 384:
+        resize = [transforms.Resize((img_size, img_size), interpolation=bicubic)]
+    else:
+        resize = [transforms.Resize(int(img_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(img_size)]
+    return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class EvalImages(Dataset):

@@ -125,6 +125,13 @@ class Task:
         ``final=True``); returns metrics to log, or None."""
         return None
 
+    def state_dict(self) -> dict:
+        """Task state saved at the top level of every checkpoint (e.g. EMA weights, best scores)."""
+        return {}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Restore from a whole checkpoint (the keys :meth:`state_dict` wrote)."""
+
 
 class PretrainTask(Task):
     """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
@@ -166,7 +173,7 @@ class PretrainTask(Task):
 class TrainLoop:
     def __init__(self, task: Task, model: nn.Module, raw_model: nn.Module, optimizer, scaler, loader, sampler,
                  settings: LoopSettings, state: LoopState, dist_info: DistInfo, ckpt: CheckpointManager,
-                 metrics_file, tracker, config: dict, run_dir: Path, extra_state: dict | None = None):
+                 metrics_file, tracker, config: dict, run_dir: Path):
         self.task = task
         self.model, self.raw_model = model, raw_model
         self.optimizer, self.scaler = optimizer, scaler
@@ -174,7 +181,6 @@ class TrainLoop:
         self.s, self.state, self.dist = settings, state, dist_info
         self.ckpt, self.metrics_file, self.tracker = ckpt, metrics_file, tracker
         self.config, self.run_dir = config, Path(run_dir)
-        self.extra_state = extra_state or {}
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -189,14 +195,16 @@ class TrainLoop:
             "seen_images": self.state.seen_images,
             "rng": all_gather_objects(capture_rng(), self.dist),
             "config": self.config,
-            **self.extra_state,
+            **self.task.state_dict(),
         }
 
-    def save(self) -> Path | None:
-        state = self.state_dict()  # every rank takes part in the RNG gather
+    def save(self, name: str | None = None) -> Path | None:
+        """Checkpoint the run: numbered (and ``last.pt``), or under ``name`` (e.g. ``best.pt``)
+        when given. Call on every rank (the RNG states are gathered); rank 0 writes."""
+        state = self.state_dict()
         if not self.dist.is_main:
             return None
-        path = self.ckpt.save(state, self.state.step)
+        path = self.ckpt.save(state, self.state.step) if name is None else self.ckpt.save_as(state, name)
         log.info("saved checkpoint %s (step %d)", path, self.state.step)
         return path
 

@@ -120,9 +120,11 @@ def build_evaluator(eval_cfg, data_cfg, seed: int, info: DistInfo) -> FeatureEva
         return None
     size = eval_cfg.img_size or data_cfg.img_size
     transform = eval_transform(size, eval_cfg.crop_pct, data_cfg.mean, data_cfg.std)
-    sources = [labelled_source(eval_cfg.source, root, split, n, data_cfg.synthetic_classes, size, seed)
-               for split, root, n in (("train", eval_cfg.train_root, eval_cfg.synthetic_train_images),
-                                      ("val", eval_cfg.val_root, eval_cfg.synthetic_val_images))]
+    e = eval_cfg
+    sources = [labelled_source(e.source, root, split, n, data_cfg.synthetic_classes, size, seed, per_class, seed)
+               for split, root, n, per_class in (
+                   ("train", e.train_root, e.synthetic_train_images, e.labels_per_class),
+                   ("val", e.val_root, e.synthetic_val_images, e.val_per_class))]
     train_loader, val_loader = [build_eval_loader(EvalImages(src, transform, size), eval_cfg.batch_size,
                                                   eval_cfg.num_workers, info.rank, info.world_size)
                                 for src in sources]

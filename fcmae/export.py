@@ -37,14 +37,21 @@ OFFICIAL_LAYOUTS = ("official", "minkowski")
 
 
 def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None = None,
-           verify: bool = True, log=print, require_official: bool = False) -> Path:
+           verify: bool = True, log=print, require_official: bool = False, ema: bool = False) -> Path:
     """Convert ``checkpoint`` (file or run directory) to a dense ``format`` file; returns its path.
 
     ``require_official``: the file must be an official FCMAE release/checkpoint (dense
     or MinkowskiEngine sparse layout), not one of ours or a timm file.
+    ``ema``: export the checkpoint's EMA weights (``model_ema``) instead of ``model``.
     """
     src = resolve_checkpoint(checkpoint)
-    canonical, layout = to_canonical(load_state_dict_file(src), source=str(src))
+    obj = load_state_dict_file(src)
+    if ema:
+        if not isinstance(obj.get("model_ema"), dict):
+            raise CheckpointError(f"{src} holds no EMA weights ('model_ema'); they exist in fcmae-finetune "
+                                  "checkpoints trained with ema.enabled=true")
+        obj = obj["model_ema"]
+    canonical, layout = to_canonical(obj, source=f"{src} (EMA weights)" if ema else str(src))
     if require_official and layout not in OFFICIAL_LAYOUTS:
         raise CheckpointError(f"{src} has the {layout} layout, not an official FCMAE one (dense or "
                               "MinkowskiEngine sparse keys); pass it without --from-official")
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="timm",
                    help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default)")
     p.add_argument("--out", help="output .safetensors or .pth (default: next to the checkpoint)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights of a fcmae-finetune checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the dense-vs-sparse self-check")
     return p
 
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either a checkpoint/run directory or --from-official FILE")
     try:
         export(args.checkpoint or args.from_official, args.format, args.out, verify=not args.no_verify,
-               require_official=args.from_official is not None)
+               require_official=args.from_official is not None, ema=args.ema)
     except CheckpointError as exc:
         print(f"fcmae-export: error: {exc}", file=sys.stderr)
         return 2

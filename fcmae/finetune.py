@@ -21,18 +21,19 @@ from .checkpoint import CheckpointManager
 from .config import register_configs, validate_finetune
 from .convert import CheckpointError, canonical_to_format, infer_shape, load_state_dict_file, to_canonical, variant_of
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
-                   labelled_source, num_classes_of, pretrain_transform)
+                   finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, Task
 from .evaluation import inference
 from .export import resolve_checkpoint
+from .optim import adamw, layer_decay_groups
 from .pretrain import CONFIG_PATH
 from .runner import (ConfigError, find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
                      resolve_precision, restore, seed_everything, train, wrap_model)
 
 log = logging.getLogger("fcmae")
 
-_RESUME_MUST_MATCH = ("model", "data.img_size", "data.source")
+_RESUME_MUST_MATCH = ("model", "data.img_size", "data.source", "data.labels_per_class", "data.labels_seed", "ema")
 
 
 def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_init_scale: float) -> nn.Module:
@@ -61,17 +62,14 @@ def load_pretrained(model: nn.Module, name: str, path: str | Path) -> str:
 
 
 def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
-    """AdamW over timm's layer-decay groups: group ``i`` of ``L`` gets ``lr * decay ** (L - i)``;
-    1-D parameters (norms, biases, GRN) are not decayed."""
-    from timm.optim import param_groups_layer_decay
-    groups = param_groups_layer_decay(model, weight_decay=optim_cfg.weight_decay,
-                                      no_weight_decay_list=tuple(getattr(model, "no_weight_decay", lambda: ())()),
-                                      layer_decay=optim_cfg.layer_decay)
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), fused=fused or None)
+    """AdamW over the official layer-decay groups (``optim.layer_decay_type`` single | group)."""
+    depths = [len(stage.blocks) for stage in model.stages]
+    groups = layer_decay_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.layer_decay_type,
+                                depths)
+    return adamw(groups, lr, optim_cfg.betas, next(model.parameters()).is_cuda)
 
 
-def evaluate_classifier(model: nn.Module, loader, device: torch.device, info: DistInfo) -> dict:
+def evaluate_classifier(model: nn.Module, loader, device: torch.device, info: DistInfo, prefix: str = "val") -> dict:
     """Top-1/top-5 (%) and mean cross-entropy over the validation set (all ranks' shards)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, count
     with inference(model, device):
@@ -86,13 +84,17 @@ def evaluate_classifier(model: nn.Module, loader, device: torch.device, info: Di
                                  ]).double()
     top1, top5, loss, n = all_reduce_sum(sums, info).tolist()  # the one host sync
     n = max(n, 1.0)
-    return {"val/top1": 100 * top1 / n, "val/top5": 100 * top5 / n, "val/loss": loss / n, "val/images": int(n)}
+    return {f"{prefix}/top1": 100 * top1 / n, f"{prefix}/top5": 100 * top5 / n, f"{prefix}/loss": loss / n,
+            f"{prefix}/images": int(n)}
 
 
 class ClassifyTask(Task):
-    """Cross-entropy with label smoothing, or soft targets under mixup/cutmix (timm's Mixup)."""
+    """Cross-entropy with label smoothing, or soft targets under mixup/cutmix (timm's Mixup);
+    an EMA of the weights (timm's ``ModelEmaV2``, updated after every optimizer step) when
+    ``ema.enabled``. Each evaluation keeps ``best.pt`` (best val top-1 of the raw weights) and,
+    with ``ema.eval``, ``best-ema.pt`` (best of the EMA weights), as the official code does."""
 
-    def __init__(self, num_classes: int, mixup_cfg, val_loader, eval_every: int):
+    def __init__(self, num_classes: int, mixup_cfg, val_loader, eval_every: int, ema=None, ema_eval: bool = False):
         self.mixup = None
         if mixup_cfg.mixup > 0 or mixup_cfg.cutmix > 0:
             from timm.data import Mixup
@@ -101,7 +103,8 @@ class ClassifyTask(Task):
                                num_classes=num_classes)
         self.smoothing = mixup_cfg.label_smoothing
         self.val_loader, self.eval_every = val_loader, eval_every
-        self.best_top1 = None
+        self.ema, self.ema_eval = ema, ema_eval and ema is not None
+        self.best = {"val/best_top1": None, "val_ema/best_top1": None}
 
     def loss(self, model, batch, device):
         imgs, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -110,22 +113,97 @@ class ClassifyTask(Task):
             return torch.sum(-soft * F.log_softmax(model(imgs).float(), dim=-1), dim=-1).mean()
         return F.cross_entropy(model(imgs).float(), y, label_smoothing=self.smoothing)
 
+    def after_step(self, loop):
+        if self.ema is not None:
+            self.ema.update(loop.raw_model)
+
     def evaluate(self, loop, final):
         if not (final or loop.state.epoch % self.eval_every == 0):
             return None
-        metrics = evaluate_classifier(loop.raw_model, self.val_loader, loop.dist.device, loop.dist)
-        self.best_top1 = max(self.best_top1 or 0.0, metrics["val/top1"])
-        return {**metrics, "val/best_top1": self.best_top1}
+        out = {}
+        runs = [("val", loop.raw_model, "best.pt")]
+        if self.ema_eval:
+            runs.append(("val_ema", self.ema.module, "best-ema.pt"))
+        for prefix, model, best_file in runs:
+            metrics = evaluate_classifier(model, self.val_loader, loop.dist.device, loop.dist, prefix)
+            best_key = f"{prefix}/best_top1"
+            improved = self.best[best_key] is None or metrics[f"{prefix}/top1"] > self.best[best_key]
+            if improved:
+                self.best[best_key] = metrics[f"{prefix}/top1"]
+            out.update(metrics)
+            out[best_key] = self.best[best_key]
+            if improved:  # every rank saw the same all-reduced metrics: all take part in the save
+                loop.save(best_file)
+        return out
+
+    def state_dict(self) -> dict:
+        out = {"best": dict(self.best)}
+        if self.ema is not None:
+            out["model_ema"] = self.ema.module.state_dict()
+        return out
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        self.best.update(checkpoint.get("best", {}))
+        if self.ema is not None:
+            if "model_ema" not in checkpoint:
+                raise ConfigError("the checkpoint holds no EMA weights but ema.enabled=true; continue with "
+                                  "ema.enabled=false, or start another run (run_name=...)")
+            self.ema.module.load_state_dict(checkpoint["model_ema"])
 
 
-def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
-    """Fine-tune as configured, in ``run_dir``; returns the final loop state."""
+def run(cfg: DictConfig, run_dir: str | Path, callbacks=()):
+    """Fine-tune as configured, in ``run_dir``; returns the final loop state. With
+    ``eval_only=true``, evaluates ``model.init_from`` instead and returns its metrics."""
     validate_finetune(cfg)
     info = init_distributed(cfg.trainer.device)
     try:
+        if cfg.eval_only:
+            return evaluate_only(cfg, info)
         return _run(cfg, Path(run_dir), info, list(callbacks))
     finally:
         cleanup()
+
+
+def build_val_loader(cfg, info: DistInfo, seed: int):
+    """``(val source, loader)``: the official evaluation transform over this rank's shard."""
+    d = cfg.data
+    val_src = labelled_source(d.source, d.val_root, "val", d.synthetic_val_images, d.synthetic_classes,
+                              d.img_size, seed, d.val_per_class, 0)
+    transform = eval_transform(d.img_size, d.crop_pct, d.mean, d.std)
+    return val_src, build_eval_loader(EvalImages(val_src, transform, d.img_size), d.batch_size, d.num_workers,
+                                      info.rank, info.world_size)
+
+
+def evaluate_only(cfg, info: DistInfo) -> dict:
+    """Top-1/top-5 of a fine-tuned classifier (``model.init_from``: a checkpoint or run
+    directory; its EMA weights too when it has them) on the validation set."""
+    if not cfg.model.init_from:
+        raise ConfigError("eval_only=true needs model.init_from=RUN_DIR_OR_CHECKPOINT (a fine-tuned classifier)")
+    src = resolve_checkpoint(cfg.model.init_from)
+    ck = load_state_dict_file(src)
+    weights = {"val": ck.get("model", ck)}
+    if isinstance(ck.get("model_ema"), dict):
+        weights["val_ema"] = ck["model_ema"]
+    head = weights["val"].get("head.fc.weight") if isinstance(weights["val"], dict) else None
+    if head is None:
+        raise CheckpointError(f"{src} holds no classifier head (an fcmae-export file or a pretraining checkpoint?); "
+                              "eval_only needs a fcmae-finetune checkpoint or run directory")
+    val_src, val_loader = build_val_loader(cfg, info, cfg.trainer.seed)
+    num_classes = head.shape[0]
+    if num_classes_of(val_src) > num_classes:
+        raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, {src} classifies {num_classes}")
+    out = {}
+    for prefix, sd in weights.items():
+        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{src} does not fit {cfg.model.name} ({str(exc)[:300]}); set model.name") from None
+        out.update(evaluate_classifier(model.to(info.device), val_loader, info.device, info, prefix))
+    if info.is_main:
+        log.info("%s on %d images: %s", src, out["val/images"],
+                 "  ".join(f"{k} {v:.2f}" for k, v in out.items() if not k.endswith("/images")))
+    return out
 
 
 def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
@@ -138,21 +216,17 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
 
     # Data first: bad folders fail before a model is built.
     train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
-                                d.img_size, t.seed)
-    val_src = labelled_source(d.source, d.val_root, "val", d.synthetic_val_images, d.synthetic_classes,
-                              d.img_size, t.seed)
+                                d.img_size, t.seed, d.labels_per_class, d.labels_seed)
+    val_src, val_loader = build_val_loader(cfg, info, t.seed)
     num_classes = cfg.model.num_classes or num_classes_of(train_src)
     if num_classes_of(val_src) > num_classes:
         raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
                           "point data.val_root at the same class folders as data.train_root")
     cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes}})
     config = OmegaConf.to_container(cfg, resolve=True)
-    train_set = LabelledSamples(train_src, pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std),
-                                t.seed)
+    train_set = LabelledSamples(train_src, finetune_transform(d), t.seed)
     loader, sampler = build_train_loader(train_set, d.batch_size, d.num_workers, t.seed, info.rank, info.world_size,
                                          info.device.type == "cuda" and d.pin_memory, d.persistent_workers)
-    val_loader = build_eval_loader(EvalImages(val_src, eval_transform(d.img_size, d.crop_pct, d.mean, d.std),
-                                              d.img_size), d.batch_size, d.num_workers, info.rank, info.world_size)
     s = loop_settings(cfg, len(sampler) // d.batch_size, accum, base_lr, precision, d.max_bad_fraction, callbacks)
 
     seed_everything(t.seed)
@@ -162,26 +236,33 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
         load_pretrained(model, cfg.model.name, cfg.model.init_from)
     elif resume_path is None:
         log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
+    # As the official code: the EMA starts from the initial weights, on the model's device, before DDP.
+    ema = None
+    if cfg.ema.enabled:
+        from timm.utils import ModelEmaV2
+        ema = ModelEmaV2(model, decay=cfg.ema.decay)
+    task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every, ema, cfg.ema.eval)
     optimizer = build_optimizer(model, cfg.optim, base_lr)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     state = LoopState()
     if resume_path is not None:
-        state = restore(resume_path, config, _RESUME_MUST_MATCH, model, optimizer, scaler, info, t.seed)
+        state = restore(resume_path, config, _RESUME_MUST_MATCH, model, optimizer, scaler, info, t.seed, task)
     else:
         torch.manual_seed(t.seed + info.rank)
     train_model = wrap_model(model, t.compile, info)
     tracker = open_tracker(cfg, run_dir, config, info)
     if info.is_main:
         log.info("run directory %s | %s, %d classes, %d process(es) on %s, %s | effective batch %d, lr %.3e, "
-                 "layer decay %g | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name, num_classes,
-                 info.world_size, info.device, precision, eff_batch, base_lr, cfg.optim.layer_decay,
-                 s.steps_per_epoch, s.stop_step, s.total_steps)
-    task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every)
+                 "layer decay %g (%s), EMA %s | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,
+                 num_classes, info.world_size, info.device, precision, eff_batch, base_lr, cfg.optim.layer_decay,
+                 cfg.optim.layer_decay_type, cfg.ema.decay if ema is not None else "off", s.steps_per_epoch,
+                 s.stop_step, s.total_steps)
     final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, ckpt,
                   tracker, config, run_dir)
     if info.is_main:
-        log.info("done: step %d, best val top-1 %s; checkpoint %s (timm state dict under 'model')", final.step,
-                 f"{task.best_top1:.2f}%" if task.best_top1 is not None else "n/a", ckpt.last)
+        best = "  ".join(f"{k} {v:.2f}%" for k, v in task.best.items() if v is not None) or "n/a"
+        log.info("done: step %d, %s; checkpoints %s and best.pt beside it (timm state dict under 'model')",
+                 final.step, best, ckpt.last)
     return final
 
 

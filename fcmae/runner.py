@@ -95,8 +95,10 @@ def changed_keys(old: dict, new: dict, keys) -> list[str]:
     return out
 
 
-def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info: DistInfo, seed: int) -> LoopState:
-    """Load a training checkpoint into model/optimizer/scaler/RNG; refuse a different setup."""
+def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info: DistInfo, seed: int,
+            task: Task | None = None) -> LoopState:
+    """Load a training checkpoint into model/optimizer/scaler/RNG (and the task's own state);
+    refuse a different setup."""
     ck = load_checkpoint(path)
     changed = changed_keys(ck.get("config", {}), config, must_match)
     if changed:
@@ -106,6 +108,8 @@ def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info
     optimizer.load_state_dict(ck["optimizer"])
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
+    if task is not None:
+        task.load_state_dict(ck)
     state = LoopState(ck["step"], ck["epoch"], ck["batch_in_epoch"], ck.get("bad_images", 0),
                       ck.get("seen_images", 0))
     rngs = ck.get("rng") or []
@@ -147,10 +151,10 @@ def open_tracker(cfg, run_dir: Path, config: dict, info: DistInfo):
 
 def train(task: Task, model, raw_model, optimizer, scaler, loader, sampler, settings: LoopSettings,
           state: LoopState, info: DistInfo, ckpt: CheckpointManager, tracker, config: dict,
-          run_dir: Path, extra_state: dict | None = None) -> LoopState:
+          run_dir: Path) -> LoopState:
     """Run the loop; a non-finite loss is reported with the last good checkpoint."""
     loop = TrainLoop(task, model, raw_model, optimizer, scaler, loader, sampler, settings, state, info, ckpt,
-                     MetricsFile(run_dir), tracker, config, run_dir, extra_state)
+                     MetricsFile(run_dir), tracker, config, run_dir)
     try:
         return loop.run()
     except NonFiniteLoss as exc:
