@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from .models.variants import VARIANTS
 from .optim import LAYER_DECAY_TYPES
@@ -250,7 +250,23 @@ class FinetuneConfig:
     eval_only: bool = False  # evaluate model.init_from (a fine-tuned checkpoint) on the val set, no training
 
 
+MAX_DIRNAME = 200  # file systems refuse path components over 255 bytes
+
+
+def short_dirname(name: str) -> str:
+    """A run directory name from Hydra's ``override_dirname``, at most MAX_DIRNAME characters:
+    a long one (a sweep with many overrides) keeps its start and ends in a hash of the whole,
+    so the same overrides always map to the same directory and resume still finds it."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    import hashlib
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name[:MAX_DIRNAME - 13]}-{digest}"
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("fcmae_dirname"):
+        OmegaConf.register_new_resolver("fcmae_dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)

@@ -254,6 +254,17 @@ def test_multirun_sweep_one_directory_per_value(tmp_path):
         assert f"mask_ratio: {ratio}" in (job / "config.yaml").read_text()
 
 
+def test_long_override_lists_get_a_short_stable_directory_name():
+    from fcmae.config import MAX_DIRNAME, short_dirname
+    assert short_dirname("model.mask_ratio=0.4") == "model.mask_ratio=0.4"
+    long_a = ",".join(f"trainer.key{i}=value{i}" for i in range(30))  # ~600 characters
+    long_b = long_a.replace("value29", "value30")
+    a, b = short_dirname(long_a), short_dirname(long_b)
+    assert len(a) <= MAX_DIRNAME and len(b) <= MAX_DIRNAME
+    assert a == short_dirname(long_a)  # the same overrides find the same directory on resume
+    assert a != b and a.startswith(long_a[:100])
+
+
 @pytest.mark.slow
 def test_trainer_compile_trains_like_eager(tmp_path):
     """trainer.compile=true (inductor) gives the eager run's losses and weights."""
