@@ -25,15 +25,24 @@ class DistInfo:
 
 
 def _export_submitit_env() -> None:
-    """Under a submitit Slurm job with several tasks, set RANK/WORLD_SIZE/MASTER_* for env://."""
+    """Under a submitit Slurm job, set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for env:// from
+    the job's tasks. A job with several tasks that cannot set them up fails here, loudly:
+    carrying on would run N independent single-process trainings into one run directory."""
     if "RANK" in os.environ or "SLURM_JOB_ID" not in os.environ:
         return
     try:
         import submitit
-        submitit.JobEnvironment()  # raises outside a submitit job
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        submitit.JobEnvironment()  # raises outside a submitit job (sbatch/srun by hand, torchrun)
     except Exception:
         return
+    try:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except Exception as exc:
+        ntasks = os.environ.get("SLURM_NTASKS", "?")
+        raise RuntimeError(
+            f"Slurm job {os.environ['SLURM_JOB_ID']} ({ntasks} tasks): could not set up the distributed "
+            f"environment from submitit ({type(exc).__name__}: {exc}); refusing to run the tasks as "
+            "independent single-process trainings") from exc
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -42,6 +51,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Every task of a submitit job joins one group; anything else is N trainings in one directory.
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1")) if "SUBMITIT_EXECUTOR" in os.environ else 1
+    if slurm_tasks > 1 and world != slurm_tasks:
+        raise RuntimeError(f"this submitit job has {slurm_tasks} tasks but WORLD_SIZE={world}; every task must "
+                           "join one process group (check launcher.tasks_per_node / launcher.nodes)")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
