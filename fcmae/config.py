@@ -121,7 +121,8 @@ class LauncherConfig:
     timeout_min: int = 4320
     partition: Optional[str] = None
     account: Optional[str] = None
-    max_num_timeout: int = 20  # requeues on timeout/preemption
+    max_num_timeout: int = 20  # requeues on reaching the time limit (preemptions are not counted)
+    signal_delay_s: int = 120  # Slurm's warning signal (USR2) this long before the time limit
 
 
 @dataclass
@@ -374,6 +375,13 @@ def _check_training(cfg, check) -> None:
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
     check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r}; use logger=none or logger=wandb")
     check(cfg.logger.mode in ("online", "offline", "disabled"), f"logger.mode={cfg.logger.mode!r}; use online, offline or disabled")
+    la = cfg.launcher
+    check(min(la.nodes, la.tasks_per_node, la.cpus_per_task, la.timeout_min) > 0 and la.gpus_per_node >= 0,
+          "launcher.nodes, tasks_per_node, cpus_per_task and timeout_min must be > 0 (gpus_per_node >= 0)")
+    # A warning due before the job starts would requeue it at once, again and again.
+    check(0 <= la.signal_delay_s < la.timeout_min * 60,
+          f"launcher.signal_delay_s={la.signal_delay_s} must be >= 0 and shorter than launcher.timeout_min "
+          f"({la.timeout_min} min); raise timeout_min or lower signal_delay_s")
 
 
 def validate_finetune(cfg: Any) -> None:

@@ -317,6 +317,9 @@ class TrainLoop:
                         if all_reduce_max(guard.signum is not None, self.dist):
                             path = self.save()
                             signum = guard.signum or signal.SIGTERM
+                            # Logged before the launcher's handler runs: submitit's exits the process.
+                            log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name,
+                                        st.step, path)
                             guard.chain()
                             raise Preempted(signum, st.step, path)
                         if st.step >= s.stop_step:
