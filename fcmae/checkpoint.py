@@ -15,8 +15,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .convert import CheckpointError
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
+# Where a run directory keeps its last checkpoint (a bare last.pt is accepted too).
+RUN_CHECKPOINTS = (f"{CHECKPOINT_DIR}/{LAST}", LAST)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's last checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        for rel in RUN_CHECKPOINTS:
+            if (path / rel).is_file():
+                return path / rel
+        raise CheckpointError(
+            f"{path} is a directory without a checkpoint ({' or '.join(RUN_CHECKPOINTS)}); "
+            "pass a pretraining run directory or a checkpoint file"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    return path
 
 
 def _atomic_save(obj, path: Path) -> None:

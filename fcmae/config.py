@@ -8,6 +8,7 @@ before any data is read or any model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -15,6 +16,10 @@ from omegaconf import MISSING, OmegaConf
 
 from .models.variants import VARIANTS
 from .optim import LAYER_DECAY_TYPES
+
+# conf/ of a source checkout; an installed wheel carries it as the package fcmae.conf.
+_SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 
 PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
 LABELLED_SOURCES = ("synthetic", "imagefolder", "fashion_mnist")

@@ -29,8 +29,10 @@ from typing import Mapping
 
 import torch
 
-from .models.convnextv2 import ConvNeXtV2, make_trunk
+from .models.convnextv2 import make_trunk
 from .models.variants import Variant, find_variant
+# The kernel-order maps are part of the converter's API; they live with the sparse ops.
+from .sparse.me_kernels import dense_conv_to_me, dense_depthwise_to_me, me_conv_to_dense, me_depthwise_to_dense  # noqa: F401
 
 FORMATS = ("official", "timm")
 # timm builds the MLP of these sizes as 1x1 convs (conv_mlp=True): fc weights are (4C, C, 1, 1).
@@ -40,34 +42,6 @@ _DROPPED_PREFIXES = ("proj.", "mask_token", "decoder.", "pred.", "norm.", "head.
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the key and the fix."""
-
-
-# ---------------------------------------------------------------- MinkowskiEngine kernels
-
-def me_depthwise_to_dense(kernel: torch.Tensor) -> torch.Tensor:
-    """``(K*K, C)`` MinkowskiEngine channelwise kernel -> ``(C, 1, K, K)`` conv weight."""
-    kk, c = kernel.shape
-    k = int(round(kk ** 0.5))
-    return kernel.permute(1, 0).reshape(c, 1, k, k).transpose(3, 2).contiguous()
-
-
-def dense_depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`me_depthwise_to_dense`: ``(C, 1, K, K) -> (K*K, C)``."""
-    c, _, k, _ = weight.shape
-    return weight.transpose(3, 2).reshape(c, k * k).permute(1, 0).contiguous()
-
-
-def me_conv_to_dense(kernel: torch.Tensor) -> torch.Tensor:
-    """``(K*K, C_in, C_out)`` MinkowskiEngine kernel -> ``(C_out, C_in, K, K)`` conv weight."""
-    kk, cin, cout = kernel.shape
-    k = int(round(kk ** 0.5))
-    return kernel.permute(2, 1, 0).reshape(cout, cin, k, k).transpose(3, 2).contiguous()
-
-
-def dense_conv_to_me(weight: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`me_conv_to_dense`: ``(C_out, C_in, K, K) -> (K*K, C_in, C_out)``."""
-    cout, cin, k, _ = weight.shape
-    return weight.transpose(3, 2).reshape(cout, cin, k * k).permute(2, 1, 0).contiguous()
 
 
 # ---------------------------------------------------------------- loading and detection
@@ -361,45 +335,3 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, met
         torch.save(tensors, tmp)
     os.replace(tmp, path)
     return path
-
-
-def build_dense_model(format: str, depths, dims):
-    """The dense model an export of ``format`` is meant to load into (no classifier)."""
-    if format == "timm":
-        import timm
-        variant = find_variant(depths, dims)
-        return timm.create_model(f"convnextv2_{variant.name}", pretrained=False, num_classes=0)
-    return ConvNeXtV2(depths, dims, num_classes=0)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
-
-
-@torch.no_grad()
-def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, torch.Tensor],
-                  img_size: int = 64, batch: int = 2, tol: float = 1e-5) -> float:
-    """Load the written file into the dense model and compare its features with the
-    sparse encoder's forward (nothing masked) on a random batch. Returns the relative
-    error; raises :class:`CheckpointError` if it is not below ``tol``."""
-    from .models.sparse_encoder import SparseConvNeXtV2Encoder
-
-    depths, dims = infer_shape(canonical)
-    dense = build_dense_model(format, depths, dims).eval()
-    written = load_state_dict_file(path)
-    if format == "timm":
-        dense.load_state_dict(written, strict=True)
-    else:
-        missing, unexpected = dense.load_state_dict(written, strict=False)
-        if unexpected or any(not k.startswith("norm.") for k in missing):
-            raise CheckpointError(f"{path}: does not load into ConvNeXtV2 (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    sparse = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
-    sparse.load_state_dict(canonical, strict=True)
-    gen = torch.Generator().manual_seed(0)
-    imgs = torch.randn(batch, 3, img_size, img_size, generator=gen)
-    grid = (img_size // 32) ** 2
-    ref = sparse(imgs, torch.zeros(batch, grid))
-    err = relative_error(dense.forward_features(imgs), ref)
-    if not err < tol:
-        raise CheckpointError(f"{path}: verification FAILED, dense vs sparse relative error {err:.2e} >= {tol:.0e}")
-    return err

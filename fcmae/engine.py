@@ -1,7 +1,7 @@
 """The training loop shared by pretraining and fine-tuning: accumulation, mixed
 precision, checkpoints, preemption, logging, per-epoch evaluation.
 
-What a batch means is the business of a *task* (:class:`PretrainTask`,
+What a batch means is the business of a *task* (``fcmae.pretrain.PretrainTask``,
 ``fcmae.finetune.ClassifyTask``): it turns a batch into a loss, and may act
 after a step (reconstruction images) or at an epoch's end (evaluation).
 
@@ -27,7 +27,6 @@ from .checkpoint import CheckpointManager, capture_rng
 from .distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean
 from .loggers import Progress
 from .optim import cosine_lr, set_lr
-from .visualize import save_reconstruction_grid
 
 log = logging.getLogger("fcmae")
 
@@ -131,43 +130,6 @@ class Task:
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Restore from a whole checkpoint (the keys :meth:`state_dict` wrote)."""
-
-
-class PretrainTask(Task):
-    """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
-
-    def __init__(self, visible_per_sample: int, norm_pix: bool, mean, std, vis_every: int, image_every: int,
-                 evaluator=None):
-        self.visible = visible_per_sample
-        self.norm_pix, self.mean, self.std = norm_pix, tuple(mean), tuple(std)
-        self.vis_every, self.image_every = vis_every, image_every
-        self.evaluator = evaluator
-        self.last_batch = None
-
-    def loss(self, model, batch, device):
-        imgs, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=self.visible)
-        self.last_batch = (imgs, pred.detach(), mask)
-        return loss
-
-    def visualize(self, loop: "TrainLoop") -> None:
-        if not loop.dist.is_main or self.last_batch is None:
-            return
-        imgs, pred, mask = self.last_batch
-        step = loop.state.step
-        path = save_reconstruction_grid(loop.run_dir / "reconstructions" / f"step-{step:07d}.png", imgs, pred,
-                                        mask, self.norm_pix, self.mean, self.std)
-        if step % self.image_every == 0 or step >= loop.s.stop_step:
-            loop.tracker.log_image("reconstruction", path, step)
-
-    def after_step(self, loop):
-        if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.s.stop_step:
-            self.visualize(loop)
-
-    def evaluate(self, loop, final):
-        if self.evaluator is None or not self.evaluator.due(loop.state.epoch, final):
-            return None
-        return self.evaluator(loop.raw_model.encoder, loop.dist)
 
 
 class TrainLoop:

@@ -6,32 +6,65 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
-from .checkpoint import CHECKPOINT_DIR, LAST
+import torch
+
+from .checkpoint import resolve_checkpoint
 from .convert import (FORMATS, CheckpointError, canonical_to_format, infer_shape, load_state_dict_file,
-                      save_state_dict, to_canonical, variant_of, verify_export)
+                      save_state_dict, to_canonical, variant_of)
+from .models.convnextv2 import ConvNeXtV2
+from .models.variants import find_variant
 
-# Where a pretraining run directory keeps its last checkpoint (a bare last.pt is accepted too).
-RUN_CHECKPOINTS = (f"{CHECKPOINT_DIR}/{LAST}", LAST)
+
+# ---------------------------------------------------------------- verification
+
+def build_dense_model(format: str, depths, dims):
+    """The dense model an export of ``format`` is meant to load into (no classifier)."""
+    if format == "timm":
+        import timm
+        variant = find_variant(depths, dims)
+        return timm.create_model(f"convnextv2_{variant.name}", pretrained=False, num_classes=0)
+    return ConvNeXtV2(depths, dims, num_classes=0)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's last checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        for rel in RUN_CHECKPOINTS:
-            if (path / rel).is_file():
-                return path / rel
-        raise CheckpointError(
-            f"{path} is a directory without a checkpoint ({' or '.join(RUN_CHECKPOINTS)}); "
-            "pass a pretraining run directory or a checkpoint file"
-        )
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    return path
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
+
+@torch.no_grad()
+def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, torch.Tensor],
+                  img_size: int = 64, batch: int = 2, tol: float = 1e-5) -> float:
+    """Load the written file into the dense model and compare its features with the
+    sparse encoder's forward (nothing masked) on a random batch. Returns the relative
+    error; raises :class:`CheckpointError` if it is not below ``tol``."""
+    from .models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
+
+    depths, dims = infer_shape(canonical)
+    dense = build_dense_model(format, depths, dims).eval()
+    written = load_state_dict_file(path)
+    if format == "timm":
+        dense.load_state_dict(written, strict=True)
+    else:
+        missing, unexpected = dense.load_state_dict(written, strict=False)
+        if unexpected or any(not k.startswith("norm.") for k in missing):
+            raise CheckpointError(f"{path}: does not load into ConvNeXtV2 (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    sparse = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
+    sparse.load_state_dict(canonical, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(batch, 3, img_size, img_size, generator=gen)
+    grid = (img_size // 32) ** 2
+    ref = sparse(imgs, torch.zeros(batch, grid))
+    err = relative_error(dense.forward_features(imgs), ref)
+    if not err < tol:
+        raise CheckpointError(f"{path}: verification FAILED, dense vs sparse relative error {err:.2e} >= {tol:.0e}")
+    return err
+
+
+# ---------------------------------------------------------------- the command
 
 OFFICIAL_LAYOUTS = ("official", "minkowski")
 

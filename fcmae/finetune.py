@@ -17,17 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointManager
-from .config import register_configs, validate_finetune
+from .checkpoint import CheckpointManager, resolve_checkpoint
+from .config import CONFIG_PATH, register_configs, validate_finetune
 from .convert import CheckpointError, canonical_to_format, infer_shape, load_state_dict_file, to_canonical, variant_of
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
                    finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, Task
 from .evaluation import inference
-from .export import resolve_checkpoint
 from .optim import adamw, layer_decay_groups
-from .pretrain import CONFIG_PATH
 from .runner import (ConfigError, find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
                      resolve_precision, restore, seed_everything, train, wrap_model)
 

@@ -14,25 +14,61 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointManager
-from .config import register_configs, validate
+from .config import CONFIG_PATH, register_configs, validate
 from .convert import CheckpointError, load_state_dict_file, to_canonical
 from .data import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
-from .engine import LoopState, PretrainTask
+from .engine import LoopState, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .models.masking import num_visible
 from .optim import build_optimizer
 from .runner import (find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
                      resolve_precision, restore, seed_everything, train, wrap_model)
+from .visualize import save_reconstruction_grid
 
 log = logging.getLogger("fcmae")
 
 # Config keys that must match to continue a run from its checkpoint.
 _RESUME_MUST_MATCH = ("model", "encoder", "data.img_size", "init_from")
 
-_SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
+
+class PretrainTask(Task):
+    """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
+
+    def __init__(self, visible_per_sample: int, norm_pix: bool, mean, std, vis_every: int, image_every: int,
+                 evaluator=None):
+        self.visible = visible_per_sample
+        self.norm_pix, self.mean, self.std = norm_pix, tuple(mean), tuple(std)
+        self.vis_every, self.image_every = vis_every, image_every
+        self.evaluator = evaluator
+        self.last_batch = None
+
+    def loss(self, model, batch, device):
+        imgs, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=self.visible)
+        self.last_batch = (imgs, pred.detach(), mask)
+        return loss
+
+    def visualize(self, loop: TrainLoop) -> None:
+        if not loop.dist.is_main or self.last_batch is None:
+            return
+        imgs, pred, mask = self.last_batch
+        step = loop.state.step
+        path = save_reconstruction_grid(loop.run_dir / "reconstructions" / f"step-{step:07d}.png", imgs, pred,
+                                        mask, self.norm_pix, self.mean, self.std)
+        if step % self.image_every == 0 or step >= loop.s.stop_step:
+            loop.tracker.log_image("reconstruction", path, step)
+
+    def after_step(self, loop):
+        if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.s.stop_step:
+            self.visualize(loop)
+
+    def evaluate(self, loop, final):
+        if self.evaluator is None or not self.evaluator.due(loop.state.epoch, final):
+            return None
+        return self.evaluator(loop.raw_model.encoder, loop.dist)
+
 
 
 def build_model(cfg) -> FCMAE:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..convert import dense_conv_to_me, dense_depthwise_to_me
 from ..models.convnextv2 import GRN, Block
 from .compact import stem_rows
 from .layout import SparseLayout
+from .me_kernels import dense_conv_to_me, dense_depthwise_to_me
 from .me_compat import INSTALL_HINT, import_minkowski
 
 ME = import_minkowski()

@@ -1,0 +1,104 @@
+"""The module layers point one way: models <- sparse ops <- converter <- engine <- apps.
+
+Checked twice: statically (every import in fcmae/, deferred ones included, forms no cycle) and
+by importing a module alone in a fresh interpreter and looking at what it pulled in.
+"""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fcmae"
+APPS = {"fcmae.pretrain", "fcmae.finetune", "fcmae.export"}
+BACKENDS = {"fcmae.sparse.compact", "fcmae.sparse.masked_dense", "fcmae.sparse.minkowski"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the fcmae modules it imports anywhere in its source (relative imports resolved)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            # the most specific fcmae module each import names ("from .x import y" may name a module y)
+            for t in targets:
+                while t and t not in modules:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    edges.add(t)
+        graph[name] = edges
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert "fcmae.sparse.me_kernels" in graph["fcmae.convert"]  # the parser sees relative imports
+    # the package's __init__ files re-export their children; a child importing a sibling through
+    # the package is not a cycle of the layers, so those edges are left out
+    layered = {m: {t for t in ts if not (m.startswith(t + ".") and t in ("fcmae", "fcmae.models", "fcmae.sparse"))}
+               for m, ts in graph.items()}
+    assert _cycle(layered) is None, " -> ".join(_cycle(layered))
+
+
+def test_no_app_imports_another_app_and_lower_layers_import_no_app():
+    graph = _import_graph()
+    for module, targets in graph.items():
+        assert not (targets & APPS), f"{module} imports the app(s) {targets & APPS}"
+
+
+def _pulled_in(module: str) -> set[str]:
+    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('fcmae'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module, must_not", [
+    ("fcmae.convert", BACKENDS | APPS | {"fcmae.engine", "fcmae.checkpoint"}),
+    ("fcmae.engine", APPS | {"fcmae.visualize", "fcmae.data"}),
+    ("fcmae.finetune", {"fcmae.pretrain", "fcmae.export", "fcmae.visualize"}),
+    ("fcmae.export", BACKENDS | {"fcmae.pretrain", "fcmae.finetune", "fcmae.engine"}),
+])
+def test_a_module_imported_alone_pulls_in_only_lower_layers(module, must_not):
+    pulled = _pulled_in(module)
+    assert module in pulled
+    assert not (pulled & must_not), f"importing {module} imported {sorted(pulled & must_not)}"
