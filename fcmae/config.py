@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from .models.variants import VARIANTS
 from .optim import LAYER_DECAY_TYPES
+from .sparse import BACKENDS, GRN_STATS
 
 # conf/ of a source checkout; an installed wheel carries it as the package fcmae.conf.
 _SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -290,9 +291,9 @@ def validate(cfg: Any) -> None:
     check(len(m.depths) == 4 and len(m.dims) == 4, "model.depths and model.dims need 4 entries each")
     check(m.decoder_depth >= 1 and m.decoder_embed_dim >= 1, "model.decoder_depth and decoder_embed_dim must be >= 1")
     check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
-    check(cfg.encoder.backend in ("sparse", "dense", "minkowski"),
-          f"encoder.backend={cfg.encoder.backend!r}; use sparse, dense or minkowski")
-    check(cfg.encoder.grn_stats in ("sample", "batch"), f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use sample or batch")
+    check(cfg.encoder.backend in BACKENDS,
+          f"encoder.backend={cfg.encoder.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    check(cfg.encoder.grn_stats in GRN_STATS, f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use {' or '.join(GRN_STATS)}")
     if cfg.encoder.backend == "minkowski":
         try:
             from .sparse.me_compat import import_minkowski

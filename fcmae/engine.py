@@ -189,8 +189,9 @@ class TrainLoop:
     def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[float, float]:
         """Clip, check, update. Returns the step's (summed micro-batch loss, grad norm).
 
-        The only host-device sync of a step: loss and grad norm come back together,
-        and a non-finite loss stops the run before the weights change.
+        One host-device sync: loss and grad norm come back together, and a non-finite loss
+        stops the run before the weights change. (Under DDP the loop's preemption check adds
+        a one-element all-reduce per step, so that every rank stops at the same step.)
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

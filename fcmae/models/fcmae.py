@@ -55,11 +55,6 @@ class FCMAE(nn.Module):
             raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}")
         return check_image_size(imgs.shape[-2], imgs.shape[-1], self.patch_size)
 
-    def gen_random_mask(self, imgs: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
-        h, w = self.grid(imgs)
-        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        return random_mask(imgs.shape[0], h * w, ratio, device=imgs.device)
-
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor,
                         visible_per_sample: int | None = None) -> torch.Tensor:
         """Dense-shaped encoder features ``(N, C_last, H/32, W/32)``, zeros at masked sites."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .convnextv2 import init_weights, make_trunk
+from ..sparse import BACKENDS, GRN_STATS
 from .masking import PATCH_SIZE, check_image_size, check_mask
 
 
@@ -18,7 +19,7 @@ def _backend_forward(name: str):
     elif name == "minkowski":
         from ..sparse.minkowski import encoder_forward
     else:
-        raise ValueError(f"unknown encoder backend {name!r}; choose one of: sparse, dense, minkowski")
+        raise ValueError(f"unknown encoder backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     return encoder_forward
 
 
@@ -39,8 +40,8 @@ class SparseConvNeXtV2Encoder(nn.Module):
     def __init__(self, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3,
                  drop_path_rate: float = 0.0, backend: str = "sparse", grn_stats: str = "sample"):
         super().__init__()
-        if grn_stats not in ("sample", "batch"):
-            raise ValueError(f"grn_stats={grn_stats!r} is not supported; use 'sample' or 'batch'")
+        if grn_stats not in GRN_STATS:
+            raise ValueError(f"grn_stats={grn_stats!r} is not supported; use {' or '.join(map(repr, GRN_STATS))}")
         self.set_backend(backend)
         self.grn_stats = grn_stats
         self.depths, self.dims = tuple(depths), tuple(dims)
@@ -51,10 +52,6 @@ class SparseConvNeXtV2Encoder(nn.Module):
         """Switch the implementation; parameters and state dict are the same for every backend."""
         self._forward_impl = _backend_forward(backend)
         self.backend = backend
-
-    @property
-    def out_dim(self) -> int:
-        return self.dims[-1]
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor,
                 visible_per_sample: int | None = None) -> torch.Tensor:
