@@ -47,7 +47,12 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
             f"{cfg.data.batch_size} x {world_size} = {per_step}; choose a batch size that divides it "
             f"(e.g. data.batch_size={hint})"
         )
-    return target // per_step, target
+    accum = target // per_step
+    if cfg.trainer.accum_iter not in (1, accum):
+        log.warning("trainer.accum_iter=%d is ignored: optim.effective_batch_size=%d sets the accumulation to %d "
+                    "(%d x %d x %d); drop one of the two", cfg.trainer.accum_iter, target, accum,
+                    cfg.data.batch_size, world_size, accum)
+    return accum, target
 
 
 def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precision: str,

@@ -254,6 +254,13 @@ def test_multirun_sweep_one_directory_per_value(tmp_path):
         assert f"mask_ratio: {ratio}" in (job / "config.yaml").read_text()
 
 
+def test_accum_iter_overridden_by_effective_batch_is_said(caplog):
+    from fcmae.runner import resolve_accumulation
+    with caplog.at_level("WARNING", logger="fcmae"):
+        assert resolve_accumulation(make_cfg("optim.effective_batch_size=16", "trainer.accum_iter=3"), 1) == (4, 16)
+    assert "trainer.accum_iter=3 is ignored" in caplog.text and "accumulation to 4" in caplog.text
+
+
 def test_long_override_lists_get_a_short_stable_directory_name():
     from fcmae.config import MAX_DIRNAME, short_dirname
     assert short_dirname("model.mask_ratio=0.4") == "model.mask_ratio=0.4"
