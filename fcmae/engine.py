@@ -239,66 +239,91 @@ class TrainLoop:
 
     # ------------------------------------------------------------ the loop
     def run(self) -> LoopState:
+        """Train from the current state to the stop step: epochs, then a final evaluation and
+        checkpoint. A preemption signal ends it with :class:`Preempted` after a checkpoint."""
         s, st = self.s, self.state
         if st.step >= s.stop_step:
             log.info("nothing to do: the run is at step %d of %d", st.step, s.stop_step)
             return st
-        micro_per_epoch = s.steps_per_epoch * s.accum
-        progress = Progress(s.stop_step, st.step, s.progress, enabled=self.dist.is_main)
+        self._micro_per_epoch = s.steps_per_epoch * s.accum
+        self._progress = Progress(s.stop_step, st.step, s.progress, enabled=self.dist.is_main)
+        self._loss_sum = torch.zeros((), device=self.dist.device)
+        self._reset_throughput()
         self.model.train()
-        t_last, imgs_since = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=self.dist.device)
         try:
             with PreemptionGuard() as guard:
                 while st.step < s.stop_step:
-                    self.sampler.set_epoch(st.epoch)
-                    self.sampler.set_start(st.batch_in_epoch * s.batch_size)
-                    micro = st.batch_in_epoch
-                    for batch in self.loader:
-                        if micro >= micro_per_epoch:
-                            break
-                        if micro % s.accum == 0:
-                            set_lr(self.optimizer, cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps))
-                        sync = (micro + 1) % s.accum == 0
-                        loss_sum += self._micro_step(batch, sync)
-                        n = batch[0].shape[0] * self.dist.world_size
-                        st.bad_images += int(batch[2].sum())
-                        st.seen_images += n
-                        imgs_since += n
-                        micro += 1
-                        st.batch_in_epoch = micro
-                        if not sync:
-                            continue
-                        loss, grad_norm = self._optimizer_step(loss_sum)
-                        st.step += 1
-                        self._after_step(progress, loss, loss_sum, grad_norm, imgs_since, t_last)
-                        if st.step % s.log_every == 0:
-                            t_last, imgs_since = time.perf_counter(), 0
-                        loss_sum.zero_()
-                        for cb in s.callbacks:
-                            cb(self)
-                        if all_reduce_max(guard.signum is not None, self.dist):
-                            path = self.save()
-                            signum = guard.signum or signal.SIGTERM
-                            # Logged before the launcher's handler runs: submitit's exits the process.
-                            log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name,
-                                        st.step, path)
-                            guard.chain()
-                            raise Preempted(signum, st.step, path)
-                        if st.step >= s.stop_step:
-                            break
-                    if st.batch_in_epoch >= micro_per_epoch:
-                        st.epoch += 1
-                        st.batch_in_epoch = 0
-                        if st.step < s.stop_step:
-                            self._evaluate(final=False)
-                            self.save()
-                            t_last, imgs_since = time.perf_counter(), 0  # img/s counts training only
+                    self._run_epoch(guard)
+                    if st.batch_in_epoch >= self._micro_per_epoch:
+                        self._end_epoch()
             self._evaluate(final=True)
             self.save()
         finally:
-            progress.close()
+            self._progress.close()
         return st
+
+    def _run_epoch(self, guard: PreemptionGuard) -> None:
+        """Micro-batches from the current position to the epoch's end or the stop step."""
+        s, st = self.s, self.state
+        self.sampler.set_epoch(st.epoch)
+        self.sampler.set_start(st.batch_in_epoch * s.batch_size)
+        for batch in self.loader:
+            if st.batch_in_epoch >= self._micro_per_epoch:
+                break
+            if not self._train_micro_batch(batch):
+                continue
+            self._stop_if_preempted(guard)
+            if st.step >= s.stop_step:
+                break
+
+    def _train_micro_batch(self, batch: tuple) -> bool:
+        """Forward and backward of one micro-batch and, when it completes an accumulation,
+        the optimizer step with its logging and callbacks. Returns whether a step was taken."""
+        s, st = self.s, self.state
+        micro = st.batch_in_epoch
+        if micro % s.accum == 0:
+            set_lr(self.optimizer, cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps))
+        sync = (micro + 1) % s.accum == 0
+        self._loss_sum += self._micro_step(batch, sync)
+        n = batch[0].shape[0] * self.dist.world_size
+        st.bad_images += int(batch[2].sum())
+        st.seen_images += n
+        self._imgs_since += n
+        st.batch_in_epoch = micro + 1
+        if not sync:
+            return False
+        loss, grad_norm = self._optimizer_step(self._loss_sum)
+        st.step += 1
+        self._after_step(self._progress, loss, self._loss_sum, grad_norm, self._imgs_since, self._t_last)
+        if st.step % s.log_every == 0:
+            self._reset_throughput()
+        self._loss_sum.zero_()
+        for cb in s.callbacks:
+            cb(self)
+        return True
+
+    def _stop_if_preempted(self, guard: PreemptionGuard) -> None:
+        """After a step: if any rank caught a signal, every rank stops here, after a checkpoint."""
+        if not all_reduce_max(guard.signum is not None, self.dist):
+            return
+        path = self.save()
+        signum = guard.signum or signal.SIGTERM
+        # Logged before the launcher's handler runs: submitit's exits the process.
+        log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
+        guard.chain()
+        raise Preempted(signum, self.state.step, path)
+
+    def _end_epoch(self) -> None:
+        st = self.state
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        if st.step < self.s.stop_step:
+            self._evaluate(final=False)
+            self.save()
+            self._reset_throughput()  # img/s counts training only
+
+    def _reset_throughput(self) -> None:
+        self._t_last, self._imgs_since = time.perf_counter(), 0
 
     def _after_step(self, progress, loss: float, loss_sum: torch.Tensor, grad_norm: float,
                     imgs_since, t_last) -> None:
