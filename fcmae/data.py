@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from .fashion_mnist import FashionMNIST, FashionMNISTError
-from .models.masking import PATCH_SIZE, num_visible
+from .models.masking import PATCH_SIZE, num_visible, random_mask
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,16 @@ def read_file_list(list_file: str | Path) -> ImageFiles:
     return ImageFiles(paths)
 
 
+def synthetic_size(img_size: int) -> int:
+    """Synthetic images are drawn a little larger than the crop, as 256 -> 224."""
+    return int(round(img_size * 8 / 7))
+
+
 def build_source(data_cfg, seed: int = 0) -> Dataset:
     src = data_cfg.source
     if src == "synthetic":
-        size = int(round(data_cfg.img_size * 8 / 7))  # a little larger than the crop, like 256 -> 224
-        return SyntheticImages(data_cfg.synthetic_images, data_cfg.synthetic_classes, size, seed)
+        return SyntheticImages(data_cfg.synthetic_images, data_cfg.synthetic_classes,
+                               synthetic_size(data_cfg.img_size), seed)
     if src == "imagefolder":
         return scan_image_folder(data_cfg.root)
     if src == "folder":
@@ -232,14 +237,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
-def sample_mask(num_patches: int, keep: int, generator: torch.Generator) -> torch.Tensor:
-    """``(L,)`` mask with exactly ``keep`` zeros (visible), by argsort of Gaussian noise."""
-    ids = torch.argsort(torch.randn(num_patches, generator=generator))
-    mask = torch.ones(num_patches)
-    mask[ids[:keep]] = 0.0
-    return mask
-
-
 def describe_sample(source: Dataset, index: int) -> str:
     """The file path of a sample when the source knows it, for error messages."""
     describe = getattr(source, "describe", None)
@@ -301,7 +298,7 @@ class PretrainSamples(KeyedSamples):
     def __getitem__(self, key: int):
         x, _, bad, s = self.read(key)
         g = torch.Generator().manual_seed(s ^ 0x5DEECE66D)
-        return x, sample_mask(self.num_patches, self.keep, g), bad, int(key)
+        return x, random_mask(1, self.num_patches, keep=self.keep, generator=g)[0], bad, int(key)
 
 
 class LabelledSamples(KeyedSamples):
@@ -380,7 +377,7 @@ def labelled_source(source: str, root: str | None, split: str, num_images: int, 
         full = fashion_mnist(root, {"train": "train", "val": "test"}[split])
     elif source == "synthetic":
         offset = {"train": 1, "val": 2}[split]
-        full = SyntheticImages(num_images, classes, int(round(img_size * 8 / 7)), seed + 7919 * offset)
+        full = SyntheticImages(num_images, classes, synthetic_size(img_size), seed + 7919 * offset)
     elif source == "imagefolder":
         if not root:
             raise DataError(f"the {split} set needs a folder: set its root (root/<class>/<image>)")

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from .models.loss import patchify, pred_to_patches, unpatchify
+from .models.loss import patch_stats, patchify, pred_to_patches, unpatchify
+from .models.masking import upsample_visible
 
 
 @torch.no_grad()
@@ -24,8 +25,8 @@ def reconstruction_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tens
     target = patchify(imgs, patch_size)
     p = pred_to_patches(pred)
     if norm_pix:
-        mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        p = p * (var + 1e-6) ** 0.5 + mu
+        patch_mean, patch_std = patch_stats(target)
+        p = p * patch_std + patch_mean
     m = mask[..., None]
     recon = unpatchify(p * m + target * (1 - m), grid, patch_size, imgs.shape[1])
     masked = unpatchify(target * (1 - m), grid, patch_size, imgs.shape[1])
@@ -34,12 +35,7 @@ def reconstruction_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tens
 
     def show(x):
         return (x * std_t + mean_t).clamp(0, 1)
-    return torch.cat([show(imgs), show(masked) * (1 - _patch_mask_image(mask, grid, patch_size)), show(recon)])
-
-
-def _patch_mask_image(mask: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
-    m = mask.view(-1, 1, *grid)
-    return m.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
+    return torch.cat([show(imgs), show(masked) * upsample_visible(mask, grid, patch_size), show(recon)])
 
 
 def save_reconstruction_grid(path: str | Path, *args, **kwargs) -> Path:

@@ -29,10 +29,15 @@ def pixel_targets(imgs: torch.Tensor, patch_size: int = 32, norm_pix: bool = Tru
     ``(x - mean) / sqrt(var + eps)``, unbiased variance as the official code."""
     target = patchify(imgs, patch_size)
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps) ** 0.5
+        mean, std = patch_stats(target, eps)
+        target = (target - mean) / std
     return target
+
+
+def patch_stats(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch ``(mean, sqrt(var + eps))`` of ``(N, L, D)`` patches, each ``(N, L, 1)``;
+    unbiased variance as the official code. Normalised targets are ``(x - mean) / std``."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
 
 
 def pred_to_patches(pred: torch.Tensor) -> torch.Tensor:

@@ -32,13 +32,15 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - check_mask_ratio(mask_ratio)))
 
 
-def random_mask(n: int, num_patches: int, mask_ratio: float, device=None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(n, L)`` float mask, exactly ``int(L * (1 - ratio))`` zeros per row.
+def random_mask(n: int, num_patches: int, mask_ratio: float | None = None, device=None,
+                generator: torch.Generator | None = None, keep: int | None = None) -> torch.Tensor:
+    """``(n, L)`` float mask, exactly ``int(L * (1 - ratio))`` zeros per row (or ``keep`` zeros).
 
-    Drawn per sample by argsort of Gaussian noise, as the official FCMAE does.
+    Drawn per sample by argsort of Gaussian noise, as the official FCMAE does; the one place
+    masks are drawn (the model's own and the data pipeline's, seeded per sample).
     """
-    keep = num_visible(num_patches, mask_ratio)
+    if keep is None:
+        keep = num_visible(num_patches, mask_ratio)
     if keep < 1:
         raise ValueError(
             f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}; "
