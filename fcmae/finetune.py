@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointManager, resolve_checkpoint
+from .checkpoint import resolve_checkpoint
 from .config import CONFIG_PATH, register_configs, validate_finetune
 from .convert import CheckpointError, canonical_to_format, infer_shape, load_state_dict_file, to_canonical, variant_of
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
@@ -26,8 +26,8 @@ from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, Task
 from .evaluation import inference
 from .optim import adamw, layer_decay_groups
-from .runner import (ConfigError, find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
-                     resolve_precision, restore, seed_everything, train, wrap_model)
+from .runner import (ConfigError, hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed,
+                     seed_everything, train, wrap_model)
 
 log = logging.getLogger("fcmae")
 
@@ -206,11 +206,7 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
 
 def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     t, d = cfg.trainer, cfg.data
-    precision = resolve_precision(t.precision, info.device)
-    accum, eff_batch = resolve_accumulation(cfg, info.world_size)
-    base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
-    ckpt = CheckpointManager(run_dir, keep=t.keep_checkpoints)
-    resume_path = find_resume(cfg.resume, ckpt, run_dir)
+    setup = prepare_run(cfg, run_dir, info)
 
     # Data first: bad folders fail before a model is built.
     train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
@@ -225,14 +221,15 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     train_set = LabelledSamples(train_src, finetune_transform(d), t.seed)
     loader, sampler = build_train_loader(train_set, d.batch_size, d.num_workers, t.seed, info.rank, info.world_size,
                                          info.device.type == "cuda" and d.pin_memory, d.persistent_workers)
-    s = loop_settings(cfg, len(sampler) // d.batch_size, accum, base_lr, precision, d.max_bad_fraction, callbacks)
+    s = loop_settings(cfg, len(sampler) // d.batch_size, setup.accum, setup.base_lr, setup.precision,
+                      d.max_bad_fraction, callbacks)
 
     seed_everything(t.seed)
     model = build_classifier(cfg.model.name, num_classes, cfg.model.drop_path_rate,
                              cfg.model.head_init_scale).to(info.device)
-    if cfg.model.init_from and resume_path is None:
+    if cfg.model.init_from and setup.resume_path is None:
         load_pretrained(model, cfg.model.name, cfg.model.init_from)
-    elif resume_path is None:
+    elif setup.resume_path is None:
         log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
     # As the official code: the EMA starts from the initial weights, on the model's device, before DDP.
     ema = None
@@ -240,27 +237,23 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
         from timm.utils import ModelEmaV2
         ema = ModelEmaV2(model, decay=cfg.ema.decay)
     task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every, ema, cfg.ema.eval)
-    optimizer = build_optimizer(model, cfg.optim, base_lr)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    state = LoopState()
-    if resume_path is not None:
-        state = restore(resume_path, config, _RESUME_MUST_MATCH, model, optimizer, scaler, info, t.seed, task)
-    else:
-        torch.manual_seed(t.seed + info.rank)
+    optimizer = build_optimizer(model, cfg.optim, setup.base_lr)
+    state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed, task)
     train_model = wrap_model(model, t.compile, info)
     tracker = open_tracker(cfg, run_dir, config, info)
     if info.is_main:
         log.info("run directory %s | %s, %d classes, %d process(es) on %s, %s | effective batch %d, lr %.3e, "
                  "layer decay %g (%s), EMA %s | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,
-                 num_classes, info.world_size, info.device, precision, eff_batch, base_lr, cfg.optim.layer_decay,
+                 num_classes, info.world_size, info.device, setup.precision, setup.effective_batch, setup.base_lr,
+                 cfg.optim.layer_decay,
                  cfg.optim.layer_decay_type, cfg.ema.decay if ema is not None else "off", s.steps_per_epoch,
                  s.stop_step, s.total_steps)
-    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, ckpt,
+    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, setup.ckpt,
                   tracker, config, run_dir)
     if info.is_main:
         best = "  ".join(f"{k} {v:.2f}%" for k, v in task.best.items() if v is not None) or "n/a"
         log.info("done: step %d, %s; checkpoints %s and best.pt beside it (timm state dict under 'model')",
-                 final.step, best, ckpt.last)
+                 final.step, best, setup.ckpt.last)
     return final
 
 

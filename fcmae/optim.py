@@ -26,11 +26,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_grn_and_mask_token
     return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_grn_and_mask_token)
-    return adamw(groups, lr, optim_cfg.betas, next(model.parameters()).is_cuda)
-
-
 def adamw(groups: list[dict], lr: float, betas, cuda: bool) -> torch.optim.Optimizer:
     """AdamW over parameter groups (fused kernels on CUDA)."""
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=cuda or None)

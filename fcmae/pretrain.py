@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointManager
 from .config import CONFIG_PATH, register_configs, validate
 from .convert import CheckpointError, load_state_dict_file, to_canonical
 from .data import build_pretrain_loader
@@ -22,9 +20,9 @@ from .engine import LoopState, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .models.masking import num_visible
-from .optim import build_optimizer
-from .runner import (find_resume, hydra_entry, loop_settings, open_tracker, resolve_accumulation,
-                     resolve_precision, restore, seed_everything, train, wrap_model)
+from .optim import adamw, param_groups
+from .runner import (hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed, seed_everything, train,
+                     wrap_model)
 from .visualize import save_reconstruction_grid
 
 log = logging.getLogger("fcmae")
@@ -102,47 +100,37 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
 def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     t = cfg.trainer
     config = OmegaConf.to_container(cfg, resolve=True)
-    precision = resolve_precision(t.precision, info.device)
-    accum, eff_batch = resolve_accumulation(cfg, info.world_size)
-    base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
-
-    ckpt = CheckpointManager(run_dir, keep=t.keep_checkpoints)
-    resume_path = find_resume(cfg.resume, ckpt, run_dir)
+    setup = prepare_run(cfg, run_dir, info)
 
     # Data first: a bad data.root (or eval folder) fails before a model is built.
     loader, sampler, dataset = build_pretrain_loader(
         cfg.data, cfg.model.mask_ratio, t.seed, info.rank, info.world_size, pin_memory=info.device.type == "cuda")
     evaluator = build_evaluator(cfg.eval, cfg.data, t.seed, info)
-    s = loop_settings(cfg, len(sampler) // cfg.data.batch_size, accum, base_lr, precision,
+    s = loop_settings(cfg, len(sampler) // cfg.data.batch_size, setup.accum, setup.base_lr, setup.precision,
                       cfg.data.max_bad_fraction, callbacks)
 
     seed_everything(t.seed)
     model = build_model(cfg).to(info.device)
-    if cfg.init_from and resume_path is None:
+    if cfg.init_from and setup.resume_path is None:
         load_encoder_init(model, cfg.init_from)
-    optimizer = build_optimizer(model, cfg.optim, base_lr)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    state = LoopState()
-    if resume_path is not None:
-        state = restore(resume_path, config, _RESUME_MUST_MATCH, model, optimizer, scaler, info, t.seed)
-    else:
-        torch.manual_seed(t.seed + info.rank)  # drop-path draws differ per rank
+    optimizer = adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token),
+                      setup.base_lr, cfg.optim.betas, next(model.parameters()).is_cuda)
+    state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed)
     train_model = wrap_model(model, t.compile, info)
     tracker = open_tracker(cfg, run_dir, config, info)
     if info.is_main:
         log.info("run directory %s | %s, %d process(es) on %s, %s | effective batch %d (%d x %d x %d), "
                  "lr %.3e | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,
-                 info.world_size, info.device, precision, eff_batch, cfg.data.batch_size, accum,
-                 info.world_size, base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
+                 info.world_size, info.device, setup.precision, setup.effective_batch, cfg.data.batch_size,
+                 setup.accum, info.world_size, setup.base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
 
     task = PretrainTask(num_visible((cfg.data.img_size // 32) ** 2, cfg.model.mask_ratio), cfg.model.norm_pix_loss,
                         cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator)
-    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, ckpt,
+    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, setup.ckpt,
                   tracker, config, run_dir)
     if info.is_main:
         log.info("done: step %d, checkpoint %s; export with: fcmae-export %s --format timm", final.step,
-                 ckpt.last, run_dir)
+                 setup.ckpt.last, run_dir)
     return final
 
 

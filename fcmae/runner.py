@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 import sys
 from pathlib import Path
 from typing import Callable
@@ -126,6 +127,35 @@ def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info
         torch.manual_seed(seed + info.rank + state.step)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
     return state
+
+
+@dataclass
+class RunSetup:
+    """What both apps derive from the config before reading any data."""
+    precision: str  # fp32 | bf16 | fp16, resolved for the device
+    accum: int  # micro-batches per optimizer step
+    effective_batch: int
+    base_lr: float
+    ckpt: CheckpointManager
+    resume_path: Path | None  # the checkpoint to continue from, if any
+
+
+def prepare_run(cfg, run_dir: Path, info: DistInfo) -> RunSetup:
+    precision = resolve_precision(cfg.trainer.precision, info.device)
+    accum, effective_batch = resolve_accumulation(cfg, info.world_size)
+    base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
+    ckpt = CheckpointManager(run_dir, keep=cfg.trainer.keep_checkpoints)
+    return RunSetup(precision, accum, effective_batch, base_lr, ckpt, find_resume(cfg.resume, ckpt, run_dir))
+
+
+def restore_or_seed(setup: RunSetup, config: dict, must_match, model, optimizer, info: DistInfo, seed: int,
+                    task: Task | None = None):
+    """``(state, scaler)``: the resumed position, or a fresh one with per-rank seeding."""
+    scaler = torch.amp.GradScaler("cuda") if setup.precision == "fp16" else None
+    if setup.resume_path is not None:
+        return restore(setup.resume_path, config, must_match, model, optimizer, scaler, info, seed, task), scaler
+    torch.manual_seed(seed + info.rank)  # drop-path draws differ per rank
+    return LoopState(), scaler
 
 
 def seed_everything(seed: int) -> None:
