@@ -140,7 +140,7 @@ class TrainLoop:
         self.model, self.raw_model = model, raw_model
         self.optimizer, self.scaler = optimizer, scaler
         self.loader, self.sampler = loader, sampler
-        self.s, self.state, self.dist = settings, state, dist_info
+        self.settings, self.state, self.dist = settings, state, dist_info
         self.ckpt, self.metrics_file, self.tracker = ckpt, metrics_file, tracker
         self.config, self.run_dir = config, Path(run_dir)
 
@@ -172,9 +172,9 @@ class TrainLoop:
 
     # ------------------------------------------------------------ one optimizer step
     def _autocast(self):
-        if self.s.precision == "fp32":
+        if self.settings.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.s.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.dist.device.type, dtype=dtype)
 
     def _micro_step(self, batch, sync: bool) -> torch.Tensor:
@@ -182,7 +182,7 @@ class TrainLoop:
         with ctx:
             with self._autocast():
                 loss = self.task.loss(self.model, batch, self.dist.device)
-            scaled = loss / self.s.accum
+            scaled = loss / self.settings.accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
 
@@ -195,14 +195,14 @@ class TrainLoop:
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.s.clip_grad if self.s.clip_grad is not None else float("inf")
+        max_norm = self.settings.clip_grad if self.settings.clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
         # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks
         # stop together. With fp16 the scaler owns non-finite grads (it skips the step).
         if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"non-finite loss ({loss / self.s.accum}) or gradient norm ({norm}) "
+            raise NonFiniteLoss(f"non-finite loss ({loss / self.settings.accum}) or gradient norm ({norm}) "
                                 f"at step {self.state.step + 1}")
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -231,17 +231,17 @@ class TrainLoop:
 
     def _check_data_quality(self) -> None:
         st = self.state
-        if st.bad_images and st.bad_images > self.s.max_bad_fraction * max(st.seen_images, 100):
+        if st.bad_images and st.bad_images > self.settings.max_bad_fraction * max(st.seen_images, 100):
             raise DataQualityError(
                 f"{st.bad_images} of {st.seen_images} images were unreadable (more than "
-                f"data.max_bad_fraction={self.s.max_bad_fraction}); fix the data or raise the limit"
+                f"data.max_bad_fraction={self.settings.max_bad_fraction}); fix the data or raise the limit"
             )
 
     # ------------------------------------------------------------ the loop
     def run(self) -> LoopState:
         """Train from the current state to the stop step: epochs, then a final evaluation and
         checkpoint. A preemption signal ends it with :class:`Preempted` after a checkpoint."""
-        s, st = self.s, self.state
+        s, st = self.settings, self.state
         if st.step >= s.stop_step:
             log.info("nothing to do: the run is at step %d of %d", st.step, s.stop_step)
             return st
@@ -264,7 +264,7 @@ class TrainLoop:
 
     def _run_epoch(self, guard: PreemptionGuard) -> None:
         """Micro-batches from the current position to the epoch's end or the stop step."""
-        s, st = self.s, self.state
+        s, st = self.settings, self.state
         self.sampler.set_epoch(st.epoch)
         self.sampler.set_start(st.batch_in_epoch * s.batch_size)
         for batch in self.loader:
@@ -279,7 +279,7 @@ class TrainLoop:
     def _train_micro_batch(self, batch: tuple) -> bool:
         """Forward and backward of one micro-batch and, when it completes an accumulation,
         the optimizer step with its logging and callbacks. Returns whether a step was taken."""
-        s, st = self.s, self.state
+        s, st = self.settings, self.state
         micro = st.batch_in_epoch
         if micro % s.accum == 0:
             set_lr(self.optimizer, cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps))
@@ -317,7 +317,7 @@ class TrainLoop:
         st = self.state
         st.epoch += 1
         st.batch_in_epoch = 0
-        if st.step < self.s.stop_step:
+        if st.step < self.settings.stop_step:
             self._evaluate(final=False)
             self.save()
             self._reset_throughput()  # img/s counts training only
@@ -327,7 +327,7 @@ class TrainLoop:
 
     def _after_step(self, progress, loss: float, loss_sum: torch.Tensor, grad_norm: float,
                     imgs_since, t_last) -> None:
-        s, st = self.s, self.state
+        s, st = self.settings, self.state
         self._check_data_quality()
         log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
         # Collectives only on steps every rank agrees on (log steps); the bar between

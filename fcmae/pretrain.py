@@ -55,11 +55,11 @@ class PretrainTask(Task):
         step = loop.state.step
         path = save_reconstruction_grid(loop.run_dir / "reconstructions" / f"step-{step:07d}.png", imgs, pred,
                                         mask, self.norm_pix, self.mean, self.std)
-        if step % self.image_every == 0 or step >= loop.s.stop_step:
+        if step % self.image_every == 0 or step >= loop.settings.stop_step:
             loop.tracker.log_image("reconstruction", path, step)
 
     def after_step(self, loop):
-        if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.s.stop_step:
+        if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.settings.stop_step:
             self.visualize(loop)
 
     def evaluate(self, loop, final):
