@@ -15,12 +15,22 @@ from torch.utils.data import DataLoader
 
 from fcmae import create_fcmae
 from fcmae.data import EvalImages, eval_transform, labelled_source
-from fcmae.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
+from fcmae.evaluation import extract_features, inference, knn_accuracy, linear_probe_accuracy
 from fcmae.pretrain import load_encoder_init
 
 
 def scores(tf, ty, vf, vy) -> dict:
     return {**knn_accuracy(tf, ty, vf, vy, 10), **linear_probe_accuracy(tf, ty, vf, vy, 10)}
+
+
+def spatial_features(encoder, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last stage's whole ``(C, h, w)`` map, flattened: what pooling throws away."""
+    feats, labels = [], []
+    with inference(encoder, torch.device("cpu")):
+        for imgs, y, ok in loader:
+            feats.append(encoder.forward_dense(imgs).flatten(1)[ok])
+            labels.append(y[ok])
+    return torch.cat(feats), torch.cat(labels)
 
 
 def main() -> None:
@@ -31,6 +41,8 @@ def main() -> None:
     ap.add_argument("--val-per-class", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0, help="which images (the monitor uses trainer.seed, 0)")
     ap.add_argument("--out", default=None, help="write the scores here as JSON")
+    ap.add_argument("--spatial", action="store_true",
+                    help="also score the unpooled last-stage map (C x h x w), flattened")
     args = ap.parse_args()
 
     sets = [labelled_source("fashion_mnist", None, split, 0, 10, args.size, args.seed, n, args.seed)
@@ -48,8 +60,11 @@ def main() -> None:
             load_encoder_init(model, args.export)
         feats = [extract_features(model.encoder, loader, torch.device("cpu")) for loader in loaders]
         out[name] = scores(*feats[0], *feats[1])
+        if args.spatial:
+            feats = [spatial_features(model.encoder, loader) for loader in loaders]
+            out[f"{name}_spatial"] = scores(*feats[0], *feats[1])
     for name, s in out.items():
-        print(f"{name:12s} k-NN top-1 {s['knn_top1']:5.1f}   linear top-1 {s['linear_top1']:5.1f}")
+        print(f"{name:18s} k-NN top-1 {s['knn_top1']:5.1f}   linear top-1 {s['linear_top1']:5.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
