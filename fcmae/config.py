@@ -290,7 +290,6 @@ def validate(cfg: Any) -> None:
     check(0.0 <= m.mask_ratio < 1.0, f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
     check(len(m.depths) == 4 and len(m.dims) == 4, "model.depths and model.dims need 4 entries each")
     check(m.decoder_depth >= 1 and m.decoder_embed_dim >= 1, "model.decoder_depth and decoder_embed_dim must be >= 1")
-    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
     check(cfg.encoder.backend in BACKENDS,
           f"encoder.backend={cfg.encoder.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     check(cfg.encoder.grn_stats in GRN_STATS, f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use {' or '.join(GRN_STATS)}")
@@ -311,9 +310,6 @@ def validate(cfg: Any) -> None:
     check(d.source in PRETRAIN_SOURCES, f"data.source={d.source!r}; use one of {', '.join(PRETRAIN_SOURCES)}")
     check(d.source in ("synthetic", "fashion_mnist") or bool(d.root),
           f"data.source={d.source} needs data.root=/path/to/images")
-    check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-          f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
-    check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
     check(d.source != "synthetic" or d.synthetic_images >= d.batch_size,
           "data.synthetic_images must be at least data.batch_size")
     _check_eval(cfg.eval, check)
@@ -361,8 +357,13 @@ def _check_eval(e, check) -> None:
 
 
 def _check_training(cfg, check) -> None:
-    """Checks of the groups both apps share: optim, schedule, trainer, logger."""
-    o, t = cfg.optim, cfg.trainer
+    """Checks of what both apps share: optim, schedule, trainer, logger, launcher and the
+    common model and data keys."""
+    o, t, m, d = cfg.optim, cfg.trainer, cfg.model, cfg.data
+    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
+    check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+          f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
     check(o.name == "adamw", f"optim.name={o.name!r}; only adamw is supported")
     check(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be > 0")
     check(o.min_lr >= 0 and o.weight_decay >= 0, "optim.min_lr and optim.weight_decay must be >= 0")
@@ -397,7 +398,6 @@ def validate_finetune(cfg: Any) -> None:
     known = {f"convnextv2_{k}" for k in VARIANTS}
     check(m.name in known, f"model.name={m.name!r}; use one of {sorted(known)}")
     check(m.num_classes is None or m.num_classes > 1, "model.num_classes must be > 1 (or null: from the data)")
-    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
     check(d.source in LABELLED_SOURCES, f"data.source={d.source!r}; use one of {', '.join(LABELLED_SOURCES)}")
     check(d.source != "imagefolder" or (bool(d.train_root) and bool(d.val_root)),
           "data.source=imagefolder needs data.train_root=/path/train and data.val_root=/path/val")
@@ -408,9 +408,6 @@ def validate_finetune(cfg: Any) -> None:
     check(d.img_size > 0 and d.img_size % 32 == 0, f"data.img_size={d.img_size} must be a positive multiple of 32")
     check(d.batch_size > 0 and d.num_workers >= 0, "data.batch_size must be > 0 and data.num_workers >= 0")
     check(0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]")
-    check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-          f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
-    check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
     check(0.0 <= d.re_prob <= 1.0 and d.re_count >= 1 and d.re_mode in ("const", "rand", "pixel"),
           "data.re_prob must be in [0, 1], data.re_count >= 1, data.re_mode const, rand or pixel")
     check(d.interpolation in ("bicubic", "bilinear", "nearest", "random"),
