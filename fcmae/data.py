@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import transforms
 
 from .fashion_mnist import FashionMNIST, FashionMNISTError
@@ -332,8 +332,21 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def collate_masked(samples: list) -> tuple:
+    """Pretraining batches ``(imgs, masks, bad, keys, visible_per_sample)``: the masks' common
+    count of visible patches is counted here, on the CPU, once, and travels with the batch, so
+    the model's static-size fast path gets a checked count rather than a promise."""
+    imgs, masks, bad, keys = default_collate(samples)
+    visible = (masks == 0).sum(dim=1)
+    if not bool((visible == visible[0]).all()) or int(visible[0]) < 1:
+        raise DataError(f"a pretraining batch's masks keep {sorted(set(visible.tolist()))} patches per sample; "
+                        "every mask must keep the same number, at least 1")
+    return imgs, masks, bad, keys, int(visible[0])
+
+
 def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int, seed: int, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False, persistent_workers: bool = True):
+                       world_size: int = 1, pin_memory: bool = False, persistent_workers: bool = True,
+                       collate_fn=None):
     """``(loader, sampler)`` over keyed samples: resumable, sharded, deterministic per sample."""
     per_rank = len(dataset) // world_size
     if per_rank < batch_size:
@@ -344,7 +357,7 @@ def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int,
     sampler = ResumableSampler(dataset, world_size, rank, seed)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True,
+        pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
         persistent_workers=num_workers > 0 and persistent_workers,
         prefetch_factor=4 if num_workers > 0 else None,
         # Its own generator: creating an iterator (each epoch, and on resume mid-epoch)
@@ -356,12 +369,14 @@ def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int,
 
 def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
                           pin_memory: bool = False):
-    """``(loader, sampler, dataset)`` for pretraining; batches are ``(imgs, masks, bad, keys)``."""
+    """``(loader, sampler, dataset)`` for pretraining; batches are
+    ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`)."""
     source = build_source(data_cfg, seed)
     transform = pretrain_transform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std)
     dataset = PretrainSamples(source, transform, data_cfg.img_size, mask_ratio, seed)
     loader, sampler = build_train_loader(dataset, data_cfg.batch_size, data_cfg.num_workers, seed, rank, world_size,
-                                         pin_memory and data_cfg.pin_memory, data_cfg.persistent_workers)
+                                         pin_memory and data_cfg.pin_memory, data_cfg.persistent_workers,
+                                         collate_fn=collate_masked)
     return loader, sampler, dataset
 
 

@@ -19,7 +19,6 @@ from .distributed import DistInfo, cleanup, init_distributed
 from .engine import LoopState, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
-from .models.masking import num_visible
 from .optim import adamw, param_groups
 from .runner import (hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed, seed_everything, train,
                      wrap_model)
@@ -34,9 +33,7 @@ _RESUME_MUST_MATCH = ("model", "encoder", "data.img_size", "init_from")
 class PretrainTask(Task):
     """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
 
-    def __init__(self, visible_per_sample: int, norm_pix: bool, mean, std, vis_every: int, image_every: int,
-                 evaluator=None):
-        self.visible = visible_per_sample
+    def __init__(self, norm_pix: bool, mean, std, vis_every: int, image_every: int, evaluator=None):
         self.norm_pix, self.mean, self.std = norm_pix, tuple(mean), tuple(std)
         self.vis_every, self.image_every = vis_every, image_every
         self.evaluator = evaluator
@@ -44,7 +41,8 @@ class PretrainTask(Task):
 
     def loss(self, model, batch, device):
         imgs, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=self.visible)
+        # the count comes with the batch, checked by the data pipeline (data.collate_masked)
+        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=batch[4])
         self.last_batch = (imgs, pred.detach(), mask)
         return loss
 
@@ -124,8 +122,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
                  info.world_size, info.device, setup.precision, setup.effective_batch, cfg.data.batch_size,
                  setup.accum, info.world_size, setup.base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
 
-    task = PretrainTask(num_visible((cfg.data.img_size // 32) ** 2, cfg.model.mask_ratio), cfg.model.norm_pix_loss,
-                        cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator)
+    task = PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator)
     final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, setup.ckpt,
                   tracker, config, run_dir)
     if info.is_main:

@@ -254,6 +254,17 @@ def test_multirun_sweep_one_directory_per_value(tmp_path):
         assert f"mask_ratio: {ratio}" in (job / "config.yaml").read_text()
 
 
+def test_batches_carry_their_checked_visible_count():
+    from fcmae.data import DataError, collate_masked
+    ds = PretrainSamples(SyntheticImages(8, size=80), pretrain_transform(64), 64, 0.5)
+    batch = collate_masked([ds[i] for i in range(4)])
+    assert batch[4] == 2 and torch.equal((batch[1] == 0).sum(1), torch.full((4,), 2))  # int(4 * 0.5)
+    odd = list(ds[0])
+    odd[1] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # 3 visible where the others keep 2
+    with pytest.raises(DataError, match=r"keep \[2, 3\] patches per sample"):
+        collate_masked([ds[1], tuple(odd)])
+
+
 def test_accum_iter_overridden_by_effective_batch_is_said(caplog):
     from fcmae.runner import resolve_accumulation
     with caplog.at_level("WARNING", logger="fcmae"):

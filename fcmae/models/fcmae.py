@@ -71,7 +71,8 @@ class FCMAE(nn.Module):
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None,
                 mask_ratio: float | None = None, visible_per_sample: int | None = None):
         """``visible_per_sample``, with a given ``mask``, promises that every sample keeps
-        exactly that many patches (the training loop's masks do): no host sync."""
+        exactly that many patches: no host sync. The training loop passes the count its data
+        pipeline checked (``data.collate_masked``)."""
         h, w = self.grid(imgs)
         if mask is not None and visible_per_sample is not None:
             visible = visible_per_sample
@@ -82,7 +83,7 @@ class FCMAE(nn.Module):
         else:
             mask = check_mask(mask.to(imgs.device), imgs.shape[0], (h, w))
             visible = None
-        latent = self.forward_encoder(imgs, mask, visible)
+        latent = self.encoder(imgs, mask, visible, mask_checked=True)  # validated once, here
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
 

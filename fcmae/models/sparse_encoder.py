@@ -54,14 +54,16 @@ class SparseConvNeXtV2Encoder(nn.Module):
         self.backend = backend
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor,
-                visible_per_sample: int | None = None) -> torch.Tensor:
+                visible_per_sample: int | None = None, mask_checked: bool = False) -> torch.Tensor:
         """``(N, 3, H, W)``, mask ``(N, L)`` (1 = masked) -> ``(N, C_last, H/32, W/32)``.
 
         Masked sites of the output are zero. ``visible_per_sample`` promises that
-        every sample keeps exactly that many patches (skips a host sync).
+        every sample keeps exactly that many patches (skips a host sync); the training
+        pipeline counts it from the masks (``data.collate_masked``). ``mask_checked``: the
+        caller (FCMAE) has validated the mask already.
         """
         grid = check_image_size(imgs.shape[-2], imgs.shape[-1], PATCH_SIZE)
-        if visible_per_sample is None:
+        if visible_per_sample is None and not mask_checked:
             mask = check_mask(mask, imgs.shape[0], grid)
         return self._forward_impl(self, imgs, mask, grid, visible_per_sample)
 
