@@ -228,33 +228,6 @@ def to_canonical(obj: Mapping, source: str = "checkpoint") -> tuple[dict[str, to
 
 # ---------------------------------------------------------------- canonical -> formats
 
-def canonical_to_minkowski(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical -> official sparse (MinkowskiEngine) encoder layout, ``encoder.`` prefixed."""
-    out = {}
-    for k, v in sd.items():
-        parts = k.split(".")
-        if parts[0] == "downsample_layers" and parts[1] != "0":
-            if parts[2] == "0":  # LayerNorm
-                k = ".".join(parts[:3] + ["ln", parts[3]])
-            elif parts[3] == "weight":
-                k, v = ".".join(parts[:3] + ["kernel"]), dense_conv_to_me(v)
-            else:
-                v = v.reshape(1, -1)
-        elif parts[0] == "stages":
-            name, leaf = parts[3], parts[4]
-            if name == "dwconv":
-                k, v = (".".join(parts[:4] + ["kernel"]), dense_depthwise_to_me(v)) if leaf == "weight" \
-                    else (k, v.reshape(1, -1))
-            elif name == "norm":
-                k = ".".join(parts[:4] + ["ln", leaf])
-            elif name in ("pwconv1", "pwconv2"):
-                k = ".".join(parts[:4] + ["linear", leaf])
-            elif name == "grn":
-                v = v.reshape(1, -1)
-        out[f"encoder.{k}"] = v
-    return out
-
-
 def canonical_to_timm(sd: Mapping[str, torch.Tensor], conv_mlp: bool) -> dict[str, torch.Tensor]:
     """Canonical -> ``timm.create_model("convnextv2_<size>", num_classes=0)`` keys.
 

@@ -132,17 +132,31 @@ class Task:
         """Restore from a whole checkpoint (the keys :meth:`state_dict` wrote)."""
 
 
+@dataclass
+class RunParts:
+    """What an app builds for the loop, in one place (``runner.train`` runs it)."""
+    model: nn.Module  # what the loop calls: DDP- and/or compile-wrapped
+    raw_model: nn.Module  # the bare module: checkpoints, EMA, evaluation
+    optimizer: torch.optim.Optimizer
+    scaler: object | None  # GradScaler under fp16
+    loader: object
+    sampler: object  # a ResumableSampler
+    dist: DistInfo
+    ckpt: CheckpointManager
+    tracker: object  # wandb or a null logger
+    config: dict  # the resolved config, saved in every checkpoint
+    run_dir: Path
+
+
 class TrainLoop:
-    def __init__(self, task: Task, model: nn.Module, raw_model: nn.Module, optimizer, scaler, loader, sampler,
-                 settings: LoopSettings, state: LoopState, dist_info: DistInfo, ckpt: CheckpointManager,
-                 metrics_file, tracker, config: dict, run_dir: Path):
+    def __init__(self, task: Task, parts: RunParts, settings: LoopSettings, state: LoopState, metrics_file):
         self.task = task
-        self.model, self.raw_model = model, raw_model
-        self.optimizer, self.scaler = optimizer, scaler
-        self.loader, self.sampler = loader, sampler
-        self.settings, self.state, self.dist = settings, state, dist_info
-        self.ckpt, self.metrics_file, self.tracker = ckpt, metrics_file, tracker
-        self.config, self.run_dir = config, Path(run_dir)
+        self.model, self.raw_model = parts.model, parts.raw_model
+        self.optimizer, self.scaler = parts.optimizer, parts.scaler
+        self.loader, self.sampler = parts.loader, parts.sampler
+        self.settings, self.state, self.dist = settings, state, parts.dist
+        self.ckpt, self.metrics_file, self.tracker = parts.ckpt, metrics_file, parts.tracker
+        self.config, self.run_dir = parts.config, Path(parts.run_dir)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

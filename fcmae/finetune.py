@@ -23,7 +23,7 @@ from .convert import CheckpointError, canonical_to_format, infer_shape, load_sta
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
                    finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .engine import LoopState, Task
+from .engine import LoopState, RunParts, Task
 from .evaluation import inference
 from .optim import adamw, layer_decay_groups
 from .runner import (ConfigError, hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed,
@@ -248,8 +248,8 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
                  cfg.optim.layer_decay,
                  cfg.optim.layer_decay_type, cfg.ema.decay if ema is not None else "off", s.steps_per_epoch,
                  s.stop_step, s.total_steps)
-    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, setup.ckpt,
-                  tracker, config, run_dir)
+    parts = RunParts(train_model, model, optimizer, scaler, loader, sampler, info, setup.ckpt, tracker, config, run_dir)
+    final = train(task, parts, s, state)
     if info.is_main:
         best = "  ".join(f"{k} {v:.2f}%" for k, v in task.best.items() if v is not None) or "n/a"
         log.info("done: step %d, %s; checkpoints %s and best.pt beside it (timm state dict under 'model')",

@@ -16,7 +16,7 @@ from .config import CONFIG_PATH, register_configs, validate
 from .convert import CheckpointError, load_state_dict_file, to_canonical
 from .data import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
-from .engine import LoopState, Task, TrainLoop
+from .engine import LoopState, RunParts, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
@@ -123,8 +123,8 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
                  setup.accum, info.world_size, setup.base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
 
     task = PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator)
-    final = train(task, train_model, model, optimizer, scaler, loader, sampler, s, state, info, setup.ckpt,
-                  tracker, config, run_dir)
+    parts = RunParts(train_model, model, optimizer, scaler, loader, sampler, info, setup.ckpt, tracker, config, run_dir)
+    final = train(task, parts, s, state)
     if info.is_main:
         log.info("done: step %d, checkpoint %s; export with: fcmae-export %s --format timm", final.step,
                  setup.ckpt.last, run_dir)

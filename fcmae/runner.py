@@ -19,7 +19,7 @@ from .config import ConfigError
 from .convert import CheckpointError
 from .data import DataError
 from .distributed import DistInfo
-from .engine import DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, Task, TrainLoop
+from .engine import DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, RunParts, Task, TrainLoop
 from .loggers import MetricsFile, NullLogger, WandbLogger
 
 log = logging.getLogger("fcmae")
@@ -184,12 +184,10 @@ def open_tracker(cfg, run_dir: Path, config: dict, info: DistInfo):
     return NullLogger()
 
 
-def train(task: Task, model, raw_model, optimizer, scaler, loader, sampler, settings: LoopSettings,
-          state: LoopState, info: DistInfo, ckpt: CheckpointManager, tracker, config: dict,
-          run_dir: Path) -> LoopState:
+def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState) -> LoopState:
     """Run the loop; a non-finite loss is reported with the last good checkpoint."""
-    loop = TrainLoop(task, model, raw_model, optimizer, scaler, loader, sampler, settings, state, info, ckpt,
-                     MetricsFile(run_dir), tracker, config, run_dir)
+    loop = TrainLoop(task, parts, settings, state, MetricsFile(parts.run_dir))
+    ckpt, tracker = parts.ckpt, parts.tracker
     try:
         return loop.run()
     except NonFiniteLoss as exc:

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from fcmae import ConvNeXtV2, create_fcmae
-from fcmae.convert import (CheckpointError, canonical_to_minkowski, dense_conv_to_me, dense_depthwise_to_me,
+from fcmae.convert import (CheckpointError, dense_conv_to_me, dense_depthwise_to_me,
                            detect_layout, me_conv_to_dense, me_depthwise_to_dense, save_state_dict, to_canonical,
                            to_dense)
 from fcmae.export import export, main
 
-from conftest import rel_err
+from conftest import canonical_to_minkowski, rel_err
 
 timm = pytest.importorskip("timm")
 
