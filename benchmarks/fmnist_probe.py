@@ -28,7 +28,7 @@ def spatial_features(encoder, loader) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     with inference(encoder, torch.device("cpu")):
         for imgs, y, ok in loader:
-            feats.append(encoder.forward_dense(imgs).flatten(1)[ok])
+            feats.append(encoder.forward_unmasked(imgs).flatten(1)[ok])
             labels.append(y[ok])
     return torch.cat(feats), torch.cat(labels)
 

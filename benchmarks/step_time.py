@@ -118,7 +118,7 @@ class Case:
     def _encoder_out(self, imgs, mask):
         enc = self.model.encoder
         if self.unmasked:
-            return enc.forward_dense(imgs)
+            return enc.forward_unmasked(imgs)
         return enc(imgs, mask, self.visible)
 
     def _loss(self, imgs, mask):

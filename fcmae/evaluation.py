@@ -35,7 +35,7 @@ def extract_features(encoder, loader, device: torch.device) -> tuple[torch.Tenso
     feats, labels = [], []
     with inference(encoder, device):
         for imgs, y, ok in loader:
-            f = encoder.forward_dense(imgs.to(device, non_blocking=True)).mean(dim=(2, 3))
+            f = encoder.forward_unmasked(imgs.to(device, non_blocking=True)).mean(dim=(2, 3))
             feats.append(f.float().cpu()[ok])
             labels.append(y[ok])
     return torch.cat(feats), torch.cat(labels)

@@ -90,7 +90,7 @@ def test_export_safetensors_loads_into_timm_strict(tmp_path):
     ref.load_state_dict(load_file(str(out)), strict=True)
     imgs = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert rel_err(ref.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+        assert rel_err(ref.forward_features(imgs), model.encoder.forward_unmasked(imgs)) < 1e-5
 
 
 def test_export_official_pth_loads_into_dense_convnextv2(tmp_path):
@@ -103,7 +103,7 @@ def test_export_official_pth_loads_into_dense_convnextv2(tmp_path):
     assert not unexpected and set(missing) == {"norm.weight", "norm.bias"}
     imgs = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
-        assert rel_err(dense.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+        assert rel_err(dense.forward_features(imgs), model.encoder.forward_unmasked(imgs)) < 1e-5
 
 
 def test_cli_prints_and_verifies(tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_from_official_accepts_both_official_layouts_and_refuses_others(tmp_path
                               strict=False)
         imgs = torch.randn(1, 3, 64, 64)
         with torch.no_grad():
-            assert rel_err(dense.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+            assert rel_err(dense.forward_features(imgs), model.encoder.forward_unmasked(imgs)) < 1e-5
 
     timm_file = tmp_path / "official_dense_timm.safetensors"
     assert main(["--from-official", str(timm_file), "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -47,7 +47,7 @@ def test_pretrained_weights_land_in_the_timm_classifier(tmp_path):
         load_pretrained(clf, "convnextv2_atto", source)
         imgs = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
-            assert rel_err(clf.forward_features(imgs), model.encoder.forward_dense(imgs)) < 1e-5
+            assert rel_err(clf.forward_features(imgs), model.encoder.forward_unmasked(imgs)) < 1e-5
         assert torch.equal(clf.head.fc.weight, head_before)  # the head stays fresh
     with pytest.raises(CheckpointError, match="holds convnextv2_atto weights but model.name=convnextv2_femto"):
         load_pretrained(build_classifier("convnextv2_femto", 5, 0.0, 1.0), "convnextv2_femto", exported)

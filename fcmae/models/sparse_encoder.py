@@ -67,7 +67,7 @@ class SparseConvNeXtV2Encoder(nn.Module):
             mask = check_mask(mask, imgs.shape[0], grid)
         return self._forward_impl(self, imgs, mask, grid, visible_per_sample)
 
-    def forward_dense(self, imgs: torch.Tensor) -> torch.Tensor:
+    def forward_unmasked(self, imgs: torch.Tensor) -> torch.Tensor:
         """Plain dense forward (nothing masked, per-sample GRN): ``(N, C_last, H/32, W/32)``."""
         x = imgs
         for down, stage in zip(self.downsample_layers, self.stages):

@@ -32,7 +32,8 @@ def block_masked(block: Block, x: torch.Tensor, active: torch.Tensor, grn_stats:
 
 def encoder_forward(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int],
                     visible_per_sample: int | None = None) -> torch.Tensor:
-    """``(N, 3, H, W)`` + mask ``(N, L)`` -> ``(N, C_last, H/32, W/32)``, zeros at masked sites."""
+    """``(N, 3, H, W)`` + mask ``(N, L)`` -> ``(N, C_last, H/32, W/32)``, zeros at masked sites.
+    ``visible_per_sample`` is part of every backend's signature; full canvases need no count."""
     num_stages = len(encoder.stages)
     x = imgs
     for k, (down, stage) in enumerate(zip(encoder.downsample_layers, encoder.stages)):
