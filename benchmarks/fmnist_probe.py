@@ -15,22 +15,12 @@ from torch.utils.data import DataLoader
 
 from fcmae import create_fcmae
 from fcmae.data import EvalImages, eval_transform, labelled_source
-from fcmae.evaluation import extract_features, inference, knn_accuracy, linear_probe_accuracy
+from fcmae.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
 from fcmae.pretrain import load_encoder_init
 
 
 def scores(tf, ty, vf, vy) -> dict:
     return {**knn_accuracy(tf, ty, vf, vy, 10), **linear_probe_accuracy(tf, ty, vf, vy, 10)}
-
-
-def spatial_features(encoder, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last stage's whole ``(C, h, w)`` map, flattened: what pooling throws away."""
-    feats, labels = [], []
-    with inference(encoder, torch.device("cpu")):
-        for imgs, y, ok in loader:
-            feats.append(encoder.forward_unmasked(imgs).flatten(1)[ok])
-            labels.append(y[ok])
-    return torch.cat(feats), torch.cat(labels)
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
         feats = [extract_features(model.encoder, loader, torch.device("cpu")) for loader in loaders]
         out[name] = scores(*feats[0], *feats[1])
         if args.spatial:
-            feats = [spatial_features(model.encoder, loader) for loader in loaders]
+            feats = [extract_features(model.encoder, loader, torch.device("cpu"), pool=False) for loader in loaders]
             out[f"{name}_spatial"] = scores(*feats[0], *feats[1])
     for name, s in out.items():
         print(f"{name:18s} k-NN top-1 {s['knn_top1']:5.1f}   linear top-1 {s['linear_top1']:5.1f}")

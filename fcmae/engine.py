@@ -308,7 +308,7 @@ class TrainLoop:
             return False
         loss, grad_norm = self._optimizer_step(self._loss_sum)
         st.step += 1
-        self._after_step(self._progress, loss, self._loss_sum, grad_norm, self._imgs_since, self._t_last)
+        self._after_step(loss, grad_norm)
         if st.step % s.log_every == 0:
             self._reset_throughput()
         self._loss_sum.zero_()
@@ -339,24 +339,25 @@ class TrainLoop:
     def _reset_throughput(self) -> None:
         self._t_last, self._imgs_since = time.perf_counter(), 0
 
-    def _after_step(self, progress, loss: float, loss_sum: torch.Tensor, grad_norm: float,
-                    imgs_since, t_last) -> None:
-        s, st = self.settings, self.state
+    def _after_step(self, loss: float, grad_norm: float) -> None:
+        """Logging, data-quality check, task hook and periodic checkpoint after a step;
+        ``loss`` is this rank's summed micro-batch loss."""
+        s, st, progress = self.settings, self.state, self._progress
         self._check_data_quality()
         log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
         # Collectives only on steps every rank agrees on (log steps); the bar between
         # log steps shows this rank's own loss.
         if log_now:
-            loss = all_reduce_mean(loss_sum, self.dist)
+            loss = all_reduce_mean(self._loss_sum, self.dist)
         metrics = None
         if log_now or progress.bar is not None:
-            elapsed = max(time.perf_counter() - t_last, 1e-9)
+            elapsed = max(time.perf_counter() - self._t_last, 1e-9)
             metrics = {
                 "step": st.step, "epoch": st.epoch,
                 "loss": loss / s.accum,  # at log steps: the global batch's loss
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm,
-                "images_per_s": imgs_since / elapsed,
+                "images_per_s": self._imgs_since / elapsed,
                 "bad_images": st.bad_images,
             }
             progress.update(st.step, metrics, log_now)

@@ -30,12 +30,14 @@ def inference(model: torch.nn.Module, device: torch.device):
         model.train(was_training)
 
 
-def extract_features(encoder, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features (M, C) float32 on CPU, labels (M,))`` for the readable images of ``loader``."""
+def extract_features(encoder, loader, device: torch.device, pool: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features float32 on CPU, labels (M,))`` for the readable images of ``loader``:
+    ``(M, C)`` globally pooled, or with ``pool=False`` the whole last-stage map flattened, ``(M, C*h*w)``."""
     feats, labels = [], []
     with inference(encoder, device):
         for imgs, y, ok in loader:
-            f = encoder.forward_unmasked(imgs.to(device, non_blocking=True)).mean(dim=(2, 3))
+            f = encoder.forward_unmasked(imgs.to(device, non_blocking=True))
+            f = f.mean(dim=(2, 3)) if pool else f.flatten(1)
             feats.append(f.float().cpu()[ok])
             labels.append(y[ok])
     return torch.cat(feats), torch.cat(labels)
