@@ -29,6 +29,8 @@ from typing import Mapping
 
 import torch
 
+from .files import fsync_dir, publish_mode
+
 from .models.convnextv2 import make_trunk
 from .models.variants import Variant, find_variant
 # The kernel-order maps are part of the converter's API; they live with the sparse ops.
@@ -306,5 +308,7 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, met
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     else:
         torch.save(tensors, tmp)
+    publish_mode(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path

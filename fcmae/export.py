@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import read_checkpoint
 from .convert import (FORMATS, CheckpointError, canonical_to_format, infer_shape, load_state_dict_file,
                       save_state_dict, to_canonical, variant_of)
 from .models.convnextv2 import ConvNeXtV2
@@ -77,8 +77,7 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     or MinkowskiEngine sparse layout), not one of ours or a timm file.
     ``ema``: export the checkpoint's EMA weights (``model_ema``) instead of ``model``.
     """
-    src = resolve_checkpoint(checkpoint)
-    obj = load_state_dict_file(src)
+    src, obj = read_checkpoint(checkpoint)
     if ema:
         if not isinstance(obj.get("model_ema"), dict):
             raise CheckpointError(f"{src} holds no EMA weights ('model_ema'); they exist in fcmae-finetune "

@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_PATH, register_configs, validate
-from .convert import CheckpointError, load_state_dict_file, to_canonical
+from .checkpoint import read_checkpoint
+from .convert import CheckpointError, to_canonical
 from .data import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task, TrainLoop
@@ -76,7 +77,8 @@ def build_model(cfg) -> FCMAE:
 
 def load_encoder_init(model: FCMAE, path: str) -> None:
     """Encoder weights from any layout the converter reads; the decoder stays fresh."""
-    canonical, layout = to_canonical(load_state_dict_file(path), source=path)
+    src, obj = read_checkpoint(path)
+    canonical, layout = to_canonical(obj, source=str(src))
     missing, unexpected = model.encoder.load_state_dict(canonical, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"init_from={path}: encoder shape differs from model "

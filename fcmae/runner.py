@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointManager, load_checkpoint, restore_rng
+from .checkpoint import (REQUIRED_KEYS, CheckpointManager, CheckpointWriteError, check_checkpoint, load_resolved,
+                         newest_good_checkpoint, restore_rng)
 from .config import ConfigError
 from .convert import CheckpointError
 from .data import DataError
@@ -24,7 +25,7 @@ from .loggers import MetricsFile, NullLogger, WandbLogger
 
 log = logging.getLogger("fcmae")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLoss, DataQualityError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointWriteError, NonFiniteLoss, DataQualityError)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -58,32 +59,54 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
 
 def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precision: str,
                   max_bad_fraction: float, callbacks) -> LoopSettings:
-    """Steps per epoch, schedule length, stop step and warmup from the config."""
+    """Steps per epoch, schedule length, stop step and warmup from the config.
+
+    ``trainer.max_steps`` below the schedule's end (epochs x steps per epoch) stops early on the
+    same schedule; beyond it, the cosine is stretched to end at ``max_steps``, so "the same
+    command with a larger max_steps" makes a run longer (a finished run's lr rises again to the
+    stretched curve's value at its step: a warm restart, logged)."""
     t = cfg.trainer
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch < 1:
         raise ConfigError(f"one epoch has {micro_per_epoch} batches per process, fewer than the accumulation "
                           f"({accum}); use more data or a smaller optim.effective_batch_size")
-    total_steps = t.epochs * steps_per_epoch
+    epoch_steps = t.epochs * steps_per_epoch
+    total_steps = max(epoch_steps, t.max_steps or 0)
+    if total_steps > epoch_steps:
+        log.info("trainer.max_steps=%d is beyond the %d steps of trainer.epochs=%d: the cosine schedule is "
+                 "stretched to end at step %d", t.max_steps, epoch_steps, t.epochs, total_steps)
     warmup = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
         else int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
     return LoopSettings(
-        total_steps=total_steps, stop_step=min(total_steps, t.max_steps) if t.max_steps else total_steps,
+        total_steps=total_steps, stop_step=t.max_steps or total_steps,
         steps_per_epoch=steps_per_epoch, accum=accum, base_lr=base_lr, min_lr=cfg.optim.min_lr,
         warmup_steps=warmup, batch_size=cfg.data.batch_size, precision=precision, clip_grad=cfg.optim.clip_grad,
         log_every=t.log_every, ckpt_every=t.ckpt_every, max_bad_fraction=max_bad_fraction, progress=t.progress,
         callbacks=list(callbacks))
 
 
-def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ``auto`` (the run directory's last), ``never``, or a path."""
+def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from, loaded: ``auto`` (the run directory's newest whole
+    checkpoint, walking back past damaged ones), ``never``, or a file or run directory."""
     if resume == "auto":
-        return ckpt.last if ckpt.exists() else None
+        found = newest_good_checkpoint(ckpt.dir)
+        missing = [k for k in REQUIRED_KEYS if found is not None and k not in found[1]]
+        if missing:
+            raise CheckpointError(f"{found[0]} lacks {', '.join(missing)}: not a training checkpoint to resume")
+        return found
     if resume != "never":
         path = Path(resume)
-        if not path.is_file():
-            raise ConfigError(f"resume={resume}: no such checkpoint file (use resume=auto or resume=never)")
-        return path
+        if not path.exists() and not path.is_symlink():
+            raise ConfigError(f"resume={resume}: no such checkpoint file or run directory "
+                              "(use resume=auto or resume=never)")
+        found, ck = load_resolved(path)
+        if ck is None:
+            try:
+                ck = check_checkpoint(found)
+            except CheckpointError as exc:
+                raise CheckpointError(f"resume={resume}: {exc}; pass its run directory to fall back to an older "
+                                      "checkpoint") from None
+        return found, ck
     if ckpt.exists():
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=never would overwrite them; "
                           "use resume=auto to continue, or another run_name")
@@ -101,11 +124,10 @@ def changed_keys(old: dict, new: dict, keys) -> list[str]:
     return out
 
 
-def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info: DistInfo, seed: int,
+def restore(path: Path, ck: dict, config: dict, must_match, model, optimizer, scaler, info: DistInfo, seed: int,
             task: Task | None = None) -> LoopState:
-    """Load a training checkpoint into model/optimizer/scaler/RNG (and the task's own state);
-    refuse a different setup."""
-    ck = load_checkpoint(path)
+    """Load a training checkpoint ``ck`` (read from ``path``) into model/optimizer/scaler/RNG
+    (and the task's own state); refuse a different setup."""
     changed = changed_keys(ck.get("config", {}), config, must_match)
     if changed:
         raise ConfigError(f"{path} was trained with a different setup ({'; '.join(changed)}); "
@@ -117,14 +139,14 @@ def restore(path: Path, config: dict, must_match, model, optimizer, scaler, info
     if task is not None:
         task.load_state_dict(ck)
     state = LoopState(ck["step"], ck["epoch"], ck["batch_in_epoch"], ck.get("bad_images", 0),
-                      ck.get("seen_images", 0))
+                      ck.get("seen_images", 0), ck.get("finished", True))
     rngs = ck.get("rng") or []
     if len(rngs) == info.world_size:
         restore_rng(rngs[info.rank])
     else:
         log.warning("checkpoint has RNG states for %d processes, this run has %d: reseeding",
                     len(rngs), info.world_size)
-        torch.manual_seed(seed + info.rank + state.step)
+        seed_rank(seed + state.step, info.rank)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
     return state
 
@@ -137,7 +159,11 @@ class RunSetup:
     effective_batch: int
     base_lr: float
     ckpt: CheckpointManager
-    resume_path: Path | None  # the checkpoint to continue from, if any
+    resume: tuple[Path, dict] | None  # the checkpoint to continue from (path, loaded), if any
+
+    @property
+    def resume_path(self) -> Path | None:
+        return self.resume[0] if self.resume else None
 
 
 def prepare_run(cfg, run_dir: Path, info: DistInfo) -> RunSetup:
@@ -152,10 +178,20 @@ def restore_or_seed(setup: RunSetup, config: dict, must_match, model, optimizer,
                     task: Task | None = None):
     """``(state, scaler)``: the resumed position, or a fresh one with per-rank seeding."""
     scaler = torch.amp.GradScaler("cuda") if setup.precision == "fp16" else None
-    if setup.resume_path is not None:
-        return restore(setup.resume_path, config, must_match, model, optimizer, scaler, info, seed, task), scaler
-    torch.manual_seed(seed + info.rank)  # drop-path draws differ per rank
+    if setup.resume is not None:
+        path, ck = setup.resume
+        setup.resume = (path, None)  # the loop holds the weights from here: free the copy
+        return restore(path, ck, config, must_match, model, optimizer, scaler, info, seed, task), scaler
+    seed_rank(seed, info.rank)
     return LoopState(), scaler
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-rank streams for what differs between ranks (drop path; timm's Mixup draws from NumPy
+    and Python), as the official code seeds with seed + rank; a resume restores them exactly."""
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
 
 
 def seed_everything(seed: int) -> None:
@@ -191,7 +227,7 @@ def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState)
     try:
         return loop.run()
     except NonFiniteLoss as exc:
-        last = f"{ckpt.last} (step {load_checkpoint(ckpt.last)['step']})" if ckpt.exists() else "none yet"
+        last = ckpt.describe_last_good()
         raise NonFiniteLoss(f"{exc}; the weights were not updated and the last good checkpoint is {last}. "
                             "Lower optim.blr, set optim.clip_grad, or use trainer.precision=fp32") from None
     finally:
@@ -211,6 +247,9 @@ def hydra_entry(config_path: str, config_name: str, run: Callable[[DictConfig, s
         except Preempted as exc:
             log.warning("%s; run the same command again to resume", exc)
             sys.exit(128 + int(exc.signum))
+        except KeyboardInterrupt:
+            log.warning("interrupted (a second Ctrl-C): exiting without a checkpoint; the last one stands")
+            sys.exit(130)
         except USER_ERRORS as exc:
             log.error("%s", exc)
             sys.exit(1)
