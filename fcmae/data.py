@@ -77,6 +77,7 @@ class ImageFiles(Dataset):
     def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None = None):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [0] * len(self.paths)
+        self.classes: list[str] | None = None  # class names by label, where the source has them
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,33 +86,79 @@ class ImageFiles(Dataset):
         return str(self.paths[index])
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB"), self.labels[index]
+        return open_image(self.paths[index]), self.labels[index]
+
+
+def open_image(path) -> Image.Image:
+    """An image file as 8-bit RGB, read faithfully: EXIF orientation applied (a phone photo is
+    upright), high-bit-depth pixels scaled to 8 bits (see :func:`to_rgb8`), alpha dropped."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return to_rgb8(img)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode. Pillow's own ``convert("RGB")`` clips 16- and 32-bit
+    pixels at 255 (a 16-bit PNG comes out white); here 16-bit modes are scaled by their bit
+    depth (65535 -> 255), 32-bit integer images by their bit depth when they fit 8 or 16 bits and
+    by their range otherwise, and float images from [0, 1] when they lie there, else by range."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            scale_lo, scale_hi = 0.0, 65535.0
+        elif mode == "I" and a.min() >= 0 and a.max() <= 255:
+            scale_lo, scale_hi = 0.0, 255.0
+        elif mode == "I" and a.min() >= 0 and a.max() <= 65535:
+            scale_lo, scale_hi = 0.0, 65535.0
+        elif mode == "F" and a.min() >= 0 and a.max() <= 1:
+            scale_lo, scale_hi = 0.0, 1.0
+        else:
+            scale_lo, scale_hi = float(a.min()), float(max(a.max(), a.min() + 1e-12))
+        a = np.clip((a - scale_lo) / (scale_hi - scale_lo), 0, 1)
+        grey = Image.fromarray(np.round(a * 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def scan_image_folder(root: str | Path) -> ImageFiles:
-    """``root/<class>/**/<image>``; classes sorted, labels are class indices."""
+def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFiles:
+    """``root/<class>/**/<image>``; labels are class indices. ``classes``: the class names
+    the labels index (a train set's), so a val set with a subset of the folders, or folders in
+    another order, gets the train set's indices; a folder not among them is an error. Without
+    it, the sorted folder names."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={root} is not a directory (expected class folders root/<class>/<image>)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    else:
+        classes = list(classes)
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise DataError(f"{root} has class folders the training set does not: {unknown[:5]}"
+                            f"{' ...' if len(unknown) > 5 else ''} (training classes: {classes[:10]}"
+                            f"{' ...' if len(classes) > 10 else ''}); remove them or train with them")
+    index = {name: i for i, name in enumerate(classes)}
     paths, labels = [], []
-    for label, name in enumerate(classes):
+    for name in found:
         for dirpath, _, files in sorted(os.walk(root / name)):
             for f in sorted(files):
                 if _is_image(Path(f)):
                     paths.append(Path(dirpath) / f)
-                    labels.append(label)
+                    labels.append(index[name])
     if not paths:
         raise DataError(
             f"no images found under class folders of {root} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
             "for a flat folder use data=folder"
         )
-    return ImageFiles(paths, labels)
+    out = ImageFiles(paths, labels)
+    out.classes = list(classes)
+    return out
 
 
 def scan_folder(root: str | Path) -> ImageFiles:
@@ -332,6 +379,17 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the signals that stop a run. Slurm, ``timeout``
+    and a terminal's Ctrl-C signal the whole process group; a worker that died of it would kill
+    the run before its checkpoint. The main process owns shutdown (and workers exit with it)."""
+    import signal
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def collate_masked(samples: list) -> tuple:
     """Pretraining batches ``(imgs, masks, bad, keys, visible_per_sample)``: the masks' common
     count of visible patches is counted here, on the CPU, once, and travels with the batch, so
@@ -359,7 +417,7 @@ def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int,
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
         persistent_workers=num_workers > 0 and persistent_workers,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals,
         # Its own generator: creating an iterator (each epoch, and on resume mid-epoch)
         # must not draw from the global RNG that drop path uses.
         generator=torch.Generator().manual_seed(seed),
@@ -383,11 +441,14 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
 # ---------------------------------------------------------------- labelled sets (fine-tuning, evaluation)
 
 def labelled_source(source: str, root: str | None, split: str, num_images: int, classes: int, img_size: int,
-                    seed: int, per_class: int | None = None, subset_seed: int = 0) -> Dataset:
+                    seed: int, per_class: int | None = None, subset_seed: int = 0,
+                    class_names: Sequence[str] | None = None) -> Dataset:
     """A labelled set: ``imagefolder`` at ``root``; Fashion-MNIST (``train`` -> its train split,
     ``val`` -> its test split; ``root`` null = the Debian path); or synthetic images (``split``
     picks a disjoint seed, so train and val images differ but share the class structure).
-    ``per_class`` keeps that many images of each class, a fixed draw for ``subset_seed``."""
+    ``per_class`` keeps that many images of each class, a fixed draw for ``subset_seed``.
+    ``class_names``: the training set's classes (:func:`class_names_of`), so an image folder's
+    labels are matched by name, not by position."""
     if source == "fashion_mnist":
         full = fashion_mnist(root, {"train": "train", "val": "test"}[split])
     elif source == "synthetic":
@@ -396,7 +457,7 @@ def labelled_source(source: str, root: str | None, split: str, num_images: int, 
     elif source == "imagefolder":
         if not root:
             raise DataError(f"the {split} set needs a folder: set its root (root/<class>/<image>)")
-        full = scan_image_folder(root)
+        full = scan_image_folder(root, class_names)
     else:
         raise DataError(f"labelled source {source!r}; use synthetic, imagefolder or fashion_mnist")
     return PerClassSubset(full, per_class, subset_seed) if per_class else full
@@ -408,12 +469,21 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     return np.asarray(dataset.labels)
 
 
+def class_names_of(dataset: Dataset) -> list[str] | None:
+    """The class names a labelled set's labels index, where it has them (image folders)."""
+    if isinstance(dataset, PerClassSubset):
+        return class_names_of(dataset.source)
+    names = getattr(dataset, "classes", None)
+    return list(names) if isinstance(names, (list, tuple)) else None
+
+
 def num_classes_of(dataset: Dataset) -> int:
     if isinstance(dataset, PerClassSubset):
         return num_classes_of(dataset.source)
     if isinstance(dataset, SyntheticImages):
         return dataset.classes
-    return int(max(dataset.labels)) + 1
+    names = class_names_of(dataset)
+    return len(names) if names else int(max(dataset.labels)) + 1
 
 
 class PerClassSubset(Dataset):
@@ -480,4 +550,4 @@ def build_eval_loader(dataset: EvalImages, batch_size: int, num_workers: int, ra
     # Its own generator: an iterator draws a base seed, which must not come from the global
     # RNG (drop path's), or evaluating would change the training that follows it.
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)

@@ -23,14 +23,17 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointManager, capture_rng
-from .distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean
+from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng
+from .distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean, all_reduce_sum
 from .loggers import Progress
 from .optim import cosine_lr, set_lr
 
 log = logging.getLogger("fcmae")
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+# Signals that end a run cleanly: a checkpoint at the next step boundary, then exit 128 + signal.
+# SIGTERM: Slurm's time limit, scancel, preemption, `timeout`, most process managers;
+# SIGUSR1/SIGUSR2: Slurm's --signal warning; SIGINT: Ctrl-C (a second one exits at once).
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -48,9 +51,10 @@ class DataQualityError(RuntimeError):
 
 
 class PreemptionGuard:
-    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag the loop checks after each optimizer step,
-    so the checkpoint is written at a clean step boundary. Handlers that were installed
-    before (e.g. submitit's requeue on SIGUSR2) are called after the checkpoint."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2/SIGINT into a flag the loop checks after each optimizer
+    step, so the checkpoint is written at a clean step boundary. A second SIGINT raises
+    KeyboardInterrupt at once (a write in progress removes its temporary file). Handlers that
+    were installed before (e.g. submitit's requeue on SIGUSR2) are called after the checkpoint."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -67,12 +71,17 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            if signum == signal.SIGINT:
+                log.warning("caught SIGINT: stopping after this step's checkpoint (Ctrl-C again to exit at once)")
 
     def chain(self) -> None:
         """Call the handler that was installed before ours, if it was a real one."""
         prev = self.previous.get(self.signum)
-        if callable(prev):
+        if callable(prev) and prev is not signal.default_int_handler:
             prev(self.signum, None)
 
     def __exit__(self, *exc):
@@ -86,14 +95,15 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    bad_images: int = 0
-    seen_images: int = 0
+    bad_images: int = 0  # over all ranks
+    seen_images: int = 0  # over all ranks
+    finished: bool = False  # the final evaluation and checkpoint of stop_step are done
 
 
 @dataclass
 class LoopSettings:
-    total_steps: int  # schedule length (epochs * steps_per_epoch)
-    stop_step: int  # min(total_steps, max_steps)
+    total_steps: int  # schedule length: epochs * steps_per_epoch, or max_steps when larger
+    stop_step: int  # max_steps if given, else total_steps
     steps_per_epoch: int
     accum: int
     base_lr: float
@@ -169,6 +179,7 @@ class TrainLoop:
             "batch_in_epoch": self.state.batch_in_epoch,
             "bad_images": self.state.bad_images,
             "seen_images": self.state.seen_images,
+            "finished": self.state.finished,
             "rng": all_gather_objects(capture_rng(), self.dist),
             "config": self.config,
             **self.task.state_dict(),
@@ -176,12 +187,21 @@ class TrainLoop:
 
     def save(self, name: str | None = None) -> Path | None:
         """Checkpoint the run: numbered (and ``last.pt``), or under ``name`` (e.g. ``best.pt``)
-        when given. Call on every rank (the RNG states are gathered); rank 0 writes."""
+        when given. Call on every rank (the RNG states are gathered); rank 0 writes. A failed
+        write stops every rank at this point, none left waiting in a collective."""
         state = self.state_dict()
-        if not self.dist.is_main:
-            return None
-        path = self.ckpt.save(state, self.state.step) if name is None else self.ckpt.save_as(state, name)
-        log.info("saved checkpoint %s (step %d)", path, self.state.step)
+        path, failure = None, None
+        if self.dist.is_main:
+            try:
+                path = self.ckpt.save(state, self.state.step) if name is None else self.ckpt.save_as(state, name)
+            except CheckpointWriteError as exc:
+                failure = exc
+        del state
+        if all_reduce_max(failure is not None, self.dist):
+            raise failure or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why); "
+                                                  "every rank stops here")
+        if path is not None:
+            log.info("saved checkpoint %s (step %d)", path, self.state.step)
         return path
 
     # ------------------------------------------------------------ one optimizer step
@@ -244,6 +264,7 @@ class TrainLoop:
                          "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def _check_data_quality(self) -> None:
+        """Every rank holds the same global counts here, so every rank decides alike."""
         st = self.state
         if st.bad_images and st.bad_images > self.settings.max_bad_fraction * max(st.seen_images, 100):
             raise DataQualityError(
@@ -256,28 +277,51 @@ class TrainLoop:
         """Train from the current state to the stop step: epochs, then a final evaluation and
         checkpoint. A preemption signal ends it with :class:`Preempted` after a checkpoint."""
         s, st = self.settings, self.state
-        if st.step >= s.stop_step:
-            log.info("nothing to do: the run is at step %d of %d", st.step, s.stop_step)
+        if st.step >= s.stop_step and st.finished:
+            log.info("nothing to do: the run is at step %d of %d; to train further, raise trainer.max_steps "
+                     "(the cosine schedule then stretches to end there)", st.step, s.stop_step)
             return st
+        if st.step >= s.stop_step:  # stopped by a signal in its last step: finish what it skipped
+            log.info("the run reached step %d before its final evaluation: running it now", st.step)
+            self._evaluate(final=True)
+            st.finished = True
+            self.save()
+            return st
+        st.finished = False
+        if st.step > 0:
+            log.info("continuing at step %d: lr %.3e on a schedule that ends at step %d", st.step,
+                     cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps), s.total_steps)
         self._micro_per_epoch = s.steps_per_epoch * s.accum
         self._progress = Progress(s.stop_step, st.step, s.progress, enabled=self.dist.is_main)
         self._loss_sum = torch.zeros((), device=self.dist.device)
+        self._bad_local = 0  # this rank's unreadable files since the last step's all-reduce
+        self._preempt_signal: int | None = None
         self._reset_throughput()
         self.model.train()
         try:
             with PreemptionGuard() as guard:
+                self._guard = guard
                 while st.step < s.stop_step:
-                    self._run_epoch(guard)
-                    if st.batch_in_epoch >= self._micro_per_epoch:
+                    self._run_epoch()
+                    if self._preempt_signal is None and st.batch_in_epoch >= self._micro_per_epoch:
                         self._end_epoch()
-            self._evaluate(final=True)
-            self.save()
+                        self._sync_step()  # evaluation takes a while: a signal during it stops here
+                    if self._preempt_signal is not None:
+                        self._stop(self._preempt_signal, guard)
+                # A signal from here on waits for the final evaluation and checkpoint: the run is done.
+                self._evaluate(final=True)
+                st.finished = True
+                self.save()
+                if guard.signum is not None:
+                    log.warning("caught %s during the final evaluation; the run is complete",
+                                signal.Signals(guard.signum).name)
         finally:
             self._progress.close()
         return st
 
-    def _run_epoch(self, guard: PreemptionGuard) -> None:
-        """Micro-batches from the current position to the epoch's end or the stop step."""
+    def _run_epoch(self) -> None:
+        """Micro-batches from the current position to the epoch's end, the stop step, or a
+        stop signal (seen by any rank)."""
         s, st = self.settings, self.state
         self.sampler.set_epoch(st.epoch)
         self.sampler.set_start(st.batch_in_epoch * s.batch_size)
@@ -286,8 +330,7 @@ class TrainLoop:
                 break
             if not self._train_micro_batch(batch):
                 continue
-            self._stop_if_preempted(guard)
-            if st.step >= s.stop_step:
+            if self._preempt_signal is not None or st.step >= s.stop_step:
                 break
 
     def _train_micro_batch(self, batch: tuple) -> bool:
@@ -296,11 +339,12 @@ class TrainLoop:
         s, st = self.settings, self.state
         micro = st.batch_in_epoch
         if micro % s.accum == 0:
-            set_lr(self.optimizer, cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps))
+            self._scheduled_lr = cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps)
+            set_lr(self.optimizer, self._scheduled_lr)
         sync = (micro + 1) % s.accum == 0
         self._loss_sum += self._micro_step(batch, sync)
         n = batch[0].shape[0] * self.dist.world_size
-        st.bad_images += int(batch[2].sum())
+        self._bad_local += int(batch[2].sum())
         st.seen_images += n
         self._imgs_since += n
         st.batch_in_epoch = micro + 1
@@ -316,14 +360,26 @@ class TrainLoop:
             cb(self)
         return True
 
-    def _stop_if_preempted(self, guard: PreemptionGuard) -> None:
-        """After a step: if any rank caught a signal, every rank stops here, after a checkpoint."""
-        if not all_reduce_max(guard.signum is not None, self.dist):
-            return
+    def _sync_step(self) -> None:
+        """After a step, one all-reduce under DDP: the unreadable files of every rank (so the
+        count, the limit and the stop are global) and whether any rank caught a stop signal."""
+        guard = self._guard
+        flags = torch.tensor([float(self._bad_local), 1.0 if guard.signum is not None else 0.0])
+        if self.dist.enabled:
+            flags = all_reduce_sum(flags.to(self.dist.device), self.dist).cpu()
+        bad, stop = flags.tolist()
+        self.state.bad_images += int(bad)
+        self._bad_local = 0
+        if stop and self._preempt_signal is None:
+            self._preempt_signal = guard.signum or signal.SIGTERM
+
+    def _stop(self, signum: int, guard: PreemptionGuard) -> None:
+        """Every rank stops here, after a checkpoint, with :class:`Preempted`; a signal caught in
+        the last step lets the run finish instead (its final evaluation is short)."""
         path = self.save()
-        signum = guard.signum or signal.SIGTERM
         # Logged before the launcher's handler runs: submitit's exits the process.
         log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
+        guard.signum = signum
         guard.chain()
         raise Preempted(signum, self.state.step, path)
 
@@ -343,6 +399,7 @@ class TrainLoop:
         """Logging, data-quality check, task hook and periodic checkpoint after a step;
         ``loss`` is this rank's summed micro-batch loss."""
         s, st, progress = self.settings, self.state, self._progress
+        self._sync_step()
         self._check_data_quality()
         log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
         # Collectives only on steps every rank agrees on (log steps); the bar between
@@ -355,7 +412,7 @@ class TrainLoop:
             metrics = {
                 "step": st.step, "epoch": st.epoch,
                 "loss": loss / s.accum,  # at log steps: the global batch's loss
-                "lr": self.optimizer.param_groups[0]["lr"],
+                **self._lr_metrics(),
                 "grad_norm": grad_norm,
                 "images_per_s": self._imgs_since / elapsed,
                 "bad_images": st.bad_images,
@@ -365,6 +422,17 @@ class TrainLoop:
             self.metrics_file.write(metrics)
             self.tracker.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, st.step)
         self.task.after_step(self)
-        if st.step % s.ckpt_every == 0 and st.step < s.stop_step:
+        if st.step % s.ckpt_every == 0 and st.step < s.stop_step and self._preempt_signal is None:
             self.save()
+
+    def _lr_metrics(self) -> dict:
+        """``lr``: the schedule's value at this step; with layer decay (groups scaled by
+        ``lr_scale``) also the smallest and largest group lr, ``lr_min`` / ``lr_max``."""
+        groups = self.optimizer.param_groups
+        scales = [g.get("lr_scale", 1.0) for g in groups]
+        out = {"lr": self._scheduled_lr}
+        if any(sc != 1.0 for sc in scales):
+            lrs = [g["lr"] for g in groups]
+            out.update(lr_min=min(lrs), lr_max=max(lrs))
+        return out
 

@@ -12,7 +12,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .data import EvalImages, build_eval_loader, eval_transform, labelled_source, num_classes_of
+from .data import EvalImages, build_eval_loader, class_names_of, eval_transform, labelled_source, num_classes_of
 from .distributed import DistInfo, all_gather_objects
 
 log = logging.getLogger("fcmae")
@@ -123,10 +123,11 @@ def build_evaluator(eval_cfg, data_cfg, seed: int, info: DistInfo) -> FeatureEva
     size = eval_cfg.img_size or data_cfg.img_size
     transform = eval_transform(size, eval_cfg.crop_pct, data_cfg.mean, data_cfg.std)
     e = eval_cfg
-    sources = [labelled_source(e.source, root, split, n, data_cfg.synthetic_classes, size, seed, per_class, seed)
-               for split, root, n, per_class in (
-                   ("train", e.train_root, e.synthetic_train_images, e.labels_per_class),
-                   ("val", e.val_root, e.synthetic_val_images, e.val_per_class))]
+    train = labelled_source(e.source, e.train_root, "train", e.synthetic_train_images, data_cfg.synthetic_classes,
+                            size, seed, e.labels_per_class, seed)
+    val = labelled_source(e.source, e.val_root, "val", e.synthetic_val_images, data_cfg.synthetic_classes, size,
+                          seed, e.val_per_class, seed, class_names=class_names_of(train))  # labels by class name
+    sources = [train, val]
     train_loader, val_loader = [build_eval_loader(EvalImages(src, transform, size), eval_cfg.batch_size,
                                                   eval_cfg.num_workers, info.rank, info.world_size)
                                 for src in sources]

@@ -17,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import read_checkpoint
 from .config import CONFIG_PATH, register_configs, validate_finetune
-from .convert import CheckpointError, canonical_to_format, infer_shape, load_state_dict_file, to_canonical, variant_of
-from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, eval_transform,
-                   finetune_transform, labelled_source, num_classes_of)
+from .convert import CheckpointError, canonical_to_format, infer_shape, to_canonical, variant_of
+from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, class_names_of,
+                   eval_transform, finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task
 from .evaluation import inference
@@ -43,8 +43,8 @@ def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_in
 def load_pretrained(model: nn.Module, name: str, path: str | Path) -> str:
     """Encoder weights from an export file, a pretraining checkpoint or a run directory
     (any layout the converter reads); the classifier head stays freshly initialised."""
-    src = resolve_checkpoint(path)
-    canonical, layout = to_canonical(load_state_dict_file(src), source=str(src))
+    src, obj = read_checkpoint(path)
+    canonical, layout = to_canonical(obj, source=str(src))
     found = variant_of(canonical)
     found_name = f"convnextv2_{found.name}" if found else f"depths/dims {infer_shape(canonical)}"
     if found_name != name:
@@ -92,7 +92,9 @@ class ClassifyTask(Task):
     ``ema.enabled``. Each evaluation keeps ``best.pt`` (best val top-1 of the raw weights) and,
     with ``ema.eval``, ``best-ema.pt`` (best of the EMA weights), as the official code does."""
 
-    def __init__(self, num_classes: int, mixup_cfg, val_loader, eval_every: int, ema=None, ema_eval: bool = False):
+    def __init__(self, num_classes: int, mixup_cfg, val_loader, eval_every: int, ema=None, ema_eval: bool = False,
+                 class_names=None):
+        self.class_names = list(class_names) if class_names else None  # saved: eval_only matches by name
         self.mixup = None
         if mixup_cfg.mixup > 0 or mixup_cfg.cutmix > 0:
             from timm.data import Mixup
@@ -136,6 +138,8 @@ class ClassifyTask(Task):
 
     def state_dict(self) -> dict:
         out = {"best": dict(self.best)}
+        if self.class_names:
+            out["classes"] = self.class_names
         if self.ema is not None:
             out["model_ema"] = self.ema.module.state_dict()
         return out
@@ -162,11 +166,12 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks=()):
         cleanup()
 
 
-def build_val_loader(cfg, info: DistInfo, seed: int):
-    """``(val source, loader)``: the official evaluation transform over this rank's shard."""
+def build_val_loader(cfg, info: DistInfo, seed: int, class_names=None):
+    """``(val source, loader)``: the official evaluation transform over this rank's shard;
+    ``class_names`` (the training set's) match an image folder's labels by name."""
     d = cfg.data
     val_src = labelled_source(d.source, d.val_root, "val", d.synthetic_val_images, d.synthetic_classes,
-                              d.img_size, seed, d.val_per_class, 0)
+                              d.img_size, seed, d.val_per_class, 0, class_names=class_names)
     transform = eval_transform(d.img_size, d.crop_pct, d.mean, d.std)
     return val_src, build_eval_loader(EvalImages(val_src, transform, d.img_size), d.batch_size, d.num_workers,
                                       info.rank, info.world_size)
@@ -177,8 +182,7 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     directory; its EMA weights too when it has them) on the validation set."""
     if not cfg.model.init_from:
         raise ConfigError("eval_only=true needs model.init_from=RUN_DIR_OR_CHECKPOINT (a fine-tuned classifier)")
-    src = resolve_checkpoint(cfg.model.init_from)
-    ck = load_state_dict_file(src)
+    src, ck = read_checkpoint(cfg.model.init_from)
     weights = {"val": ck.get("model", ck)}
     if isinstance(ck.get("model_ema"), dict):
         weights["val_ema"] = ck["model_ema"]
@@ -186,7 +190,11 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     if head is None:
         raise CheckpointError(f"{src} holds no classifier head (an fcmae-export file or a pretraining checkpoint?); "
                               "eval_only needs a fcmae-finetune checkpoint or run directory")
-    val_src, val_loader = build_val_loader(cfg, info, cfg.trainer.seed)
+    class_names = ck.get("classes")
+    if cfg.data.source == "imagefolder" and not class_names:
+        log.warning("%s does not name its classes (an older checkpoint): val folders are matched to its "
+                    "outputs by sorted position", src)
+    val_src, val_loader = build_val_loader(cfg, info, cfg.trainer.seed, class_names)
     num_classes = head.shape[0]
     if num_classes_of(val_src) > num_classes:
         raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, {src} classifies {num_classes}")
@@ -211,7 +219,8 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     # Data first: bad folders fail before a model is built.
     train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
                                 d.img_size, t.seed, d.labels_per_class, d.labels_seed)
-    val_src, val_loader = build_val_loader(cfg, info, t.seed)
+    class_names = class_names_of(train_src)
+    val_src, val_loader = build_val_loader(cfg, info, t.seed, class_names)
     num_classes = cfg.model.num_classes or num_classes_of(train_src)
     if num_classes_of(val_src) > num_classes:
         raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
@@ -236,7 +245,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     if cfg.ema.enabled:
         from timm.utils import ModelEmaV2
         ema = ModelEmaV2(model, decay=cfg.ema.decay)
-    task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every, ema, cfg.ema.eval)
+    task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every, ema, cfg.ema.eval, class_names)
     optimizer = build_optimizer(model, cfg.optim, setup.base_lr)
     state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed, task)
     train_model = wrap_model(model, t.compile, info)
