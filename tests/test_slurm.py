@@ -235,7 +235,9 @@ def test_two_tasks_form_one_ddp_group(uninterrupted, tmp_path):
 @pytest.mark.slurm
 def test_scontrol_requeue_checkpoints_and_continues_bit_identical(cluster, uninterrupted, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _submit(cluster, sweep, "launcher.tasks_per_node=2", f"trainer.max_steps={STEPS}")
+    # With loader workers: Slurm signals every process of the step, workers included; they ignore
+    # it and the main process checkpoints (a worker killed by it used to crash the run unsaved).
+    proc = _submit(cluster, sweep, "launcher.tasks_per_node=2", f"trainer.max_steps={STEPS}", "data.num_workers=2")
     # An admin's (or the scheduler's) requeue: Slurm sends SIGTERM, then requeues the job itself.
     job_id = _interrupt_and_requeue(cluster, sweep, proc, lambda jid: _slurm(cluster, "scontrol", "requeue", jid))
     _finish(cluster, proc, sweep)
