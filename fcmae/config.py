@@ -169,6 +169,7 @@ class PretrainConfig:
     run_name: str = MISSING
     resume: str = "auto"  # auto (continue the run directory's last checkpoint) | never | PATH
     init_from: Optional[str] = None  # encoder weights (any converter layout), fresh decoder
+    eval_only: bool = False  # score the run directory's newest checkpoint with eval=..., no training
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -258,6 +259,10 @@ class FinetuneConfig:
 
 
 MAX_DIRNAME = 200  # file systems refuse path components over 255 bytes
+# Characters a directory name keeps; everything else becomes "_". None of them needs quoting
+# when the path is passed back in an override (resume=..., model.init_from=...): Hydra reads
+# "=" as a second assignment and "," as a sweep, so key=value,key=value names could not be.
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-+.:@%~")
 
 
 def short_dirname(name: str) -> str:
@@ -271,9 +276,50 @@ def short_dirname(name: str) -> str:
     return f"{name[:MAX_DIRNAME - 13]}-{digest}"
 
 
+def safe_dirname(overrides: str) -> str:
+    """``model.mask_ratio=0.4,data.img_size=64`` -> ``model.mask_ratio:0.4+data.img_size:64``: a
+    name that can be passed back to our own overrides unquoted (lists lose their brackets:
+    ``data.crop_scale:0.35+1.0``)."""
+    out = []
+    for ch in overrides:
+        if ch == "=":
+            out.append(":")
+        elif ch == ",":
+            out.append("+")
+        elif ch in "[](){}'\" ":
+            continue
+        else:
+            out.append(ch if ch in _SAFE else "_")
+    return short_dirname("".join(out))
+
+
+def run_subdir(parent: str, overrides: str) -> str:
+    """The run directory's last component under ``parent``: :func:`safe_dirname`, unless a run
+    directory of the older ``key=value,...`` naming exists there and the new one does not, in
+    which case that one (so runs started before the naming changed still resume)."""
+    new, old = safe_dirname(overrides), short_dirname(overrides)
+    if new != old and not (Path(parent) / new).exists() and (Path(parent) / old).is_dir():
+        return old
+    return new
+
+
+def init_tag(init_from: Optional[str]) -> str:
+    """``scratch``, or ``from-<name>`` for an init file or run directory (its stem, made safe):
+    part of the fine-tuning run name, so training from scratch and from an export do not share
+    (and refuse) one run directory."""
+    if not init_from:
+        return "scratch"
+    p = Path(str(init_from).rstrip("/"))
+    if p.name in ("last.pt", "checkpoints"):
+        p = p.parent.parent if p.name == "last.pt" and p.parent.name == "checkpoints" else p.parent
+    return "from-" + "".join(ch if ch in _SAFE else "_" for ch in (p.stem if p.suffix in (".pt", ".pth", ".safetensors") else p.name))
+
+
 def register_configs() -> None:
-    if not OmegaConf.has_resolver("fcmae_dirname"):
-        OmegaConf.register_new_resolver("fcmae_dirname", short_dirname)
+    if not OmegaConf.has_resolver("fcmae_init_tag"):
+        OmegaConf.register_new_resolver("fcmae_init_tag", init_tag)
+    if not OmegaConf.has_resolver("fcmae_subdir"):
+        OmegaConf.register_new_resolver("fcmae_subdir", run_subdir)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
@@ -308,8 +354,10 @@ def validate(cfg: Any) -> None:
     check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be > 0")
     check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     check(d.source in PRETRAIN_SOURCES, f"data.source={d.source!r}; use one of {', '.join(PRETRAIN_SOURCES)}")
-    check(d.source in ("synthetic", "fashion_mnist") or bool(d.root),
+    check(d.source in ("synthetic", "fashion_mnist") or bool(d.root) or cfg.eval_only,
           f"data.source={d.source} needs data.root=/path/to/images")
+    check(not cfg.eval_only or cfg.eval.name != "none",
+          "eval_only=true scores a run with an evaluation: add eval=knn, eval=linear or eval=knn+linear")
     check(d.source != "synthetic" or d.synthetic_images >= d.batch_size,
           "data.synthetic_images must be at least data.batch_size")
     _check_eval(cfg.eval, check)
@@ -399,8 +447,12 @@ def validate_finetune(cfg: Any) -> None:
     check(m.name in known, f"model.name={m.name!r}; use one of {sorted(known)}")
     check(m.num_classes is None or m.num_classes > 1, "model.num_classes must be > 1 (or null: from the data)")
     check(d.source in LABELLED_SOURCES, f"data.source={d.source!r}; use one of {', '.join(LABELLED_SOURCES)}")
-    check(d.source != "imagefolder" or (bool(d.train_root) and bool(d.val_root)),
-          "data.source=imagefolder needs data.train_root=/path/train and data.val_root=/path/val")
+    if cfg.eval_only:
+        check(d.source != "imagefolder" or bool(d.val_root),
+              "eval_only=true with data.source=imagefolder needs data.val_root=/path/val")
+    else:
+        check(d.source != "imagefolder" or (bool(d.train_root) and bool(d.val_root)),
+              "data.source=imagefolder needs data.train_root=/path/train and data.val_root=/path/val")
     check(d.labels_per_class is None or d.labels_per_class > 0,
           "data.labels_per_class must be > 0 (or null: every training image)")
     check(d.val_per_class is None or d.val_per_class > 0,

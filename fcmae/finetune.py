@@ -3,7 +3,7 @@
 checkpoints, resume, logging and DDP as pretraining.
 
     fcmae-finetune                                                   # CPU demo, synthetic classes
-    fcmae-finetune model.init_from=outputs/convnextv2_atto-synthetic/data.img_size=64  # from a run
+    fcmae-finetune model.init_from=outputs/convnextv2_atto-synthetic/data.img_size:64  # from a run
     fcmae-finetune experiment=ft_base model.init_from=base.safetensors \\
         data.source=imagefolder data.train_root=/data/in1k/train data.val_root=/data/in1k/val
 """

@@ -1,12 +1,14 @@
 """``fcmae-pretrain``: the Hydra app. Builds every object from the config, in this one place.
 
     fcmae-pretrain                                   # ~3 min CPU demo on built-in synthetic images
-    fcmae-pretrain trainer.max_steps=200             # the same run, continued to step 200
+    fcmae-pretrain trainer.max_steps=400             # the same run, made longer (the schedule stretches)
+    fcmae-pretrain eval=knn eval_only=true           # score the finished run (RUN_DIR/evals.jsonl)
     fcmae-pretrain experiment=in1k_fcmae model=convnextv2_base data.root=/data/imagenet/train
     fcmae-pretrain -m model.mask_ratio=0.4,0.6,0.75  # a sweep, one run directory per value
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -92,9 +94,33 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
     run_dir = Path(run_dir)
     info = init_distributed(cfg.trainer.device)
     try:
+        if cfg.eval_only:
+            return evaluate_run(cfg, run_dir, info)
         return _run(cfg, run_dir, info, list(callbacks))
     finally:
         cleanup()
+
+
+def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
+    """``eval_only=true``: score the run directory's newest whole checkpoint with ``eval=...``
+    (the encoder, nothing masked), log the scores and append them to ``RUN_DIR/evals.jsonl``."""
+    src, ck = read_checkpoint(run_dir)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{src} does not hold this run's model ({str(exc)[:200]}); evaluate with the "
+                              "overrides the run was trained with") from None
+    evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info)
+    scores = evaluator(model.encoder.to(info.device), info)
+    if info.is_main:
+        record = {"step": ck["step"], "checkpoint": str(src), "eval": cfg.eval.name, **scores}
+        with open(run_dir / "evals.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("%s (step %d): %s; appended to %s", src, ck["step"],
+                 "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()),
+                 run_dir / "evals.jsonl")
+    return scores
 
 
 def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:

@@ -249,7 +249,7 @@ def test_multirun_sweep_one_directory_per_value(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = tmp_path / "outputs" / "multirun" / "convnextv2_atto-synthetic"
     for ratio in ("0.25", "0.5"):
-        job = next(sweep.glob(f"*model.mask_ratio={ratio}*"))
+        job = next(sweep.glob(f"*model.mask_ratio:{ratio}*"))  # passable back unquoted
         assert (job / "checkpoints" / "last.pt").is_file()
         assert f"mask_ratio: {ratio}" in (job / "config.yaml").read_text()
 
