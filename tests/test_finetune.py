@@ -136,3 +136,17 @@ def test_finetune_refuses_a_different_init_in_the_same_run(tmp_path):
     from fcmae.config import ConfigError
     with pytest.raises(ConfigError, match="model"):
         finetune(compose_cfg("finetune", *FT_TINY, "trainer.max_steps=2"), tmp_path / "run")
+
+
+def test_the_fine_tune_demo_config_learns(tmp_path):
+    """The demo's own settings (conf/finetune.yaml, no experiment) from random init, cut at step 96
+    of its 160: its 8 synthetic classes must leave chance (12.5%) far behind (about 75% here;
+    with the official augmentation it stayed at chance for the whole schedule)."""
+    from fcmae.finetune import run as finetune_run
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
+        cfg = compose("finetune", overrides=["trainer.max_steps=96", "data.num_workers=0", "trainer.progress=log",
+                                             "eval_every=100"])
+    finetune_run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "val/top1" in r][-1]
+    assert final["step"] == 96 and final["val/top1"] >= 40.0, final

@@ -1,6 +1,5 @@
 """Correct under real conditions: group signals with loader workers, DDP data accounting, longer
 runs, per-rank RNGs, the logged lr, images read faithfully, and an export check that can fail."""
-import json
 import os
 import random
 import signal
@@ -15,12 +14,11 @@ import torch
 from PIL import Image
 
 from fcmae.checkpoint import capture_rng, load_checkpoint, restore_rng
-from fcmae.convert import CheckpointError
 from fcmae.data import DataError, labelled_source, open_image, scan_image_folder
 from fcmae.optim import cosine_lr
 from fcmae.pretrain import run
 
-from test_pretrain import TINY, make_cfg, metrics, params
+from test_pretrain import TINY, _image_folder, make_cfg, metrics, params
 
 # ---------------------------------------------------------------- signals to the whole process group
 
@@ -75,7 +73,7 @@ def test_group_signal_with_loader_workers_checkpoints_and_resumes_exactly(signam
     proc = _start(tmp_path)  # the same command resumes
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert f"resumed from" in out
+    assert "resumed from" in out
     a, b = params(straight_run), params(tmp_path / "run")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -102,15 +100,6 @@ def test_signal_in_the_last_step_leaves_the_final_evaluation_to_the_rerun(tmp_pa
 
 # ---------------------------------------------------------------- DDP accounting
 
-def _corrupt_folder(root: Path, good: int, bad: int) -> None:
-    for c in ("cat", "dog"):
-        (root / c).mkdir(parents=True)
-    for i in range(good):
-        Image.new("RGB", (72, 72), color=(i * 7 % 255, 100, 50)).save(root / ("cat" if i % 2 else "dog") / f"{i}.png")
-    for i in range(bad):
-        (root / "dog" / f"broken{i}.png").write_bytes(b"not a png")
-
-
 def _ddp_quality_worker(rank, world, port, run_dir, overrides, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -126,7 +115,7 @@ def _ddp_quality_worker(rank, world, port, run_dir, overrides, results):
 def test_ddp_bad_images_are_counted_globally_and_every_rank_stops_with_one_rank(tmp_path):
     import socket
     import torch.multiprocessing as mp
-    _corrupt_folder(tmp_path / "imgs", good=28, bad=4)
+    _image_folder(tmp_path / "imgs", good=28, bad=4)
     common = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.max_bad_fraction=0.03", "trainer.max_steps=4",
               "trainer.device=cpu", "data.num_workers=0"]
     with pytest.raises(Exception) as single:

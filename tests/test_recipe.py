@@ -124,7 +124,7 @@ def test_pretraining_weight_decay_follows_the_official_rule(decay_grn_and_mask_t
 # ---------------------------------------------------------------- transforms
 
 def test_finetune_transform_is_the_official_one():
-    cfg = compose_cfg("finetune", "data.img_size=224").data
+    cfg = compose_cfg("finetune", "experiment=ft_atto", "data.img_size=224").data  # the official presets
     text = repr(finetune_transform(cfg))
     # timm create_transform(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1)
     assert "RandAugment(n=2" in text and "m=9, mstd=0.5" in text and "SolarizeIncreasing" in text
@@ -132,14 +132,17 @@ def test_finetune_transform_is_the_official_one():
     assert "RandomResizedCropAndInterpolation(size=(224, 224), scale=(0.08, 1.0)" in text
     assert "interpolation=bicubic" in text and "RandomHorizontalFlip(p=0.5)" in text
     assert "ColorJitter" not in text  # --color_jitter default None, and ignored under RandAugment anyway
-    off = repr(finetune_transform(compose_cfg("finetune", "data.auto_augment=null", "data.re_prob=0").data))
+    off = repr(finetune_transform(compose_cfg("finetune", "experiment=ft_atto", "data.auto_augment=null",
+                                              "data.re_prob=0").data))
     assert "RandAugment" not in off and "RandomErasing" not in off
+    demo = repr(finetune_transform(compose_cfg("finetune").data))  # the CPU demo trains without augmentation
+    assert "RandAugment" not in demo and "RandomErasing" not in demo and "scale=(1.0, 1.0)" in demo
 
 
 def test_randaugment_posterize_survives_zero_bits():
     """At magnitude 10 (m9 + noise, clipped) PosterizeIncreasing keeps 0 bits: a black image,
     as with the Pillow the official code ran on (newer Pillow raises instead)."""
-    tf = finetune_transform(compose_cfg("finetune", "data.img_size=64").data)
+    tf = finetune_transform(compose_cfg("finetune", "experiment=ft_atto", "data.img_size=64").data)
     ops = [op for step in tf.transforms for op in getattr(step, "ops", ()) if op.name == "PosterizeIncreasing"]
     assert len(ops) == 1
     op = ops[0]
