@@ -73,3 +73,16 @@ def test_finetune_eval_only_needs_only_the_val_set(tmp_path):
         cfg = compose("finetune", overrides=["eval_only=true", "data.source=imagefolder", f"data.val_root={tmp_path}",
                                              "model.init_from=x"])
     validate_finetune(cfg)  # no data.train_root asked for
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "folder", "filelist", "fashion_mnist"])
+def test_real_data_gets_the_paper_lr_rule_not_the_demo_lr(source, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from fcmae.distributed import DistInfo
+    from fcmae.runner import prepare_run
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
+        demo = compose("pretrain")
+        real = compose("pretrain", overrides=[f"data={source}", f"data.root={tmp_path}", "data.batch_size=128"])
+    assert prepare_run(real, tmp_path / "a", DistInfo()).base_lr == pytest.approx(1.5e-4 * 128 / 256)  # 7.5e-5
+    assert (real.trainer.epochs, real.schedule.warmup_epochs) == (800, 40)
+    assert prepare_run(demo, tmp_path / "b", DistInfo()).base_lr == pytest.approx(3e-2 * 8 / 256)  # the demo's own
