@@ -22,6 +22,7 @@ from .sparse import BACKENDS, GRN_STATS
 _SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 
+COMPILE_CHOICES = ("auto", "true", "false")
 PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
 LABELLED_SOURCES = ("synthetic", "imagefolder", "fashion_mnist")
 
@@ -96,7 +97,7 @@ class TrainerConfig:
     accum_iter: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
+    compile: str = "auto"  # auto (torch.compile on CUDA, eager on CPU) | true | false
     seed: int = 0
     log_every: int = 10
     vis_every: int = 500  # reconstruction grid every N steps (and at the end)
@@ -426,6 +427,7 @@ def _check_training(cfg, check) -> None:
     check(t.precision in ("auto", "fp32", "bf16", "fp16"), f"trainer.precision={t.precision!r}; use auto, fp32, bf16 or fp16")
     check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}; use auto, cpu or cuda")
     check(t.progress in ("auto", "bar", "log"), f"trainer.progress={t.progress!r}; use auto, bar or log")
+    check(str(t.compile).lower() in COMPILE_CHOICES, f"trainer.compile={t.compile!r}; use auto, true or false")
     check(min(t.log_every, t.vis_every, t.ckpt_every, t.keep_checkpoints) > 0,
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
     check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r}; use logger=none or logger=wandb")

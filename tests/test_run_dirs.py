@@ -86,3 +86,16 @@ def test_real_data_gets_the_paper_lr_rule_not_the_demo_lr(source, tmp_path):
     assert prepare_run(real, tmp_path / "a", DistInfo()).base_lr == pytest.approx(1.5e-4 * 128 / 256)  # 7.5e-5
     assert (real.trainer.epochs, real.schedule.warmup_epochs) == (800, 40)
     assert prepare_run(demo, tmp_path / "b", DistInfo()).base_lr == pytest.approx(3e-2 * 8 / 256)  # the demo's own
+
+
+def test_compile_auto_is_on_for_cuda_and_off_for_cpu():
+    import torch
+    from fcmae.runner import resolve_compile
+    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
+    assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
+    from hydra import compose, initialize_config_dir
+    from fcmae.config import ConfigError, validate
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
+        assert compose("pretrain").trainer.compile == "auto"
+        with pytest.raises(ConfigError, match="trainer.compile='maybe'"):
+            validate(compose("pretrain", overrides=["trainer.compile=maybe"]))
