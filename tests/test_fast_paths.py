@@ -2,6 +2,7 @@
 torch.compile and bf16 autocast agree with eager fp32, and grads keep parameter strides
 (DDP's bucket-view contract)."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -98,3 +99,19 @@ def test_benchmark_script_reports_every_variant_with_ratios(tmp_path):
     import json
     data = json.loads(out.read_text())
     assert {r["variant"] for r in data["results"]} == set(by_variant)
+
+
+def test_loader_rate_benchmark_measures_after_the_prefetch_buffer(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("loader_rate", ROOT / "benchmarks" / "loader_rate.py")
+    loader_rate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader_rate)
+    out = tmp_path / "rate.json"
+    assert loader_rate.main(["--make-jpegs", "40", "--cache", str(tmp_path / "jpegs"), "--workers", "0,1",
+                             "--batch", "2", "--img-size", "64", "--batches", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["workers"] for r in rows] == [0, 1]
+    assert [r["warmup_batches"] for r in rows] == [2, 1 * 4 + 2]  # the prefetch buffer is not timed
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "ratios to the first" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="need"):  # too few images for the warm-up and the timed window
+        loader_rate.main(["--root", str(tmp_path / "jpegs"), "--workers", "2", "--batch", "8", "--batches", "3"])

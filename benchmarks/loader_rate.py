@@ -1,0 +1,97 @@
+"""Loader-only images/s of the pretraining input pipeline, by worker count, in steady state.
+
+    python benchmarks/loader_rate.py --root /data/imagenet/train --workers 4,8,15 --batch 128
+    python benchmarks/loader_rate.py --make-jpegs 2000 --workers 0,2     # a folder of 500x375 JPEGs
+
+It builds exactly the loader ``fcmae-pretrain data=folder`` builds (decode, RandomResizedCrop,
+flip, normalise, per-sample masks, collate), then drops the first ``workers x prefetch + 2``
+batches (worker start-up and the prefetch buffer, which would otherwise inflate the rate) and
+times the next ``--batches``. The JSON is rewritten after each configuration, so a run that is
+cut off keeps what it measured. Pipelines: ``cpu`` today (the GPU decode path is issue #18).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fcmae.data import build_pretrain_loader  # noqa: E402
+
+PREFETCH = 4  # build_train_loader's prefetch_factor
+
+
+def make_jpegs(folder: Path, count: int, size=(500, 375), seed: int = 0) -> Path:
+    """``count`` ImageNet-sized JPEGs of smooth noise (~quality 90), made once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = folder / f"{i:06d}.jpg"
+        if path.exists():
+            continue
+        small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize(size, Image.BICUBIC).save(path, quality=90)
+    return folder
+
+
+def data_config(root: Path, img_size: int, batch: int, workers: int) -> SimpleNamespace:
+    return SimpleNamespace(source="folder", root=str(root), img_size=img_size, batch_size=batch, num_workers=workers,
+                           pin_memory=False, persistent_workers=True, crop_scale=[0.2, 1.0], hflip=True,
+                           mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], synthetic_images=0,
+                           synthetic_classes=0, max_bad_fraction=0.01)
+
+
+def measure(root: Path, workers: int, batch: int, img_size: int, batches: int) -> dict:
+    loader, sampler, dataset = build_pretrain_loader(data_config(root, img_size, batch, workers), 0.6, seed=0)
+    warmup = workers * PREFETCH + 2
+    need = warmup + batches
+    if len(sampler) // batch < need:
+        raise SystemExit(f"{len(dataset)} images give {len(sampler) // batch} batches of {batch}; need {need} "
+                         f"(warm-up {warmup} + {batches}): use more images or --batches fewer")
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    return {"pipeline": "cpu", "workers": workers, "batch": batch, "img_size": img_size, "batches": batches,
+            "warmup_batches": warmup, "seconds": elapsed, "images_per_s": batches * batch / elapsed}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, help="a folder of images (searched recursively)")
+    p.add_argument("--make-jpegs", type=int, metavar="N", help="make N 500x375 JPEGs in --cache and use them")
+    p.add_argument("--cache", type=Path, default=Path("outputs/loader_rate_jpegs"))
+    p.add_argument("--workers", default="0,2", help="comma-separated worker counts")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=10, help="timed batches per configuration, after the warm-up")
+    p.add_argument("--json", type=Path, help="write the results here (after each configuration)")
+    args = p.parse_args(argv)
+    if (args.root is None) == (args.make_jpegs is None):
+        p.error("give --root DIR or --make-jpegs N")
+    root = args.root or make_jpegs(args.cache, args.make_jpegs)
+    results = []
+    print(f"{'pipeline':>8} {'workers':>7} {'batch':>5} {'img/s':>9}")
+    for workers in (int(w) for w in args.workers.split(",")):
+        r = measure(root, workers, args.batch, args.img_size, args.batches)
+        results.append(r)
+        print(f"{r['pipeline']:>8} {workers:>7} {args.batch:>5} {r['images_per_s']:>9.1f}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    if len(results) > 1:
+        base = results[0]["images_per_s"]
+        print("ratios to the first:", "  ".join(f"{r['workers']}w {r['images_per_s'] / base:.2f}x" for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
