@@ -390,6 +390,17 @@ def ignore_stop_signals(worker_id: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def shutdown_workers(loader) -> None:
+    """Stop a loader's persistent workers now, the polite way (a "done" message they obey). Needed
+    because they ignore SIGTERM (:func:`ignore_stop_signals`): left to interpreter exit,
+    multiprocessing would SIGTERM them and then wait for them forever."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
+
+
 def collate_masked(samples: list) -> tuple:
     """Pretraining batches ``(imgs, masks, bad, keys, visible_per_sample)``: the masks' common
     count of visible patches is counted here, on the CPU, once, and travels with the batch, so

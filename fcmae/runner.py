@@ -18,7 +18,7 @@ from .checkpoint import (REQUIRED_KEYS, CheckpointManager, CheckpointWriteError,
                          newest_good_checkpoint, restore_rng)
 from .config import ConfigError
 from .convert import CheckpointError
-from .data import DataError
+from .data import DataError, shutdown_workers
 from .distributed import DistInfo
 from .engine import DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, RunParts, Task, TrainLoop
 from .loggers import MetricsFile, NullLogger, WandbLogger
@@ -243,6 +243,7 @@ def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState)
         raise NonFiniteLoss(f"{exc}; the weights were not updated and the last good checkpoint is {last}. "
                             "Lower optim.blr, set optim.clip_grad, or use trainer.precision=fp32") from None
     finally:
+        shutdown_workers(parts.loader)  # they ignore SIGTERM: stop them before the interpreter exits
         tracker.finish()
 
 
