@@ -24,7 +24,8 @@ CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 
 COMPILE_CHOICES = ("auto", "true", "false")
 PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
-LABELLED_SOURCES = ("synthetic", "imagefolder", "fashion_mnist")
+LABELLED_SOURCES = ("synthetic", "imagefolder", "filelist", "fashion_mnist")
+ROOTED_LABELLED = ("imagefolder", "filelist")  # need train_root / val_root
 
 
 @dataclass
@@ -186,8 +187,10 @@ class ClassifierConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    source: str = "synthetic"  # synthetic | imagefolder | fashion_mnist
-    train_root: Optional[str] = None  # root/<class>/<image>; fashion_mnist: the IDX folder, null = Debian's
+    source: str = "synthetic"  # synthetic | imagefolder | filelist | fashion_mnist
+    # imagefolder: root/<class>/<image>; filelist: a text file of 'path class_name' lines;
+    # fashion_mnist: the IDX folder, null = Debian's
+    train_root: Optional[str] = None
     val_root: Optional[str] = None
     labels_per_class: Optional[int] = None  # low-label fine-tuning: this many train images per class
     labels_seed: int = 0  # which images: a fixed draw for this seed
@@ -394,8 +397,8 @@ def _check_eval(e, check) -> None:
     if e.name == "none":
         return
     check(e.source in LABELLED_SOURCES, f"eval.source={e.source!r}; use one of {', '.join(LABELLED_SOURCES)}")
-    check(e.source != "imagefolder" or (bool(e.train_root) and bool(e.val_root)),
-          "eval.source=imagefolder needs eval.train_root=/path/train and eval.val_root=/path/val")
+    check(e.source not in ROOTED_LABELLED or (bool(e.train_root) and bool(e.val_root)),
+          f"eval.source={e.source} needs eval.train_root=... and eval.val_root=... (folders, or list files)")
     check(all(n is None or n > 0 for n in (e.labels_per_class, e.val_per_class)),
           "eval.labels_per_class and eval.val_per_class must be > 0 (or null: all images)")
     check(e.img_size is None or (e.img_size > 0 and e.img_size % 32 == 0), "eval.img_size must be a multiple of 32")
@@ -450,11 +453,12 @@ def validate_finetune(cfg: Any) -> None:
     check(m.num_classes is None or m.num_classes > 1, "model.num_classes must be > 1 (or null: from the data)")
     check(d.source in LABELLED_SOURCES, f"data.source={d.source!r}; use one of {', '.join(LABELLED_SOURCES)}")
     if cfg.eval_only:
-        check(d.source != "imagefolder" or bool(d.val_root),
-              "eval_only=true with data.source=imagefolder needs data.val_root=/path/val")
+        check(d.source not in ROOTED_LABELLED or bool(d.val_root),
+              f"eval_only=true with data.source={d.source} needs data.val_root=...")
     else:
-        check(d.source != "imagefolder" or (bool(d.train_root) and bool(d.val_root)),
-              "data.source=imagefolder needs data.train_root=/path/train and data.val_root=/path/val")
+        check(d.source not in ROOTED_LABELLED or (bool(d.train_root) and bool(d.val_root)),
+              f"data.source={d.source} needs data.train_root=... and data.val_root=... "
+              "(class folders root/<class>/<image>, or for filelist text files of 'path class_name' lines)")
     check(d.labels_per_class is None or d.labels_per_class > 0,
           "data.labels_per_class must be > 0 (or null: every training image)")
     check(d.val_per_class is None or d.val_per_class > 0,

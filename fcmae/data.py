@@ -188,6 +188,39 @@ def read_file_list(list_file: str | Path) -> ImageFiles:
     return ImageFiles(paths)
 
 
+def read_labelled_list(list_file: str | Path, classes: Sequence[str] | None = None) -> ImageFiles:
+    """A labelled file list: one ``path class_name`` per line (the class is the last
+    whitespace-separated field; paths relative to the list's folder; blank lines and ``#``
+    comments ignored). Labels index the sorted class names, or ``classes`` (a training set's),
+    so a val list is matched by name; a class not among them is an error naming it."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"{list_file} is not a file (a labelled file list: one 'path class_name' per line)")
+    entries = []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise DataError(f"{list_file}:{n}: {line!r} has no class; write 'path class_name'")
+        p = Path(parts[0])
+        entries.append((p if p.is_absolute() else list_file.parent / p, parts[1]))
+    if not entries:
+        raise DataError(f"{list_file} lists no images")
+    found = sorted({c for _, c in entries})
+    if classes is None:
+        classes = found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(f"{list_file} has classes the training set does not: {unknown[:5]} "
+                        f"(training classes: {list(classes)[:10]}); remove them or train with them")
+    index = {c: i for i, c in enumerate(classes)}
+    out = ImageFiles([p for p, _ in entries], [index[c] for _, c in entries])
+    out.classes = list(classes)
+    return out
+
+
 def synthetic_size(img_size: int) -> int:
     """Synthetic images are drawn a little larger than the crop, as 256 -> 224."""
     return int(round(img_size * 8 / 7))
@@ -469,8 +502,12 @@ def labelled_source(source: str, root: str | None, split: str, num_images: int, 
         if not root:
             raise DataError(f"the {split} set needs a folder: set its root (root/<class>/<image>)")
         full = scan_image_folder(root, class_names)
+    elif source == "filelist":
+        if not root:
+            raise DataError(f"the {split} set needs a list file: set its root (one 'path class_name' per line)")
+        full = read_labelled_list(root, class_names)
     else:
-        raise DataError(f"labelled source {source!r}; use synthetic, imagefolder or fashion_mnist")
+        raise DataError(f"labelled source {source!r}; use synthetic, imagefolder, filelist or fashion_mnist")
     return PerClassSubset(full, per_class, subset_seed) if per_class else full
 
 

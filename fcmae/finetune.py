@@ -191,7 +191,7 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
         raise CheckpointError(f"{src} holds no classifier head (an fcmae-export file or a pretraining checkpoint?); "
                               "eval_only needs a fcmae-finetune checkpoint or run directory")
     class_names = ck.get("classes")
-    if cfg.data.source == "imagefolder" and not class_names:
+    if cfg.data.source in ("imagefolder", "filelist") and not class_names:
         log.warning("%s does not name its classes (an older checkpoint): val folders are matched to its "
                     "outputs by sorted position", src)
     val_src, val_loader = build_val_loader(cfg, info, cfg.trainer.seed, class_names)

@@ -99,3 +99,32 @@ def test_compile_auto_is_on_for_cuda_and_off_for_cpu():
         assert compose("pretrain").trainer.compile == "auto"
         with pytest.raises(ConfigError, match="trainer.compile='maybe'"):
             validate(compose("pretrain", overrides=["trainer.compile=maybe"]))
+
+
+def test_finetune_reads_labelled_file_lists_and_matches_val_classes_by_name(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+    from fcmae.data import DataError, read_labelled_list
+    from fcmae.finetune import run as finetune_run
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(16):
+        Image.new("RGB", (72, 72), (i * 15, 80, 40)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png {('cat', 'dog', 'fox')[i % 3]}")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.txt").write_text("# val holds two of the classes\nimg/1.png dog\nimg/2.png fox\n")
+    train = read_labelled_list(tmp_path / "train.txt")
+    val = read_labelled_list(tmp_path / "val.txt", train.classes)
+    assert train.classes == ["cat", "dog", "fox"] and val.labels == [1, 2]
+    (tmp_path / "bad.txt").write_text("img/1.png owl\n")
+    with pytest.raises(DataError, match="'owl'"):
+        read_labelled_list(tmp_path / "bad.txt", train.classes)
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
+        cfg = compose("finetune", overrides=[
+            "data.source=filelist", f"data.train_root={tmp_path / 'train.txt'}", f"data.val_root={tmp_path / 'val.txt'}",
+            "data.img_size=64", "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=2",
+            "trainer.progress=log"])
+    state = finetune_run(cfg, tmp_path / "run")
+    assert state.step == 2
+    from fcmae.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["classes"] == ["cat", "dog", "fox"]
