@@ -259,12 +259,6 @@ def run_checkpoint_dir(path: Path) -> Path | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or the newest whole checkpoint of a run directory (or of
-    its ``last.pt``), saying which when an older one had to stand in."""
-    return load_resolved(path, load=False)[0]
-
-
 def load_resolved(path: str | Path, load: bool = True) -> tuple[Path, dict | None]:
     """``(file, checkpoint)``: for a run directory (or its ``last.pt``) the newest whole
     training checkpoint, already loaded; for any other file the file itself (``checkpoint``

@@ -1,6 +1,6 @@
 """``fcmae-pretrain``: the Hydra app. Builds every object from the config, in this one place.
 
-    fcmae-pretrain                                   # ~3 min CPU demo on built-in synthetic images
+    fcmae-pretrain                                   # ~1 min CPU demo on built-in synthetic images
     fcmae-pretrain trainer.max_steps=400             # the same run, made longer (the schedule stretches)
     fcmae-pretrain eval=knn eval_only=true           # score the finished run (RUN_DIR/evals.jsonl)
     fcmae-pretrain experiment=in1k_fcmae model=convnextv2_base data.root=/data/imagenet/train
