@@ -180,10 +180,10 @@ def check_checkpoint(path: Path, expect_step: int | None = None, required=REQUIR
     return ck
 
 
-def newest_good_checkpoint(directory: Path, quarantine: bool = True) -> tuple[Path, dict] | None:
+def newest_good_checkpoint(directory: Path) -> tuple[Path, dict] | None:
     """``(path, checkpoint)`` of the newest numbered checkpoint in ``directory`` that is whole,
     or None when there is none at all. Damaged ones are warned about, by name and reason, and
-    (``quarantine``) renamed ``*.damaged``. Raises :class:`CheckpointError` listing every file
+    renamed ``*.damaged``. Raises :class:`CheckpointError` listing every file
     tried when none is whole. A directory from before numbered files were pointers (a regular
     ``last.pt`` only) is read through its ``last.pt``."""
     directory = Path(directory)
@@ -203,13 +203,11 @@ def newest_good_checkpoint(directory: Path, quarantine: bool = True) -> tuple[Pa
             ck = check_checkpoint(path, step)
         except CheckpointError as exc:
             tried.append(f"{path.name}: {exc}")
-            kept = path
-            if quarantine:
-                kept = _quarantine(path)
+            kept = _quarantine(path)
             log.warning("checkpoint %s is damaged (%s); kept as %s, trying the next older one",
                         path, exc, kept.name)
             continue
-        if quarantine and tried:
+        if tried:
             _repoint_last(directory, path)
         return path, ck
     raise CheckpointError(f"no checkpoint in {directory} loads; tried, newest first:\n  - " + "\n  - ".join(tried)
@@ -259,7 +257,7 @@ def run_checkpoint_dir(path: Path) -> Path | None:
     return None
 
 
-def load_resolved(path: str | Path, load: bool = True) -> tuple[Path, dict | None]:
+def load_resolved(path: str | Path) -> tuple[Path, dict | None]:
     """``(file, checkpoint)``: for a run directory (or its ``last.pt``) the newest whole
     training checkpoint, already loaded; for any other file the file itself (``checkpoint``
     None: the caller reads its format)."""
@@ -271,7 +269,7 @@ def load_resolved(path: str | Path, load: bool = True) -> tuple[Path, dict | Non
             raise CheckpointError(f"{path} holds no checkpoint yet ({ck_dir}/checkpoint-*.pt); "
                                   "pass a pretraining run directory or a checkpoint file")
         log.info("using %s (step %d), the newest whole checkpoint of %s", found[0], found[1]["step"], path)
-        return found[0], found[1] if load else None
+        return found
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory without checkpoints ({CHECKPOINT_DIR}/checkpoint-*.pt); "
                               "pass a pretraining run directory or a checkpoint file")

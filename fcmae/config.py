@@ -280,21 +280,16 @@ def short_dirname(name: str) -> str:
     return f"{name[:MAX_DIRNAME - 13]}-{digest}"
 
 
+def _safe(text: str) -> str:
+    return "".join(ch if ch in _SAFE else "_" for ch in text)
+
+
 def safe_dirname(overrides: str) -> str:
     """``model.mask_ratio=0.4,data.img_size=64`` -> ``model.mask_ratio:0.4+data.img_size:64``: a
     name that can be passed back to our own overrides unquoted (lists lose their brackets:
     ``data.crop_scale:0.35+1.0``)."""
-    out = []
-    for ch in overrides:
-        if ch == "=":
-            out.append(":")
-        elif ch == ",":
-            out.append("+")
-        elif ch in "[](){}'\" ":
-            continue
-        else:
-            out.append(ch if ch in _SAFE else "_")
-    return short_dirname("".join(out))
+    text = overrides.replace("=", ":").replace(",", "+")
+    return short_dirname(_safe("".join(ch for ch in text if ch not in "[](){}'\" ")))
 
 
 def run_subdir(parent: str, overrides: str) -> str:
@@ -316,7 +311,7 @@ def init_tag(init_from: Optional[str]) -> str:
     p = Path(str(init_from).rstrip("/"))
     if p.name in ("last.pt", "checkpoints"):
         p = p.parent.parent if p.name == "last.pt" and p.parent.name == "checkpoints" else p.parent
-    return "from-" + "".join(ch if ch in _SAFE else "_" for ch in (p.stem if p.suffix in (".pt", ".pth", ".safetensors") else p.name))
+    return "from-" + _safe(p.stem if p.suffix in (".pt", ".pth", ".safetensors") else p.name)
 
 
 def register_configs() -> None:

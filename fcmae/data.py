@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Sequence
 
@@ -125,6 +126,23 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def labelled_files(entries: Sequence[tuple[Path, str]], classes: Sequence[str] | None, where) -> ImageFiles:
+    """``(path, class name)`` pairs -> :class:`ImageFiles` whose labels index ``classes`` (a
+    training set's, so another set is matched by name) or, without it, the sorted names found.
+    A class not among ``classes`` is an error naming it and ``where`` it was found."""
+    found = sorted({c for _, c in entries})
+    classes = found if classes is None else list(classes)
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(f"{where} has classes the training set does not: {unknown[:5]}"
+                        f"{' ...' if len(unknown) > 5 else ''} (training classes: {classes[:10]}"
+                        f"{' ...' if len(classes) > 10 else ''}); remove them or train with them")
+    index = {name: i for i, name in enumerate(classes)}
+    out = ImageFiles([p for p, _ in entries], [index[c] for _, c in entries])
+    out.classes = classes
+    return out
+
+
 def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFiles:
     """``root/<class>/**/<image>``; labels are class indices. ``classes``: the class names
     the labels index (a train set's), so a val set with a subset of the folders, or folders in
@@ -133,32 +151,18 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={root} is not a directory (expected class folders root/<class>/<image>)")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is None:
-        classes = found
-    else:
-        classes = list(classes)
-        unknown = [c for c in found if c not in classes]
-        if unknown:
-            raise DataError(f"{root} has class folders the training set does not: {unknown[:5]}"
-                            f"{' ...' if len(unknown) > 5 else ''} (training classes: {classes[:10]}"
-                            f"{' ...' if len(classes) > 10 else ''}); remove them or train with them")
-    index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [], []
-    for name in found:
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = []
+    for name in folders:
         for dirpath, _, files in sorted(os.walk(root / name)):
-            for f in sorted(files):
-                if _is_image(Path(f)):
-                    paths.append(Path(dirpath) / f)
-                    labels.append(index[name])
-    if not paths:
+            entries += [(Path(dirpath) / f, name) for f in sorted(files) if _is_image(Path(f))]
+    if not entries:
         raise DataError(
             f"no images found under class folders of {root} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
             "for a flat folder use data=folder"
         )
-    out = ImageFiles(paths, labels)
-    out.classes = list(classes)
-    return out
+    # every class folder counts, an empty one too (as torchvision's ImageFolder): indices stay put
+    return labelled_files(entries, folders if classes is None else classes, root)
 
 
 def scan_folder(root: str | Path) -> ImageFiles:
@@ -208,17 +212,7 @@ def read_labelled_list(list_file: str | Path, classes: Sequence[str] | None = No
         entries.append((p if p.is_absolute() else list_file.parent / p, parts[1]))
     if not entries:
         raise DataError(f"{list_file} lists no images")
-    found = sorted({c for _, c in entries})
-    if classes is None:
-        classes = found
-    unknown = [c for c in found if c not in classes]
-    if unknown:
-        raise DataError(f"{list_file} has classes the training set does not: {unknown[:5]} "
-                        f"(training classes: {list(classes)[:10]}); remove them or train with them")
-    index = {c: i for i, c in enumerate(classes)}
-    out = ImageFiles([p for p, _ in entries], [index[c] for _, c in entries])
-    out.classes = list(classes)
-    return out
+    return labelled_files(entries, classes, list_file)
 
 
 def synthetic_size(img_size: int) -> int:
@@ -416,7 +410,6 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: workers ignore the signals that stop a run. Slurm, ``timeout``
     and a terminal's Ctrl-C signal the whole process group; a worker that died of it would kill
     the run before its checkpoint. The main process owns shutdown (and workers exit with it)."""
-    import signal
     for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
         sig = getattr(signal, name, None)
         if sig is not None:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng
 from .distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean, all_reduce_sum
-from .loggers import Progress
+from .loggers import Progress, format_metrics
 from .optim import cosine_lr, set_lr
 
 log = logging.getLogger("fcmae")
@@ -260,8 +260,7 @@ class TrainLoop:
         if metrics:
             self.log_metrics(metrics)
             if self.dist.is_main:
-                log.info("eval at step %d: %s", self.state.step,
-                         "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+                log.info("eval at step %d: %s", self.state.step, format_metrics(metrics))
 
     def _check_data_quality(self) -> None:
         """Every rank holds the same global counts here, so every rank decides alike."""
@@ -364,10 +363,10 @@ class TrainLoop:
         """After a step, one all-reduce under DDP: the unreadable files of every rank (so the
         count, the limit and the stop are global) and whether any rank caught a stop signal."""
         guard = self._guard
-        flags = torch.tensor([float(self._bad_local), 1.0 if guard.signum is not None else 0.0])
+        bad, stop = self._bad_local, guard.signum is not None
         if self.dist.enabled:
-            flags = all_reduce_sum(flags.to(self.dist.device), self.dist).cpu()
-        bad, stop = flags.tolist()
+            flags = torch.tensor([float(bad), float(stop)], device=self.dist.device)
+            bad, stop = all_reduce_sum(flags, self.dist).tolist()
         self.state.bad_images += int(bad)
         self._bad_local = 0
         if stop and self._preempt_signal is None:

@@ -127,8 +127,7 @@ def build_evaluator(eval_cfg, data_cfg, seed: int, info: DistInfo) -> FeatureEva
                             size, seed, e.labels_per_class, seed)
     val = labelled_source(e.source, e.val_root, "val", e.synthetic_val_images, data_cfg.synthetic_classes, size,
                           seed, e.val_per_class, seed, class_names=class_names_of(train))  # labels by class name
-    sources = [train, val]
     train_loader, val_loader = [build_eval_loader(EvalImages(src, transform, size), eval_cfg.batch_size,
                                                   eval_cfg.num_workers, info.rank, info.world_size)
-                                for src in sources]
-    return FeatureEvaluator(eval_cfg, train_loader, val_loader, num_classes_of(sources[0]), info.device, seed)
+                                for src in (train, val)]
+    return FeatureEvaluator(eval_cfg, train_loader, val_loader, num_classes_of(train), info.device, seed)

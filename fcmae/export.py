@@ -39,6 +39,14 @@ def _check_images(img_size: int = 64, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
 
 
+def _sparse_unmasked(state_dict: Mapping[str, torch.Tensor], depths, dims, imgs: torch.Tensor) -> torch.Tensor:
+    """The sparse encoder (``strict`` load of ``state_dict``) on ``imgs`` with nothing masked."""
+    from .models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
+    model = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
+    model.load_state_dict(state_dict, strict=True)
+    return model(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-1] // 32) ** 2))
+
+
 @torch.no_grad()
 def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tensor) -> torch.Tensor | None:
     """Features of the *source* checkpoint computed by a model that reads its keys as they are,
@@ -46,7 +54,6 @@ def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tens
     official dense keys (ours, ``encoder.``-prefixed, or a release) strictly into the sparse
     encoder, run with nothing masked; timm keys into timm's ``convnextv2_<size>``. None where
     no such reader exists here (MinkowskiEngine kernels: their reading is not re-checked)."""
-    from .models.sparse_encoder import SparseConvNeXtV2Encoder
     sd = unwrap_state_dict(source)
     if layout == "official":
         enc = {}
@@ -54,12 +61,10 @@ def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tens
             k = k.removeprefix("module.").removeprefix("encoder.")
             if k.startswith(("stages.", "downsample_layers.")):
                 enc[k] = v
-        model = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
         try:
-            model.load_state_dict(enc, strict=True)
+            return _sparse_unmasked(enc, depths, dims, imgs)
         except RuntimeError:
             return None  # stored in another shape (e.g. a GRN of another rank): only the converter reads it
-        return model(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-1] // 32) ** 2))
     if layout == "timm":
         model = build_dense_model("timm", depths, dims).eval()
         body = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("head.")}
@@ -79,8 +84,6 @@ def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, 
     sparse encoder on the converter's reading (a check of the writing side only), and the
     returned description says so. Returns ``(relative error, what was compared)``; raises
     :class:`CheckpointError` if the error is not below ``tol``."""
-    from .models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
-
     depths, dims = infer_shape(canonical)
     dense = build_dense_model(format, depths, dims).eval()
     written = load_state_dict_file(path)
@@ -96,9 +99,7 @@ def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, 
         what = (f"the written file in {'timm' if format == 'timm' else 'the official dense ConvNeXtV2'} equals the "
                 f"source checkpoint read without the converter ({layout} keys)")
     else:
-        sparse = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
-        sparse.load_state_dict(canonical, strict=True)
-        ref = sparse(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-1] // 32) ** 2))
+        ref = _sparse_unmasked(canonical, depths, dims, imgs)
         what = (f"the written file equals the converter's reading of the source; the reading itself ({layout} "
                 "keys) is NOT independently verified here")
     err = relative_error(dense.forward_features(imgs), ref)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import read_checkpoint
-from .config import CONFIG_PATH, register_configs, validate_finetune
+from .config import CONFIG_PATH, ROOTED_LABELLED, register_configs, validate_finetune
 from .convert import CheckpointError, canonical_to_format, infer_shape, to_canonical, variant_of
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, class_names_of,
                    eval_transform, finetune_transform, labelled_source, num_classes_of)
@@ -191,7 +191,7 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
         raise CheckpointError(f"{src} holds no classifier head (an fcmae-export file or a pretraining checkpoint?); "
                               "eval_only needs a fcmae-finetune checkpoint or run directory")
     class_names = ck.get("classes")
-    if cfg.data.source in ("imagefolder", "filelist") and not class_names:
+    if cfg.data.source in ROOTED_LABELLED and not class_names:
         log.warning("%s does not name its classes (an older checkpoint): val folders are matched to its "
                     "outputs by sorted position", src)
     val_src, val_loader = build_val_loader(cfg, info, cfg.trainer.seed, class_names)

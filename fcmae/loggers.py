@@ -10,6 +10,11 @@ from pathlib import Path
 log = logging.getLogger("fcmae")
 
 
+def format_metrics(metrics: dict) -> str:
+    """``key value  key value`` for a log line, floats to 4 decimals."""
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 class MetricsFile:
     """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl``."""
 

@@ -25,6 +25,7 @@ from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
 from .runner import (hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed, seed_everything, train,
                      wrap_model)
+from .loggers import format_metrics
 from .visualize import save_reconstruction_grid
 
 log = logging.getLogger("fcmae")
@@ -117,8 +118,7 @@ def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
         record = {"step": ck["step"], "checkpoint": str(src), "eval": cfg.eval.name, **scores}
         with open(run_dir / "evals.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("%s (step %d): %s; appended to %s", src, ck["step"],
-                 "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()),
+        log.info("%s (step %d): %s; appended to %s", src, ck["step"], format_metrics(scores),
                  run_dir / "evals.jsonl")
     return scores
 

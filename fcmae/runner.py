@@ -195,9 +195,8 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    """The same streams on every rank (model initialisation must agree before DDP)."""
+    seed_rank(seed, 0)
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
