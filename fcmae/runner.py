@@ -20,7 +20,8 @@ from .config import ConfigError
 from .convert import CheckpointError
 from .data import DataError, shutdown_workers
 from .distributed import DistInfo
-from .engine import DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, RunParts, Task, TrainLoop
+from .engine import (DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, PreemptionGuard, RunParts, Task,
+                     TrainLoop)
 from .loggers import MetricsFile, NullLogger, WandbLogger
 
 log = logging.getLogger("fcmae")
@@ -255,7 +256,8 @@ def hydra_entry(config_path: str, config_name: str, run: Callable[[DictConfig, s
     @hydra.main(config_path=config_path, config_name=config_name, version_base=None)
     def _main(cfg: DictConfig) -> None:
         try:
-            run(cfg, HydraConfig.get().runtime.output_dir)
+            with PreemptionGuard():  # from the start: a signal during setup stops the run after step 1
+                run(cfg, HydraConfig.get().runtime.output_dir)
         except Preempted as exc:
             log.warning("%s; run the same command again to resume", exc)
             sys.exit(128 + int(exc.signum))

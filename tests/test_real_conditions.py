@@ -98,6 +98,25 @@ def test_signal_in_the_last_step_leaves_the_final_evaluation_to_the_rerun(tmp_pa
     assert any("eval/knn_top1" in m for m in metrics(tmp_path))
 
 
+def test_a_signal_during_setup_is_not_lost(tmp_path):
+    """The apps guard from their start: a Slurm warning that arrives before the loop (data and
+    model still being built) stops the run after its first step, checkpointed, and is then
+    handed to the launcher's own handler."""
+    from fcmae.engine import Preempted, PreemptionGuard
+    launcher_calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: launcher_calls.append(signum))
+    try:
+        with pytest.raises(Preempted) as info:
+            with PreemptionGuard():
+                os.kill(os.getpid(), signal.SIGUSR2)  # "during setup"
+                run(make_cfg("trainer.max_steps=5"), tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert info.value.step == 1 and info.value.signum == signal.SIGUSR2
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 1
+    assert launcher_calls == [signal.SIGUSR2]  # e.g. submitit's requeue, after the checkpoint
+
+
 # ---------------------------------------------------------------- DDP accounting
 
 def _ddp_quality_worker(rank, world, port, run_dir, overrides, results):

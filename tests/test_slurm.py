@@ -246,6 +246,11 @@ def test_scontrol_requeue_checkpoints_and_continues_bit_identical(cluster, unint
     stopped = int(logs.split("caught SIGTERM: checkpoint of step ")[1].split()[0])
     assert 4 <= stopped < STEPS and f"at step {stopped} (epoch" in logs.split("resumed from")[1]
     assert _job_field(cluster, job_id, "Restarts") == "1"
+    # The result reaches the client before the job's processes have all exited (loader workers
+    # are shut down at the end): Slurm's state follows a few seconds later.
+    deadline = time.time() + 60
+    while _job_field(cluster, job_id, "JobState") != "COMPLETED" and time.time() < deadline:
+        time.sleep(0.5)
     assert _job_field(cluster, job_id, "JobState") == "COMPLETED"
     assert _steps(run_dir) == list(range(1, STEPS + 1))  # no step lost or repeated
     _assert_same_weights(run_dir, uninterrupted)
