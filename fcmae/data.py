@@ -42,6 +42,11 @@ class SyntheticImages(Dataset):
     Class ``c = index % classes`` sets the grating orientation/frequency and the
     shape kind; colours, phase and placement vary per image. Deterministic in
     ``(seed, index)``. Returns ``(PIL image, label)``.
+
+    The grating (the class cue) always has a contrast of 0.2-0.3 on a background near grey. With a
+    background drawn over [0.2, 0.8] and a grating as faint as 0.05, the colour nuisance buried the
+    cue: fine-tuning from the 1-minute pretraining demo stayed at chance (15.6%) while random init
+    reached 88%, and the demo's pretrained features scored below random ones in k-NN.
     """
 
     def __init__(self, num_images: int, classes: int = 8, size: int = 256, seed: int = 0):
@@ -61,7 +66,7 @@ class SyntheticImages(Dataset):
         theta = math.pi * c / self.classes
         freq = 3.0 + 2.0 * (c % 4) + rng.uniform(-0.5, 0.5)
         wave = np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + rng.uniform(0, 2 * math.pi))
-        img = rng.uniform(0.2, 0.8, 3).astype(np.float32) + 0.25 * wave[..., None] * rng.uniform(0.2, 1.0, 3)
+        img = rng.uniform(0.4, 0.6, 3).astype(np.float32) + 0.3 * wave[..., None] * rng.uniform(0.7, 1.0, 3)
         cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
         if c % 2 == 0:
             inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
