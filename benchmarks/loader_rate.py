@@ -1,13 +1,14 @@
 """Loader-only images/s of the pretraining input pipeline, by worker count, in steady state.
 
-    python benchmarks/loader_rate.py --root /data/imagenet/train --workers 4,8,15 --batch 128
+    python benchmarks/loader_rate.py --root /data/imagenet/train --workers 4,8,15 --batch 128 --decode cpu,gpu
     python benchmarks/loader_rate.py --make-jpegs 2000 --workers 0,2     # a folder of 500x375 JPEGs
 
 It builds exactly the loader ``fcmae-pretrain data=folder`` builds (decode, RandomResizedCrop,
 flip, normalise, per-sample masks, collate), then drops the first ``workers x prefetch + 2``
 batches (worker start-up and the prefetch buffer, which would otherwise inflate the rate) and
 times the next ``--batches``. The JSON is rewritten after each configuration, so a run that is
-cut off keeps what it measured. Pipelines: ``cpu`` today (the GPU decode path is issue #18).
+cut off keeps what it measured. Pipelines (``--decode``): ``cpu`` (workers decode and augment) and
+``gpu`` (workers read bytes; ``--device`` decodes and augments the batch, timed to the last kernel).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,15 +42,25 @@ def make_jpegs(folder: Path, count: int, size=(500, 375), seed: int = 0) -> Path
     return folder
 
 
-def data_config(root: Path, img_size: int, batch: int, workers: int) -> SimpleNamespace:
+def data_config(root: Path, img_size: int, batch: int, workers: int, decode: str = "cpu",
+                pin_memory: bool = False) -> SimpleNamespace:
     return SimpleNamespace(source="folder", root=str(root), img_size=img_size, batch_size=batch, num_workers=workers,
-                           pin_memory=False, persistent_workers=True, crop_scale=[0.2, 1.0], hflip=True,
+                           pin_memory=pin_memory, persistent_workers=True, crop_scale=[0.2, 1.0], hflip=True,
                            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], synthetic_images=0,
-                           synthetic_classes=0, max_bad_fraction=0.01)
+                           synthetic_classes=0, max_bad_fraction=0.01, decode=decode)
 
 
-def measure(root: Path, workers: int, batch: int, img_size: int, batches: int) -> dict:
-    loader, sampler, dataset = build_pretrain_loader(data_config(root, img_size, batch, workers), 0.6, seed=0)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(root: Path, workers: int, batch: int, img_size: int, batches: int, decode: str = "cpu",
+            device: str = "cpu") -> dict:
+    device = torch.device(device)
+    cfg = data_config(root, img_size, batch, workers, decode, pin_memory=device.type == "cuda")
+    loader, sampler, dataset = build_pretrain_loader(cfg, 0.6, seed=0, pin_memory=device.type == "cuda",
+                                                     device=device)
     warmup = workers * PREFETCH + 2
     need = warmup + batches
     if len(sampler) // batch < need:
@@ -57,12 +69,15 @@ def measure(root: Path, workers: int, batch: int, img_size: int, batches: int) -
     it = iter(loader)
     for _ in range(warmup):
         next(it)
+    sync(device)
     start = time.perf_counter()
     for _ in range(batches):
-        next(it)
+        imgs = next(it)[0]
+        imgs.to(device, non_blocking=True)  # the cpu pipeline's batches still have to reach the device
+    sync(device)
     elapsed = time.perf_counter() - start
-    return {"pipeline": "cpu", "workers": workers, "batch": batch, "img_size": img_size, "batches": batches,
-            "warmup_batches": warmup, "seconds": elapsed, "images_per_s": batches * batch / elapsed}
+    return {"pipeline": decode, "device": str(device), "workers": workers, "batch": batch, "img_size": img_size,
+            "batches": batches, "warmup_batches": warmup, "seconds": elapsed, "images_per_s": batches * batch / elapsed}
 
 
 def main(argv=None) -> int:
@@ -74,22 +89,27 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=10, help="timed batches per configuration, after the warm-up")
+    p.add_argument("--decode", default="cpu", help="comma-separated pipelines: cpu, gpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where batches go (and where the gpu pipeline decodes)")
     p.add_argument("--json", type=Path, help="write the results here (after each configuration)")
     args = p.parse_args(argv)
     if (args.root is None) == (args.make_jpegs is None):
         p.error("give --root DIR or --make-jpegs N")
     root = args.root or make_jpegs(args.cache, args.make_jpegs)
     results = []
-    print(f"{'pipeline':>8} {'workers':>7} {'batch':>5} {'img/s':>9}")
-    for workers in (int(w) for w in args.workers.split(",")):
-        r = measure(root, workers, args.batch, args.img_size, args.batches)
-        results.append(r)
-        print(f"{r['pipeline']:>8} {workers:>7} {args.batch:>5} {r['images_per_s']:>9.1f}", flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
+    print(f"{'pipeline':>8} {'device':>6} {'workers':>7} {'batch':>5} {'img/s':>9}")
+    for decode in args.decode.split(","):
+        for workers in (int(w) for w in args.workers.split(",")):
+            r = measure(root, workers, args.batch, args.img_size, args.batches, decode, args.device)
+            results.append(r)
+            print(f"{decode:>8} {r['device']:>6} {workers:>7} {args.batch:>5} {r['images_per_s']:>9.1f}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
     if len(results) > 1:
         base = results[0]["images_per_s"]
-        print("ratios to the first:", "  ".join(f"{r['workers']}w {r['images_per_s'] / base:.2f}x" for r in results))
+        print("ratios to the first:", "  ".join(f"{r['pipeline']} {r['workers']}w {r['images_per_s'] / base:.2f}x"
+                                               for r in results))
     return 0
 
 

@@ -23,6 +23,7 @@ _SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 
 COMPILE_CHOICES = ("auto", "true", "false")
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
 LABELLED_SOURCES = ("synthetic", "imagefolder", "filelist", "fashion_mnist")
 ROOTED_LABELLED = ("imagefolder", "filelist")  # need train_root / val_root
@@ -62,6 +63,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.01  # unreadable images tolerated before the run fails
+    # where JPEGs are decoded and augmented: cpu (loader workers) | gpu (the training device, batched;
+    # workers only read bytes) | auto (gpu when training on CUDA from image files)
+    decode: str = "auto"
 
 
 @dataclass
@@ -353,6 +357,7 @@ def validate(cfg: Any) -> None:
     check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be > 0")
     check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     check(d.source in PRETRAIN_SOURCES, f"data.source={d.source!r}; use one of {', '.join(PRETRAIN_SOURCES)}")
+    check(d.decode in DECODE_CHOICES, f"data.decode={d.decode!r}; use auto, cpu or gpu")
     check(d.source in ("synthetic", "fashion_mnist") or bool(d.root) or cfg.eval_only,
           f"data.source={d.source} needs data.root=/path/to/images")
     check(not cfg.eval_only or cfg.eval.name != "none",

@@ -251,15 +251,39 @@ def fashion_mnist(root: str | None, split: str) -> FashionMNIST:
 
 # ---------------------------------------------------------------- augmentation and masks
 
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range
+
+
+def crop_geometry(height: int, width: int, scale, hflip: bool) -> tuple[int, int, int, int, bool]:
+    """``(top, left, h, w, flip)`` of one sample's random resized crop and flip, drawn from the
+    global torch RNG exactly as ``RandomResizedCrop`` + ``RandomHorizontalFlip`` draw them (the
+    caller seeds it per sample). The CPU pipeline and the GPU-decode pipeline both take their
+    geometry from here, so a sample's crop depends on (seed, epoch, index) only, not the path."""
+    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size, nothing else
+    top, left, h, w = transforms.RandomResizedCrop.get_params(shape_only, list(scale), list(CROP_RATIO))
+    flip = bool(torch.rand(1) < 0.5) if hflip else False
+    return top, left, h, w, flip
+
+
+class RandomCropFlip:
+    """RandomResizedCrop (bicubic, antialiased) + horizontal flip on a PIL image, geometry from
+    :func:`crop_geometry`; the same pixels as torchvision's two transforms in a row."""
+
+    def __init__(self, img_size: int, scale, hflip: bool):
+        self.img_size, self.scale, self.hflip = img_size, tuple(scale), hflip
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        top, left, h, w, flip = crop_geometry(img.height, img.width, self.scale, self.hflip)
+        img = transforms.functional.resized_crop(img, top, left, h, w, [self.img_size, self.img_size],
+                                                 transforms.InterpolationMode.BICUBIC, antialias=True)
+        return transforms.functional.hflip(img) if flip else img
+
+
 def pretrain_transform(img_size: int, crop_scale=(0.2, 1.0), hflip: bool = True,
                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
     """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, as the paper."""
-    ops = [transforms.RandomResizedCrop(img_size, scale=tuple(crop_scale),
-                                        interpolation=transforms.InterpolationMode.BICUBIC)]
-    if hflip:
-        ops.append(transforms.RandomHorizontalFlip())
-    ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(ops)
+    return transforms.Compose([RandomCropFlip(img_size, crop_scale, hflip), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
 
 
 def finetune_transform(data_cfg):
@@ -374,10 +398,14 @@ class PretrainSamples(KeyedSamples):
         self.num_patches = (img_size // PATCH_SIZE) ** 2
         self.keep = num_visible(self.num_patches, mask_ratio)
 
+    def mask_for(self, sample_seed: int) -> torch.Tensor:
+        """The sample's mask ``[num_patches]`` (1 = masked), a function of its seed alone."""
+        g = torch.Generator().manual_seed(sample_seed ^ 0x5DEECE66D)
+        return random_mask(1, self.num_patches, keep=self.keep, generator=g)[0]
+
     def __getitem__(self, key: int):
         x, _, bad, s = self.read(key)
-        g = torch.Generator().manual_seed(s ^ 0x5DEECE66D)
-        return x, random_mask(1, self.num_patches, keep=self.keep, generator=g)[0], bad, int(key)
+        return x, self.mask_for(s), bad, int(key)
 
 
 class LabelledSamples(KeyedSamples):
@@ -425,6 +453,7 @@ def shutdown_workers(loader) -> None:
     """Stop a loader's persistent workers now, the polite way (a "done" message they obey). Needed
     because they ignore SIGTERM (:func:`ignore_stop_signals`): left to interpreter exit,
     multiprocessing would SIGTERM them and then wait for them forever."""
+    loader = getattr(loader, "loader", loader)  # gpu_decode.DeviceBatches wraps the DataLoader
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
@@ -468,15 +497,30 @@ def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int,
 
 
 def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = False):
+                          pin_memory: bool = False, device: torch.device | str = "cpu"):
     """``(loader, sampler, dataset)`` for pretraining; batches are
-    ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`)."""
-    source = build_source(data_cfg, seed)
-    transform = pretrain_transform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std)
-    dataset = PretrainSamples(source, transform, data_cfg.img_size, mask_ratio, seed)
-    loader, sampler = build_train_loader(dataset, data_cfg.batch_size, data_cfg.num_workers, seed, rank, world_size,
-                                         pin_memory and data_cfg.pin_memory, data_cfg.persistent_workers,
-                                         collate_fn=collate_masked)
+    ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`). With
+    ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.gpu_decode`) the workers only read JPEG bytes
+    and the images arrive already decoded and augmented on ``device``."""
+    from . import gpu_decode  # it builds on this module
+    d, device = data_cfg, torch.device(device)
+    decode = gpu_decode.resolve_decode(getattr(d, "decode", "cpu"), d.source, device)
+    source = build_source(d, seed)
+    transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
+    if decode == "gpu":
+        dataset = gpu_decode.EncodedPretrainSamples(source, transform, d.img_size, mask_ratio, d.crop_scale, d.hflip,
+                                                    seed)
+        collate = gpu_decode.collate_encoded
+    else:
+        dataset, collate = PretrainSamples(source, transform, d.img_size, mask_ratio, seed), collate_masked
+    loader, sampler = build_train_loader(dataset, d.batch_size, d.num_workers, seed, rank, world_size,
+                                         pin_memory and d.pin_memory, d.persistent_workers, collate_fn=collate)
+    if decode == "gpu":
+        decoder = gpu_decode.DeviceDecoder(dataset, d.img_size, d.mean, d.std, device)
+        loader = gpu_decode.DeviceBatches(loader, decoder)
+        if rank == 0:
+            log.info("data.decode=gpu: workers read JPEG bytes, %s decodes and augments the batch on %s",
+                     decoder.decoder_name, device)
     return loader, sampler, dataset
 
 

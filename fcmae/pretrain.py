@@ -130,7 +130,8 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
 
     # Data first: a bad data.root (or eval folder) fails before a model is built.
     loader, sampler, dataset = build_pretrain_loader(
-        cfg.data, cfg.model.mask_ratio, t.seed, info.rank, info.world_size, pin_memory=info.device.type == "cuda")
+        cfg.data, cfg.model.mask_ratio, t.seed, info.rank, info.world_size, pin_memory=info.device.type == "cuda",
+        device=info.device)
     evaluator = build_evaluator(cfg.eval, cfg.data, t.seed, info)
     s = loop_settings(cfg, len(sampler) // cfg.data.batch_size, setup.accum, setup.base_lr, setup.precision,
                       cfg.data.max_bad_fraction, callbacks)

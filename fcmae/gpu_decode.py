@@ -1,0 +1,241 @@
+"""Batched decode on the training device (``data.decode=gpu``): the loader workers only read each
+JPEG's bytes and draw its crop and flip; the device decodes the batch (nvjpeg, through
+torchvision) and crops, resizes, flips and normalises it.
+
+Why: a CPU worker decodes and augments ~125 ImageNet-sized JPEGs/s, so a 16-core host cannot feed
+one compiled GPU (issue #18). What stays as on the CPU path (:mod:`fcmae.data`):
+
+- the geometry: :func:`fcmae.data.crop_geometry` under the same per-sample seed, so a sample's
+  crop, flip and mask depend on (seed, epoch, index) only; exact resume holds and the two paths are
+  interchangeable (pixels differ by the resize implementations, not by what is cropped);
+- what the GPU decoder cannot take (PNG, greyscale or CMYK JPEG, an EXIF rotation, an unreadable
+  header) is decoded by the worker, per sample, through the CPU path;
+- a JPEG the device cannot decode is read again through the CPU path in the main process, which
+  skips it, names it and counts it in ``bad_images`` exactly as a worker would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import default_collate
+
+from .data import DataError, PretrainSamples, crop_geometry, sample_seed, seeded_rngs
+
+log = logging.getLogger("fcmae")
+
+FILE_SOURCES = ("imagefolder", "folder", "filelist")  # the sources that read image files
+EXIF_ORIENTATION = 0x0112
+
+
+def resolve_decode(choice: str, source: str, device: torch.device) -> str:
+    """``cpu`` or ``gpu`` for ``data.decode``: ``auto`` is ``gpu`` when training on CUDA from
+    image files, else ``cpu``. ``gpu`` on a CPU device still works (the main process decodes; it
+    exists for tests) but is slower than ``cpu``, and says so."""
+    if choice == "auto":
+        return "gpu" if device.type == "cuda" and source in FILE_SOURCES else "cpu"
+    if choice == "gpu" and source not in FILE_SOURCES:
+        raise DataError(f"data.decode=gpu decodes image files, and data.source={source} has none; "
+                        f"use data.decode=cpu (or auto), or a source among {', '.join(FILE_SOURCES)}")
+    if choice == "gpu" and device.type != "cuda":
+        log.warning("data.decode=gpu on %s: the main process decodes every batch, which is slower than "
+                    "data.decode=cpu; it is meant for CUDA", device)
+    return choice
+
+
+def read_jpeg(path) -> tuple[torch.Tensor, int, int] | None:
+    """``(file bytes, height, width)`` of a JPEG the device decoder takes as it is (8-bit RGB/YCbCr,
+    no EXIF rotation), reading its header only; ``None`` for anything else, which the CPU path
+    then decodes (or skips and counts, if it cannot be read at all)."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode != "RGB" or img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                return None
+            width, height = img.size
+    except Exception:  # unreadable: the CPU path will say which file and why
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width
+
+
+@dataclass
+class EncodedImages:
+    """A batch's images before the device decodes them.
+
+    ``jpegs``: the file bytes of the samples at ``jpeg_index``, with ``geometry`` ``[m, 5]``
+    (top, left, h, w, flip) each; ``pixels`` ``[k, 3, S, S]``: the samples at ``pixel_index``,
+    already decoded and normalised by a worker (the per-sample fallback)."""
+    jpegs: list
+    jpeg_index: torch.Tensor
+    geometry: torch.Tensor
+    pixels: torch.Tensor
+    pixel_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.jpegs) + len(self.pixel_index)
+
+    def pin_memory(self) -> "EncodedImages":
+        # The DataLoader's pin-memory thread calls this: the fallback pixels are what gets copied.
+        return EncodedImages(self.jpegs, self.jpeg_index, self.geometry, self.pixels.pin_memory(), self.pixel_index)
+
+
+class EncodedPretrainSamples(PretrainSamples):
+    """``key -> (jpeg bytes | None, geometry | pixels, mask, bad, key)`` for a worker that does not
+    decode: JPEGs stay bytes with their crop and flip drawn; anything else goes through the CPU path
+    (:meth:`PretrainSamples.read`) here. Same seeds and masks as :class:`PretrainSamples`."""
+
+    def __init__(self, source, transform, img_size: int, mask_ratio: float, crop_scale, hflip: bool, seed: int = 0):
+        super().__init__(source, transform, img_size, mask_ratio, seed)
+        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(int(key), len(self.source))
+        s = sample_seed(self.seed, epoch, index)
+        jpeg = read_jpeg(self.source.paths[index])
+        if jpeg is None:
+            x, _, bad, _ = self.read(key)
+            return None, x, self.mask_for(s), bad, int(key)
+        data, height, width = jpeg
+        with seeded_rngs(s):
+            geometry = torch.tensor(crop_geometry(height, width, self.crop_scale, self.hflip), dtype=torch.int64)
+        return data, geometry, self.mask_for(s), 0, int(key)
+
+
+def collate_encoded(samples: list) -> tuple:
+    """Batches ``(EncodedImages, masks, bad, keys, visible_per_sample)``, the layout of
+    :func:`fcmae.data.collate_masked` with the images not yet decoded."""
+    from .data import collate_masked
+    jpeg_index = [i for i, sample in enumerate(samples) if sample[0] is not None]
+    pixel_index = [i for i, sample in enumerate(samples) if sample[0] is None]
+    pixels = (torch.stack([samples[i][1] for i in pixel_index]) if pixel_index
+              else torch.empty(0, dtype=torch.float32))
+    geometry = (torch.stack([samples[i][1] for i in jpeg_index]) if jpeg_index
+                else torch.empty(0, 5, dtype=torch.int64))
+    images = EncodedImages([samples[i][0] for i in jpeg_index], torch.tensor(jpeg_index, dtype=torch.int64),
+                           geometry, pixels, torch.tensor(pixel_index, dtype=torch.int64))
+    # masks, bad and keys as the CPU path collates them (one placeholder image per sample)
+    _, masks, bad, keys, visible = collate_masked([(torch.zeros(()), *sample[2:]) for sample in samples])
+    return images, masks, bad, keys, visible
+
+
+def jpeg_decoder(name: str = "auto"):
+    """``(decode(bytes tensor | list of them, device) -> [3, H, W] uint8 | list, name)``: TorchCodec's
+    decoder (``pip install 'fcmae[gpu]'``; nvJPEG on CUDA, batched) when installed, else
+    torchvision's, the same nvJPEG path, deprecated since torchvision 0.29 in favour of TorchCodec.
+    Both take a list in one call and raise ``RuntimeError`` on a JPEG they cannot decode."""
+    if name in ("auto", "torchcodec"):
+        try:
+            from torchcodec.decoders import decode_jpeg as codec_decode
+            return (lambda data, device: codec_decode(data, mode="RGB", device=device)), "torchcodec"
+        except ImportError:
+            if name == "torchcodec":
+                raise
+    from torchvision.io import ImageReadMode, decode_jpeg as tv_decode
+
+    def decode(data, device):
+        with warnings.catch_warnings():  # the deprecation is ours to handle (above), not the user's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return tv_decode(data, mode=ImageReadMode.RGB, device=device)
+    return decode, "torchvision"
+
+
+class DeviceDecoder:
+    """``EncodedImages -> ([B, 3, S, S] normalised float images on device, extra bad count)``."""
+
+    def __init__(self, dataset: PretrainSamples, img_size: int, mean, std, device: torch.device,
+                 decoder: str = "auto"):
+        self.dataset, self.size, self.device = dataset, img_size, device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.decode, self.decoder_name = jpeg_decoder(decoder)
+
+    def decode_all(self, jpegs: list) -> list:
+        """Decoded ``[3, H, W]`` uint8 images on the device; ``None`` where one cannot be decoded.
+        One batched call; if it fails, one call per image to find the culprits."""
+        if not jpegs:
+            return []
+        try:
+            return list(self.decode(jpegs, self.device))
+        except RuntimeError:
+            out = []
+            for data in jpegs:
+                try:
+                    out.append(self.decode(data, self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def crop_resize(self, img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+        """``[3, S, S]`` float in 0..255: the crop resized as the CPU path does (bicubic,
+        antialiased) and rounded to 8-bit levels as a PIL image would be."""
+        crop = img[:, top:top + h, left:left + w].unsqueeze(0).float()
+        out = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        return out.round_().clamp_(0, 255)[0]
+
+    def __call__(self, enc: EncodedImages, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
+        out = torch.empty(len(enc), 3, self.size, self.size, device=self.device)
+        if len(enc.pixel_index):
+            out[enc.pixel_index.to(self.device)] = enc.pixels.to(self.device, non_blocking=True)
+        extra_bad = 0
+        geometry = enc.geometry.tolist()
+        crops, rows, flips = [], [], []
+        for j, img in enumerate(self.decode_all(enc.jpegs)):
+            row = int(enc.jpeg_index[j])
+            if img is None:  # the device could not decode it: the CPU path skips, names and counts it
+                x, _, bad, _ = self.dataset.read(int(keys[row]))
+                out[row] = x.to(self.device)
+                extra_bad += bad
+                continue
+            top, left, h, w, flip = geometry[j]
+            crops.append(self.crop_resize(img, top, left, h, w))
+            rows.append(row)
+            flips.append(bool(flip))
+        if crops:
+            x = torch.stack(crops)
+            flip = torch.tensor(flips, device=self.device).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+            out[torch.tensor(rows, device=self.device)] = (x - self.mean) / self.std
+        return out, extra_bad
+
+
+class DeviceBatches:
+    """A loader of encoded batches seen as a loader of ``(imgs on device, masks, bad, keys,
+    visible)``. On CUDA the next batch is decoded on a side stream while the current one trains."""
+
+    def __init__(self, loader, decoder: DeviceDecoder):
+        self.loader, self.decoder = loader, decoder
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _decode(self, batch, stream):
+        if batch is None:
+            return None
+        enc, masks, bad, keys, visible = batch
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            imgs, extra_bad = self.decoder(enc, keys)
+        if extra_bad:
+            bad = bad.clone()
+            bad[0] += extra_bad  # the engine sums a batch's bad counts
+        return imgs, masks, bad, keys, visible
+
+    def __iter__(self):
+        device = self.decoder.device
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        it = iter(self.loader)
+        pending = self._decode(next(it, None), stream)
+        while pending is not None:
+            if stream is not None:
+                torch.cuda.current_stream(device).wait_stream(stream)
+                pending[0].record_stream(torch.cuda.current_stream(device))
+            current = pending
+            pending = self._decode(next(it, None), stream)  # overlaps with the step on `current`
+            yield current
+
