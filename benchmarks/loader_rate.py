@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fcmae.data import build_pretrain_loader  # noqa: E402
+from fcmae.pretrain_loader import build_pretrain_loader  # noqa: E402
 
 PREFETCH = 4  # build_train_loader's prefetch_factor
 

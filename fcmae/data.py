@@ -496,34 +496,6 @@ def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int,
     return loader, sampler
 
 
-def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = False, device: torch.device | str = "cpu"):
-    """``(loader, sampler, dataset)`` for pretraining; batches are
-    ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`). With
-    ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.gpu_decode`) the workers only read JPEG bytes
-    and the images arrive already decoded and augmented on ``device``."""
-    from . import gpu_decode  # it builds on this module
-    d, device = data_cfg, torch.device(device)
-    decode = gpu_decode.resolve_decode(getattr(d, "decode", "cpu"), d.source, device)
-    source = build_source(d, seed)
-    transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
-    if decode == "gpu":
-        dataset = gpu_decode.EncodedPretrainSamples(source, transform, d.img_size, mask_ratio, d.crop_scale, d.hflip,
-                                                    seed)
-        collate = gpu_decode.collate_encoded
-    else:
-        dataset, collate = PretrainSamples(source, transform, d.img_size, mask_ratio, seed), collate_masked
-    loader, sampler = build_train_loader(dataset, d.batch_size, d.num_workers, seed, rank, world_size,
-                                         pin_memory and d.pin_memory, d.persistent_workers, collate_fn=collate)
-    if decode == "gpu":
-        decoder = gpu_decode.DeviceDecoder(dataset, d.img_size, d.mean, d.std, device)
-        loader = gpu_decode.DeviceBatches(loader, decoder)
-        if rank == 0:
-            log.info("data.decode=gpu: workers read JPEG bytes, %s decodes and augments the batch on %s",
-                     decoder.decoder_name, device)
-    return loader, sampler, dataset
-
-
 # ---------------------------------------------------------------- labelled sets (fine-tuning, evaluation)
 
 def labelled_source(source: str, root: str | None, split: str, num_images: int, classes: int, img_size: int,

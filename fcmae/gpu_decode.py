@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import default_collate
 
-from .data import DataError, PretrainSamples, crop_geometry, sample_seed, seeded_rngs
+from .data import DataError, PretrainSamples, collate_masked, crop_geometry, sample_seed, seeded_rngs
 
 log = logging.getLogger("fcmae")
 
@@ -111,7 +110,6 @@ class EncodedPretrainSamples(PretrainSamples):
 def collate_encoded(samples: list) -> tuple:
     """Batches ``(EncodedImages, masks, bad, keys, visible_per_sample)``, the layout of
     :func:`fcmae.data.collate_masked` with the images not yet decoded."""
-    from .data import collate_masked
     jpeg_index = [i for i, sample in enumerate(samples) if sample[0] is not None]
     pixel_index = [i for i, sample in enumerate(samples) if sample[0] is None]
     pixels = (torch.stack([samples[i][1] for i in pixel_index]) if pixel_index

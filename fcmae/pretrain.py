@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import CONFIG_PATH, register_configs, validate
 from .checkpoint import read_checkpoint
 from .convert import CheckpointError, to_canonical
-from .data import build_pretrain_loader
+from .pretrain_loader import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task, TrainLoop
 from .evaluation import build_evaluator

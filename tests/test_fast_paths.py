@@ -116,3 +116,24 @@ def test_loader_rate_benchmark_measures_after_the_prefetch_buffer(tmp_path, caps
     assert "ratios to the first" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="need"):  # too few images for the warm-up and the timed window
         loader_rate.main(["--root", str(tmp_path / "jpegs"), "--workers", "2", "--batch", "8", "--batches", "3"])
+
+
+def test_pretrain_rate_benchmark_times_a_real_run_after_the_prefetch_buffer(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("pretrain_rate", ROOT / "benchmarks" / "pretrain_rate.py")
+    pretrain_rate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain_rate)
+    # the window starts after warm-up + one prefetch buffer and spans at least three buffers
+    assert pretrain_rate.window_for(workers=15, warmup_steps=20, window=30) == (80, 260)
+    assert pretrain_rate.window_for(workers=0, warmup_steps=2, window=30) == (6, 36)
+    out = tmp_path / "e2e.json"
+    rows = pretrain_rate.main(["--make-jpegs", "80", "--cache", str(tmp_path / "jpegs"), "--out", str(tmp_path / "runs"),
+                               "--model", "atto", "--batch", "4", "--img-size", "64", "--workers", "1",
+                               "--warmup-steps", "2", "--window", "12", "--step-only", "--step-repeats", "2",
+                               "--device", "cpu", "--json", str(out)])
+    assert [(r["measure"], r.get("pipeline")) for r in rows] == [("end_to_end", "cpu"), ("end_to_end", "gpu"),
+                                                                 ("step_only", None)]
+    assert json.loads(out.read_text()) == rows
+    assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["window_steps"] == [6, 18]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs/decode-gpu/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 19))  # the real app ran, logging every step
+    assert "of step-only" in capsys.readouterr().out

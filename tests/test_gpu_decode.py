@@ -15,11 +15,12 @@ from torchvision import transforms
 
 from fcmae.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
-from fcmae.data import DataError, PretrainSamples, build_pretrain_loader, pretrain_transform, scan_folder, seeded_rngs
+from fcmae.data import DataError, PretrainSamples, pretrain_transform, scan_folder, seeded_rngs
 from fcmae.engine import Preempted
 from fcmae.gpu_decode import (DeviceDecoder, EncodedPretrainSamples, collate_encoded, read_jpeg,
                               resolve_decode)
 from fcmae.pretrain import run
+from fcmae.pretrain_loader import build_pretrain_loader
 
 from test_pretrain import make_cfg, metrics, params
 
