@@ -16,7 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from .models.variants import VARIANTS
 from .optim import LAYER_DECAY_TYPES
-from .sparse import BACKENDS, GRN_STATS
+from .sparse import BACKENDS, DWCONV, GRN_STATS
 
 # conf/ of a source checkout; an installed wheel carries it as the package fcmae.conf.
 _SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -45,6 +45,7 @@ class ModelConfig:
 class EncoderConfig:
     backend: str = "sparse"  # sparse | dense | minkowski
     grn_stats: str = "sample"  # sample | batch (the official MinkowskiGRN)
+    dwconv: str = "auto"  # the sparse backend's depthwise conv: auto (tiles on CUDA with Triton) | canvas | tiles
 
 
 @dataclass
@@ -341,6 +342,7 @@ def validate(cfg: Any) -> None:
     check(m.decoder_depth >= 1 and m.decoder_embed_dim >= 1, "model.decoder_depth and decoder_embed_dim must be >= 1")
     check(cfg.encoder.backend in BACKENDS,
           f"encoder.backend={cfg.encoder.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    check(cfg.encoder.dwconv in DWCONV, f"encoder.dwconv={cfg.encoder.dwconv!r}; use auto, canvas or tiles")
     check(cfg.encoder.grn_stats in GRN_STATS, f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use {' or '.join(GRN_STATS)}")
     if cfg.encoder.backend == "minkowski":
         try:

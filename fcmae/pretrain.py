@@ -31,7 +31,8 @@ from .visualize import save_reconstruction_grid
 log = logging.getLogger("fcmae")
 
 # Config keys that must match to continue a run from its checkpoint.
-_RESUME_MUST_MATCH = ("model", "encoder", "data.img_size", "init_from")
+# encoder.dwconv picks a kernel for the same arithmetic: a run may resume with another
+_RESUME_MUST_MATCH = ("model", "encoder.backend", "encoder.grn_stats", "data.img_size", "init_from")
 
 
 class PretrainTask(Task):
@@ -75,7 +76,8 @@ def build_model(cfg) -> FCMAE:
     m = cfg.model
     return FCMAE(depths=list(m.depths), dims=list(m.dims), decoder_depth=m.decoder_depth,
                  decoder_embed_dim=m.decoder_embed_dim, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
-                 drop_path_rate=m.drop_path_rate, backend=cfg.encoder.backend, grn_stats=cfg.encoder.grn_stats)
+                 drop_path_rate=m.drop_path_rate, backend=cfg.encoder.backend, grn_stats=cfg.encoder.grn_stats,
+                 dwconv=cfg.encoder.dwconv)
 
 
 def load_encoder_init(model: FCMAE, path: str) -> None:

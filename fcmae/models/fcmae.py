@@ -35,13 +35,14 @@ class FCMAE(nn.Module):
         drop_path_rate: float = 0.0,
         backend: str = "sparse",
         grn_stats: str = "sample",
+        dwconv: str = "auto",
     ):
         super().__init__()
         self.patch_size = PATCH_SIZE
         self.in_chans = in_chans
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = SparseConvNeXtV2Encoder(depths, dims, in_chans, drop_path_rate, backend, grn_stats)
+        self.encoder = SparseConvNeXtV2Encoder(depths, dims, in_chans, drop_path_rate, backend, grn_stats, dwconv)
         self.proj = nn.Conv2d(dims[-1], decoder_embed_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_embed_dim, 1, 1))
         self.decoder = make_decoder_blocks(decoder_embed_dim, decoder_depth)
@@ -91,7 +92,7 @@ class FCMAE(nn.Module):
 def create_fcmae(name: str = "convnextv2_atto", **overrides) -> FCMAE:
     """Build an FCMAE for a named size, e.g. ``create_fcmae("convnextv2_atto", backend="dense")``.
 
-    ``overrides`` are FCMAE arguments: ``backend``, ``grn_stats``, ``mask_ratio``,
+    ``overrides`` are FCMAE arguments: ``backend``, ``grn_stats``, ``dwconv``, ``mask_ratio``,
     ``decoder_depth``, ``decoder_embed_dim``, ``norm_pix_loss``, ``drop_path_rate``, ``in_chans``.
     """
     v = get_variant(name)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .convnextv2 import init_weights, make_trunk
-from ..sparse import BACKENDS, GRN_STATS
+from ..sparse import BACKENDS, DWCONV, GRN_STATS
 from .masking import PATCH_SIZE, check_image_size, check_mask
 
 
@@ -35,15 +35,20 @@ class SparseConvNeXtV2Encoder(nn.Module):
         grn_stats: ``sample`` (GRN norm over each sample's active sites, what the
             dense model computes at fine-tune time) or ``batch`` (pooled over all
             active sites of the batch, as the official ``MinkowskiGRN``).
+        dwconv: the ``sparse`` backend's depthwise conv: ``tiles`` (Triton, active sites only),
+            ``canvas`` (zero canvas + dense conv) or ``auto`` (tiles on CUDA when Triton is there).
     """
 
     def __init__(self, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3,
-                 drop_path_rate: float = 0.0, backend: str = "sparse", grn_stats: str = "sample"):
+                 drop_path_rate: float = 0.0, backend: str = "sparse", grn_stats: str = "sample",
+                 dwconv: str = "auto"):
         super().__init__()
         if grn_stats not in GRN_STATS:
             raise ValueError(f"grn_stats={grn_stats!r} is not supported; use {' or '.join(map(repr, GRN_STATS))}")
+        if dwconv not in DWCONV:
+            raise ValueError(f"dwconv={dwconv!r} is not supported; use {' or '.join(map(repr, DWCONV))}")
         self.set_backend(backend)
-        self.grn_stats = grn_stats
+        self.grn_stats, self.dwconv = grn_stats, dwconv
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
         self.apply(init_weights)

@@ -1,11 +1,15 @@
 """The ``sparse`` backend: ConvNeXt V2 on a compact ``(rows, C)`` tensor of active sites.
 
 Only the depthwise conv touches a full canvas (scatter rows to zeros, convolve,
-gather the active rows back): inactive inputs count as zero and outputs exist
-only at active sites, i.e. submanifold semantics. Everything else (LayerNorm,
+gather the active rows back), unless the Triton tile kernel replaces it (``dwconv``):
+inactive inputs count as zero and outputs exist only at active sites, i.e. submanifold
+semantics. Everything else (LayerNorm,
 the two Linears, GELU, GRN, drop path, the downsample) runs on active rows only.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +77,33 @@ def grn_rows(grn: GRN, x: torch.Tensor, layout: SparseLayout, stage: int, stats:
     return grn.gamma.view(-1) * (x * nx) + grn.beta.view(-1) + x
 
 
-def block_rows(block: Block, x: torch.Tensor, layout: SparseLayout, stage: int, grn_stats: str):
-    """One ConvNeXt V2 block on ``(R, C)`` rows."""
+def tiles_usable(x: torch.Tensor) -> bool:
+    """Whether the Triton tile kernel can run on ``x``: CUDA with Triton, or the CPU under
+    ``TRITON_INTERPRET=1`` (for tests; slow)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def depthwise_rows(conv: torch.nn.Conv2d, x: torch.Tensor, layout: SparseLayout, stage: int, dwconv: str):
+    """The block's depthwise conv on ``(R, C)`` rows, submanifold: ``tiles`` (Triton, only the active
+    sites, :mod:`fcmae.sparse.triton_dwconv`) or ``canvas`` (scatter to a zero canvas, cuDNN/ATen
+    conv, gather back: the reference); ``auto`` = tiles where they run, else canvas."""
+    if dwconv == "tiles" or (dwconv == "auto" and x.is_cuda and tiles_usable(x)):
+        if not tiles_usable(x):
+            raise RuntimeError("encoder.dwconv=tiles needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                               "on the CPU, for tests); use encoder.dwconv=canvas or auto")
+        from .triton_dwconv import depthwise_conv_tiles
+        return depthwise_conv_tiles(x, conv, layout.tiles(stage, conv.kernel_size[0]))
     sites = layout.stages[stage]
     canvas = scatter_to_canvas(x, sites, layout.batch)
-    y = gather_from_canvas(depthwise_conv_channels_last(block.dwconv, canvas), sites)
+    return gather_from_canvas(depthwise_conv_channels_last(conv, canvas), sites)
+
+
+def block_rows(block: Block, x: torch.Tensor, layout: SparseLayout, stage: int, grn_stats: str,
+               dwconv: str = "auto"):
+    """One ConvNeXt V2 block on ``(R, C)`` rows."""
+    y = depthwise_rows(block.dwconv, x, layout, stage, dwconv)
     y = block.act(block.pwconv1(block.norm(y)))
     y = block.pwconv2(grn_rows(block.grn, y, layout, stage, grn_stats))
     scale = block.drop_path.sample_scale(layout.batch, y)
@@ -121,5 +147,5 @@ def encoder_forward(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple
         if k > 0:
             x = downsample_rows(encoder.downsample_layers[k], x)
         for block in stage:
-            x = block_rows(block, x, layout, k, encoder.grn_stats)
+            x = block_rows(block, x, layout, k, encoder.grn_stats, getattr(encoder, "dwconv", "auto"))
     return scatter_to_canvas(x, layout.stages[-1], layout.batch).contiguous()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tiles import StageTiles, neighbour_table
+
 # Child offsets in the order the rows use; the downsample weight is laid out to match.
 _DY = torch.tensor([0, 0, 1, 1])
 _DX = torch.tensor([0, 1, 0, 1])
@@ -52,10 +54,22 @@ class SparseLayout:
     ``index_add`` instead of a reshape).
     """
 
-    def __init__(self, batch: int, stages: list[StageSites], rows_per_sample: list[int] | None):
+    def __init__(self, batch: int, stages: list[StageSites], rows_per_sample: list[int] | None,
+                 patches: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None):
         self.batch = batch
         self.stages = stages
         self.rows_per_sample = rows_per_sample
+        self.patches = patches  # (sample, patch, grid) of the visible patches, in row order
+        self._tiles = {}
+
+    def tiles(self, stage: int, kernel_size: int = 7) -> StageTiles:
+        """Stage ``stage``'s tiles and neighbour table (:mod:`fcmae.sparse.tiles`), built once per batch."""
+        key = (stage, kernel_size)
+        if key not in self._tiles:
+            sample, patch, grid = self.patches
+            tile = 2 ** (len(self.stages) - 1 - stage)
+            self._tiles[key] = neighbour_table(sample, patch, self.batch, grid, tile, kernel_size)
+        return self._tiles[key]
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, grid: tuple[int, int], num_stages: int = 4,
@@ -76,6 +90,7 @@ class SparseLayout:
             patch = keep.reshape(-1)
         else:
             sample, patch = (mask == 0).nonzero(as_tuple=True)
+        patches = (sample, patch, grid)
         y, x = patch // w, patch % w
 
         coords = [(sample, y, x)]
@@ -96,4 +111,4 @@ class SparseLayout:
         rows = None
         if visible_per_sample is not None:
             rows = [visible_per_sample * 4 ** (num_stages - 1 - k) for k in range(num_stages)]
-        return cls(n, stages, rows)
+        return cls(n, stages, rows, patches)

@@ -1,0 +1,129 @@
+"""The Triton tile-wise depthwise conv (fcmae/sparse/triton_dwconv.py) against the canvas path it
+replaces (scatter to a zero canvas, dense conv, gather: fcmae/sparse/compact.py), output and every
+gradient, at all four stage geometries, on the CPU under TRITON_INTERPRET=1 (CI has no GPU; the
+interpreter runs the same kernels, slowly, so the shapes are small)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (at import)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="Triton ships with torch's Linux wheels; not on this platform")
+
+from fcmae.models.sparse_encoder import SparseConvNeXtV2Encoder  # noqa: E402
+from fcmae.sparse.compact import depthwise_rows  # noqa: E402
+from fcmae.sparse.layout import SparseLayout  # noqa: E402
+from fcmae.sparse.triton_dwconv import depthwise_conv_tiles, dwconv_tiles  # noqa: E402
+
+from conftest import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs TRITON_INTERPRET=1 on the CPU (set before triton was imported)")
+
+
+def both(mask, grid, stage, channels=5, dtype=torch.float32, seed=0):
+    """Output and grads (x, weight, bias) of the tile kernel and of the canvas path, same inputs."""
+    torch.manual_seed(seed)
+    layout = SparseLayout.from_mask(mask, grid, 4, None)
+    conv = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+    x = torch.randn(layout.stages[stage].num_rows, channels)
+    g = torch.randn_like(x)
+    out = {}
+    for path in ("tiles", "canvas"):
+        xi = x.clone().to(dtype).requires_grad_()
+        y = depthwise_rows(conv, xi, layout, stage, path)
+        grads = torch.autograd.grad(y, [xi, conv.weight, conv.bias], g.to(dtype))
+        out[path] = [y.float(), *(t.float() for t in grads)]
+    return out["tiles"], out["canvas"]
+
+
+def random_mask(n, grid, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, grid[0] * grid[1], generator=g) < 0.5).long()
+    mask[:, 0] = 0  # every sample keeps a patch
+    return mask
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])  # tiles of 8x8, 4x4, 2x2, 1x1 sites; reach 1, 1, 2, 3 tiles
+def test_tiles_match_the_canvas_at_every_stage(stage):
+    grid = (2, 2)
+    tiles, canvas = both(random_mask(3, grid, seed=stage), grid, stage)  # an odd batch, uneven samples
+    for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), tiles, canvas):
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("case", ["one visible patch", "nothing masked"])
+def test_tiles_match_the_canvas_at_the_extremes(case):
+    grid = (3, 3) if case == "one visible patch" else (2, 2)
+    mask = torch.ones(1, 9, dtype=torch.long) if case == "one visible patch" else torch.zeros(1, 4, dtype=torch.long)
+    if case == "one visible patch":
+        mask[0, 4] = 0  # the centre: every neighbour is masked
+    for stage in (0, 3):
+        tiles, canvas = both(mask, grid, stage)
+        for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), tiles, canvas):
+            assert rel_err(a, b) < 1e-5, (case, stage, name, rel_err(a, b))
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    """bf16 rows (as under autocast) against the fp32 canvas: only the bf16 rounding of inputs,
+    weights and outputs remains (~0.4% each), not the error of a bf16 sum over 49 taps."""
+    torch.manual_seed(0)
+    layout = SparseLayout.from_mask(random_mask(2, (2, 2), seed=7), (2, 2), 4, None)
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    x = torch.randn(layout.stages[1].num_rows, 4)
+    ref = depthwise_rows(conv, x, layout, 1, "canvas")
+    y = depthwise_rows(conv, x.bfloat16(), layout, 1, "tiles")
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), ref) < 1.5e-2
+
+
+def test_the_kernel_sees_neighbours_a_tile_away():
+    """A hand-derived case at 1x1 tiles (stage 3): one channel, one input site lit; the output at a
+    site two patches to its right is the tap (row 3, col 1) of the kernel, masked sites read zero."""
+    mask = torch.tensor([[0, 1, 0]])  # 1x3 grid: the middle patch masked
+    layout = SparseLayout.from_mask(mask, (1, 3), 4, None)
+    conv = torch.nn.Conv2d(1, 1, 7, padding=3, groups=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(49.0).view(1, 1, 7, 7))
+    x = torch.tensor([[1.0], [0.0]])  # rows: patch 0 (lit), patch 2
+    y = depthwise_conv_tiles(x, conv, layout.tiles(3))
+    # y[patch 2] = sum_k w[k] x[patch2 + k - 3]: the lit site is 2 to the left -> kx = 3 - 2 = 1, ky = 3
+    assert y.flatten().tolist() == [24.0, 22.0]  # y[patch 0] reads itself: the centre tap 3*7+3
+
+
+def test_the_custom_op_traces_under_compile_and_passes_opcheck():
+    mask = torch.tensor([[0, 1, 0, 0]])
+    layout = SparseLayout.from_mask(mask, (2, 2), 4, None)
+    tiles = layout.tiles(3)
+    x = torch.randn(3, 4, requires_grad=True)
+    weight = torch.randn(49, 4, requires_grad=True)
+    torch.library.opcheck(dwconv_tiles, (x, weight, tiles.neighbours, tiles.tile, tiles.reach))
+
+    def f(x, weight):
+        return (dwconv_tiles(x.relu(), weight, tiles.neighbours, tiles.tile, tiles.reach) * 2).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # no graph break at the op
+    eager_grads = torch.autograd.grad(f(x, weight), [x, weight])
+    compiled_grads = torch.autograd.grad(compiled(x, weight), [x, weight])
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.allclose(a, b)
+
+
+@pytest.mark.slow
+def test_a_whole_encoder_with_tiles_matches_the_canvas():
+    torch.manual_seed(0)
+    enc = SparseConvNeXtV2Encoder(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), dwconv="canvas")
+    for p in enc.parameters():  # GRN starts at zero: give it weight, so every op matters
+        torch.nn.init.normal_(p, std=0.2) if p.dim() == 1 else None
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_mask(2, (2, 2), seed=11)
+    outs = {}
+    for path in ("canvas", "tiles"):
+        enc.dwconv = path
+        enc.zero_grad()
+        y = enc(imgs, mask)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs[path] = [y.detach(), *(p.grad.clone() for p in enc.parameters())]
+    for a, b in zip(outs["tiles"], outs["canvas"]):
+        assert rel_err(a, b) < 1e-5
