@@ -37,15 +37,15 @@ EXIF_ORIENTATION = 0x0112
 def resolve_decode(choice: str, source: str, device: torch.device) -> str:
     """``cpu`` or ``gpu`` for ``data.decode``: ``auto`` is ``gpu`` when training on CUDA from
     image files, else ``cpu``. ``gpu`` on a CPU device still works (the main process decodes; it
-    exists for tests) but is slower than ``cpu``, and says so."""
+    exists for tests) but does not scale with the cores as ``cpu``'s workers do, and says so."""
     if choice == "auto":
         return "gpu" if device.type == "cuda" and source in FILE_SOURCES else "cpu"
     if choice == "gpu" and source not in FILE_SOURCES:
         raise DataError(f"data.decode=gpu decodes image files, and data.source={source} has none; "
                         f"use data.decode=cpu (or auto), or a source among {', '.join(FILE_SOURCES)}")
     if choice == "gpu" and device.type != "cuda":
-        log.warning("data.decode=gpu on %s: the main process decodes every batch, which is slower than "
-                    "data.decode=cpu; it is meant for CUDA", device)
+        log.warning("data.decode=gpu on %s: the main process decodes every batch, one core's worth; it is "
+                    "meant for CUDA (on the CPU, data.decode=cpu with loader workers scales with the cores)", device)
     return choice
 
 
