@@ -34,14 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # mae_reference
 
 from fcmae.models import create_fcmae  # noqa: E402
 from fcmae.models.masking import num_visible, random_mask  # noqa: E402
 from fcmae.models.variants import get_variant  # noqa: E402
 
 BASE_VARIANTS = ("sparse", "dense", "unmasked", "minkowski")
+# on request: the sparse backend with its canvas depthwise conv forced (on CUDA `sparse` uses the Triton
+# tile kernel), and MAE ViT-B/16 (mae_reference.py), the speed FCMAE-B is held to (issue #19)
+EXTRA_VARIANTS = ("sparse-canvas", "mae")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,6 +69,8 @@ class Result:
     step_ratio: float | None = None
     encoder_peak_ratio: float | None = None
     step_peak_ratio: float | None = None
+    fwd_gflop_per_img: float | None = None  # the training step's forward, torch.utils.flop_counter
+    mfu: float | None = None  # 3 x forward FLOPs / step time / --peak-tflops
     samples: dict = field(default_factory=dict)
 
 
@@ -98,9 +105,10 @@ class Case:
     def __init__(self, variant: str, reference, cfg):
         self.variant = variant
         base, _, compiled = variant.partition("+")
-        backend = "dense" if base == "unmasked" else base
+        backend = {"unmasked": "dense", "sparse-canvas": "sparse"}.get(base, base)
         self.model = copy.deepcopy(reference)
         self.model.encoder.set_backend(backend)
+        self.model.encoder.dwconv = "canvas" if base == "sparse-canvas" else "auto"
         self.model.to(cfg["device"]).train()
         self.unmasked = base == "unmasked"
         self.autocast = torch.autocast(cfg["device"].type, dtype=DTYPES[cfg["dtype"]],
@@ -127,6 +135,12 @@ class Case:
         pred = m.forward_decoder(latent, mask)
         return m.forward_loss(imgs, pred, mask)
 
+    def forward_flops(self, imgs, mask) -> int:
+        """FLOPs of one training-step forward (eager; the backward is counted as 2x this by the caller)."""
+        with FlopCounterMode(display=False) as counter, self.autocast, torch.no_grad():
+            self._loss(imgs, mask)
+        return counter.get_total_flops()
+
     def encoder(self, imgs, mask, grad):
         with self.autocast:
             out = self.encoder_fn(imgs, mask)
@@ -141,6 +155,48 @@ class Case:
         self.opt.zero_grad(set_to_none=True)
 
 
+class MaeCase(Case):
+    """MAE ViT-B/16 (mask 0.75, its own random masks each call) with the interface of :class:`Case`."""
+
+    def __init__(self, variant: str, cfg):
+        from mae_reference import MaeVitB16
+        self.variant = variant
+        self.model = MaeVitB16(cfg["img_size"]).to(cfg["device"]).train()
+        self.autocast = torch.autocast(cfg["device"].type, dtype=DTYPES[cfg["dtype"]],
+                                       enabled=cfg["dtype"] != "fp32")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05,
+                                     fused=cfg["device"].type == "cuda")
+        encoder_fn, step_fn = self.model.encoder, self.model.loss
+        if variant.partition("+")[2]:
+            encoder_fn = torch.compile(encoder_fn, dynamic=False)
+            step_fn = torch.compile(step_fn, dynamic=False)
+        self.encoder_fn, self.step_fn = encoder_fn, step_fn
+        self._grad = None
+
+    def encoder(self, imgs, _mask, _grad):
+        ids_keep, _ = self.model.random_masking(imgs.shape[0], imgs.device)
+        with self.autocast:
+            out = self.encoder_fn(imgs, ids_keep)
+        if self._grad is None:
+            self._grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
+        out.backward(self._grad.to(out.dtype))
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, imgs, _mask, _grad):
+        ids_keep, mask = self.model.random_masking(imgs.shape[0], imgs.device)
+        with self.autocast:
+            loss = self.step_fn(imgs, ids_keep, mask)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def forward_flops(self, imgs, _mask) -> int:
+        ids_keep, mask = self.model.random_masking(imgs.shape[0], imgs.device)
+        with FlopCounterMode(display=False) as counter, self.autocast, torch.no_grad():
+            self.model.loss(imgs, ids_keep, mask)
+        return counter.get_total_flops()
+
+
 def state_bytes(case: Case) -> int:
     """Parameters + optimizer state of one case: the memory its step holds before it starts."""
     total = sum(p.numel() * p.element_size() for p in case.model.parameters())
@@ -149,7 +205,8 @@ def state_bytes(case: Case) -> int:
     return total
 
 
-def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -> list[Result]:
+def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log,
+               peak_tflops: float | None = None) -> list[Result]:
     device = cfg["device"]
     if device.type == "cuda" and "minkowski" in variants:
         from fcmae.sparse.me_compat import import_minkowski
@@ -158,7 +215,7 @@ def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -
             variants = [v for v in variants if v != "minkowski"]
     torch.manual_seed(0)
     reference = create_fcmae(f"convnextv2_{cfg['model']}", mask_ratio=cfg["mask_ratio"])
-    cases = [Case(v, reference, cfg) for v in variants]
+    cases = [MaeCase(v, cfg) if v.partition("+")[0] == "mae" else Case(v, reference, cfg) for v in variants]
     n, size = cfg["batch"], cfg["img_size"]
     grid = size // 32
     g = torch.Generator().manual_seed(1)
@@ -189,6 +246,8 @@ def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -
     results = []
     for c in cases:
         r = Result(cfg["model"], n, size, cfg["mask_ratio"], cfg["dtype"], device.type, c.variant)
+        if not c.variant.startswith("minkowski"):  # MinkowskiEngine's ops are invisible to the counter
+            r.fwd_gflop_per_img = c.forward_flops(imgs, masks[0]) / n / 1e9
         for kind in ("encoder", "step"):
             ms = statistics.median(samples[(c.variant, kind)])
             setattr(r, f"{kind}_ms", ms)
@@ -196,6 +255,8 @@ def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log) -
             if (c.variant, kind) in peaks:
                 setattr(r, f"{kind}_peak_mib", peaks[(c.variant, kind)] / 2**20)
             r.samples[kind] = samples[(c.variant, kind)]
+        if peak_tflops and r.fwd_gflop_per_img:
+            r.mfu = 3 * r.fwd_gflop_per_img * 1e9 * r.step_img_s / (peak_tflops * 1e12)
         results.append(r)
     ref = {r.variant.partition("+")[2]: r for r in results if r.variant.partition("+")[0] == "dense"}
     for r in results:
@@ -215,13 +276,13 @@ def fmt(v, spec):
 
 def table(results: list[Result]) -> str:
     head = ("model", "batch", "size", "mask", "dtype", "dev", "variant", "enc ms", "enc/dense",
-            "step ms", "step/dense", "step img/s", "step MiB", "mem/dense")
+            "step ms", "step/dense", "step img/s", "step MiB", "mem/dense", "GFLOP/img", "MFU")
     rows = [head]
     for r in results:
         rows.append((r.model, str(r.batch), str(r.img_size), f"{r.mask_ratio:g}", r.dtype, r.device, r.variant,
                      fmt(r.encoder_ms, ".1f"), fmt(r.encoder_ratio, ".2f"), fmt(r.step_ms, ".1f"),
                      fmt(r.step_ratio, ".2f"), fmt(r.step_img_s, ".1f"), fmt(r.step_peak_mib, ".0f"),
-                     fmt(r.step_peak_ratio, ".2f")))
+                     fmt(r.step_peak_ratio, ".2f"), fmt(r.fwd_gflop_per_img, ".2f"), fmt(r.mfu, ".1%")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -237,7 +298,10 @@ def parse_args(argv=None):
     p.add_argument("--mask-ratios", nargs="+", type=float, default=[0.6])
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES))
     p.add_argument("--devices", "--device", nargs="+", default=["cpu"], help="cpu and/or cuda")
-    p.add_argument("--variants", nargs="+", default=list(BASE_VARIANTS), choices=BASE_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(BASE_VARIANTS), choices=BASE_VARIANTS + EXTRA_VARIANTS)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak for the dtype (e.g. 989 for H100 SXM bf16 dense): adds MFU = 3 x forward "
+                        "FLOPs / step time / peak")
     p.add_argument("--compile", action="store_true", help="add torch.compile'd copies of every variant")
     p.add_argument("--only-compiled", action="store_true", help="with --compile: drop the eager variants")
     p.add_argument("--warmup", type=int, default=3)
@@ -274,11 +338,16 @@ def main(argv=None) -> list[Result]:
         cfg = {"model": model, "batch": batch, "img_size": size, "mask_ratio": ratio, "dtype": dtype,
                "device": torch.device(dev), "visible": num_visible((size // 32) ** 2, ratio)}
         print(f"{model} batch={batch} {size}px mask={ratio:g} {dtype} {dev}: {', '.join(variants)}", flush=True)
-        results += run_config(cfg, variants, args.warmup, args.repeats, lambda s: print(s, flush=True))
+        results += run_config(cfg, variants, args.warmup, args.repeats, lambda s: print(s, flush=True),
+                              args.peak_tflops)
+        if args.json:  # after every configuration: a run cut off by a time limit keeps what it measured
+            args.json.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                             "results": [asdict(r) for r in results]}, indent=1))
     print(table(results))
+    if args.peak_tflops:
+        print(f"MFU: 3 x forward FLOPs (torch.utils.flop_counter) / step time / {args.peak_tflops:g} TFLOP/s "
+              "(--peak-tflops)")
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": [asdict(r) for r in results]}, indent=1))
         print(f"wrote {args.json}")
     return results
 

@@ -101,6 +101,29 @@ def test_benchmark_script_reports_every_variant_with_ratios(tmp_path):
     assert {r["variant"] for r in data["results"]} == set(by_variant)
 
 
+def test_step_time_times_the_mae_reference_with_its_flops_and_mfu(tmp_path):
+    spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
+    step_time = importlib.util.module_from_spec(spec)
+    sys.modules["step_time"] = step_time
+    spec.loader.exec_module(step_time)
+    out = tmp_path / "bench.json"
+    results = step_time.main(["--batch-sizes", "1", "--variants", "sparse", "dense", "mae", "--warmup", "1",
+                              "--repeats", "1", "--peak-tflops", "2", "--json", str(out)])
+    by_variant = {r.variant: r for r in results}
+    # MAE ViT-B/16 at 224 px, by hand: 12 encoder blocks on 49 tokens, 8 decoder blocks on 196,
+    # 2 FLOPs per multiply-add of every Linear and of the patch embedding; attention's
+    # matmuls counted or not (torch's counter misses fused attention on some backends)
+    linears = (2 * 49 * 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072) + 2 * 196 * 768 * 768
+               + 2 * 49 * 768 * 512 + 2 * 196 * 8 * (512 * 1536 + 512 * 512 + 2 * 512 * 2048) + 2 * 196 * 512 * 768)
+    attention = 12 * 2 * 2 * 49 * 49 * 768 + 8 * 2 * 2 * 196 * 196 * 512
+    mae = by_variant["mae"].fwd_gflop_per_img * 1e9
+    assert min(abs(mae - linears), abs(mae - linears - attention)) / linears < 0.01, (mae, linears, attention)
+    assert by_variant["sparse"].fwd_gflop_per_img < 0.7 * by_variant["dense"].fwd_gflop_per_img
+    for r in results:
+        assert r.mfu == pytest.approx(3 * r.fwd_gflop_per_img * 1e9 * r.step_img_s / 2e12)
+    assert {r["variant"] for r in json.loads(out.read_text())["results"]} == {"sparse", "dense", "mae"}
+
+
 def test_loader_rate_benchmark_measures_after_the_prefetch_buffer(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("loader_rate", ROOT / "benchmarks" / "loader_rate.py")
     loader_rate = importlib.util.module_from_spec(spec)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from .tiles import StageTiles
 
@@ -161,6 +162,12 @@ def _backward(ctx, grad):
 
 
 dwconv_tiles.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.fcmae.dwconv_tiles)
+def _dwconv_tiles_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """A multiply and an add per tap, channel and active site (torch.utils.flop_counter)."""
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
 def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTiles) -> torch.Tensor:
