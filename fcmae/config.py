@@ -24,6 +24,7 @@ CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 
 COMPILE_CHOICES = ("auto", "true", "false")
 DECODE_CHOICES = ("auto", "cpu", "gpu")
+LOGGERS = ("none", "wandb", "tensorboard", "wandb+tensorboard")
 PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
 LABELLED_SOURCES = ("synthetic", "imagefolder", "filelist", "fashion_mnist")
 ROOTED_LABELLED = ("imagefolder", "filelist")  # need train_root / val_root
@@ -114,7 +115,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: str = "none"  # none | wandb | tensorboard | wandb+tensorboard
     mode: str = "offline"  # online | offline | disabled
     project: str = "fcmae"
     entity: Optional[str] = None
@@ -435,7 +436,8 @@ def _check_training(cfg, check) -> None:
     check(str(t.compile).lower() in COMPILE_CHOICES, f"trainer.compile={t.compile!r}; use auto, true or false")
     check(min(t.log_every, t.vis_every, t.ckpt_every, t.keep_checkpoints) > 0,
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
-    check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r}; use logger=none or logger=wandb")
+    check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}; use logger=none, wandb, tensorboard or "
+          "wandb+tensorboard")
     check(cfg.logger.mode in ("online", "offline", "disabled"), f"logger.mode={cfg.logger.mode!r}; use online, offline or disabled")
     la = cfg.launcher
     check(min(la.nodes, la.tasks_per_node, la.cpus_per_task, la.timeout_min) > 0 and la.gpus_per_node >= 0,

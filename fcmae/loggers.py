@@ -1,4 +1,4 @@
-"""Where metrics go: a JSON-lines file in the run directory, the console, and wandb."""
+"""Where metrics go: a JSON-lines file in the run directory, the console, wandb and TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -79,6 +79,56 @@ class WandbLogger:
 
     def finish(self) -> None:
         self.wandb.finish()
+
+
+class TensorBoardLogger:
+    """Scalars and images as TensorBoard event files in ``RUN_DIR/tensorboard`` (``torch.utils.tensorboard``;
+    needs ``pip install 'fcmae[tensorboard]'``). A resumed run appends to the same folder: TensorBoard
+    shows one curve, continuing at the step the checkpoint had."""
+
+    def __init__(self, run_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError("logger=tensorboard needs the tensorboard package: pip install 'fcmae[tensorboard]' "
+                              f"({exc})") from None
+        self.dir = Path(run_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.dir))
+
+    def log(self, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+        with Image.open(path) as img:
+            self.writer.add_image(key, np.asarray(img.convert("RGB")), global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+class Loggers:
+    """Several loggers as one (``logger=wandb+tensorboard``)."""
+
+    def __init__(self, loggers: list):
+        self.loggers = loggers
+
+    def log(self, metrics: dict, step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def log_image(self, key: str, path, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_image(key, path, step)
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finish()
 
 
 class NullLogger:

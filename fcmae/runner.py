@@ -22,7 +22,7 @@ from .data import DataError, shutdown_workers
 from .distributed import DistInfo
 from .engine import (DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, PreemptionGuard, RunParts, Task,
                      TrainLoop)
-from .loggers import MetricsFile, NullLogger, WandbLogger
+from .loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
 
 log = logging.getLogger("fcmae")
 
@@ -222,14 +222,19 @@ def wrap_model(model: torch.nn.Module, compile, info: DistInfo) -> torch.nn.Modu
 
 
 def open_tracker(cfg, run_dir: Path, config: dict, info: DistInfo):
-    """Create the run directory, save the resolved config, start wandb (main rank only)."""
+    """Create the run directory, save the resolved config, start wandb and/or TensorBoard (main rank
+    only): ``logger.name`` is ``none``, ``wandb``, ``tensorboard`` or ``wandb+tensorboard``."""
     if not info.is_main:
         return NullLogger()
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
-    if cfg.logger.name == "wandb":
-        return WandbLogger(cfg.logger, cfg.run_name, config, run_dir)
-    return NullLogger()
+    loggers = []
+    for name in cfg.logger.name.split("+"):
+        if name == "wandb":
+            loggers.append(WandbLogger(cfg.logger, cfg.run_name, config, run_dir))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir))
+    return Loggers(loggers) if len(loggers) > 1 else (loggers[0] if loggers else NullLogger())
 
 
 def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState) -> LoopState:
