@@ -2,6 +2,7 @@
 
     fcmae-export outputs/convnextv2_atto-synthetic --format timm --out atto.safetensors
     fcmae-export --from-official convnextv2_atto_1k_224_fcmae.pt --format timm --out atto_timm.safetensors
+    fcmae-export outputs/convnextv2_atto-synthetic --format hf --out atto-hf     # transformers folder
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from .checkpoint import read_checkpoint
 from .convert import (FORMATS, CheckpointError, canonical_to_format, infer_shape, load_state_dict_file,
                       save_state_dict, to_canonical, unwrap_state_dict, variant_of)
+from .export_hf import IMAGENET_MEAN, IMAGENET_STD
 from .models.convnextv2 import ConvNeXtV2
 from .models.variants import find_variant
 
@@ -135,6 +137,8 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     depths, dims = infer_shape(canonical)
     variant = variant_of(canonical)
     name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
+    if format == "hf":
+        return _export_hf(src, obj, canonical, layout, name, out, verify, log)
     sd = canonical_to_format(canonical, format)
     out = Path(out) if out else src.with_name(f"{src.stem}_{format}.safetensors")
     save_state_dict(sd, out, metadata={"format": format, "model": name, "source_layout": layout})
@@ -150,15 +154,51 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     return out
 
 
+def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, verify: bool, log) -> Path:
+    """``--format hf``: a transformers folder, checked in place before it is moved to ``out``."""
+    from .export_hf import hf_features, require_transformers, write_hf
+    depths, dims = infer_shape(canonical)
+    data = (obj.get("config") or {}).get("data") or {}  # the pretraining run's image size and normalisation
+    out = Path(out) if out else src.with_name(f"{src.stem}_hf")
+    result = {}
+
+    @torch.no_grad()
+    def check(folder: Path) -> None:
+        require_transformers()
+        imgs = _check_images()
+        ref = native_features(obj, layout, depths, dims, imgs)
+        what = f"the source checkpoint read without the converter ({layout} keys)"
+        if ref is None:
+            ref = _sparse_unmasked(canonical, depths, dims, imgs)
+            what = f"the converter's reading of the source (the reading of {layout} keys is NOT independently verified)"
+        err = relative_error(hf_features(folder, imgs), ref)
+        if not err < 1e-5:
+            raise CheckpointError(f"{out}: verification FAILED, transformers ConvNextV2Model vs source relative "
+                                  f"error {err:.2e} >= 1e-05; nothing was written")
+        result.update(err=err, what=what)
+
+    log(f"read {src} ({layout} keys, {name})")
+    write_hf(canonical, depths, dims, out, int(data.get("img_size") or 224), data.get("mean") or IMAGENET_MEAN,
+             data.get("std") or IMAGENET_STD, metadata={"format": "hf", "model": name, "source_layout": layout},
+             check=check if verify else None)
+    params = sum(v.numel() for v in canonical.values())
+    log(f"wrote {out}/ (transformers ConvNextV2Model: config.json, model.safetensors, preprocessor_config.json; "
+        f"{params / 1e6:.2f}M encoder parameters)")
+    if verify:
+        log(f"verified: transformers' last hidden state equals {result['what']} (relative error {result['err']:.1e})")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fcmae-export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?",
                    help="checkpoint file (ours, official sparse or dense, timm) or a pretraining run directory")
     p.add_argument("--from-official", metavar="FILE",
                    help="an official FCMAE checkpoint (released *_fcmae.pt, or a sparse MinkowskiEngine one)")
-    p.add_argument("--format", choices=FORMATS, default="timm",
-                   help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default)")
-    p.add_argument("--out", help="output .safetensors or .pth (default: next to the checkpoint)")
+    p.add_argument("--format", choices=FORMATS + ("hf",), default="timm",
+                   help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default); "
+                        "hf: a Hugging Face transformers folder (ConvNextV2Model)")
+    p.add_argument("--out", help="output .safetensors or .pth, a folder for --format hf (default: next to the checkpoint)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a fcmae-finetune checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the dense-vs-sparse self-check")
     return p
