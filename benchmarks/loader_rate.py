@@ -2,6 +2,7 @@
 
     python benchmarks/loader_rate.py --root /data/imagenet/train --workers 4,8,15 --batch 128 --decode cpu,gpu
     python benchmarks/loader_rate.py --make-jpegs 2000 --workers 0,2     # a folder of 500x375 JPEGs
+    python benchmarks/loader_rate.py --make-jpegs 2000 --workers 2 --sources folder,shards
 
 It builds exactly the loader ``fcmae-pretrain data=folder`` builds (decode, RandomResizedCrop,
 flip, normalise, per-sample masks, collate), then drops the first ``workers x prefetch + 2``
@@ -25,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fcmae.pretrain_loader import build_pretrain_loader  # noqa: E402
+from fcmae.shards_pack import pack  # noqa: E402
 
 PREFETCH = 4  # build_train_loader's prefetch_factor
 
@@ -43,8 +45,8 @@ def make_jpegs(folder: Path, count: int, size=(500, 375), seed: int = 0) -> Path
 
 
 def data_config(root: Path, img_size: int, batch: int, workers: int, decode: str = "cpu",
-                pin_memory: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(source="folder", root=str(root), img_size=img_size, batch_size=batch, num_workers=workers,
+                pin_memory: bool = False, source: str = "folder") -> SimpleNamespace:
+    return SimpleNamespace(source=source, root=str(root), img_size=img_size, batch_size=batch, num_workers=workers,
                            pin_memory=pin_memory, persistent_workers=True, crop_scale=[0.2, 1.0], hflip=True,
                            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], synthetic_images=0,
                            synthetic_classes=0, max_bad_fraction=0.01, decode=decode)
@@ -56,9 +58,9 @@ def sync(device: torch.device) -> None:
 
 
 def measure(root: Path, workers: int, batch: int, img_size: int, batches: int, decode: str = "cpu",
-            device: str = "cpu") -> dict:
+            device: str = "cpu", source: str = "folder") -> dict:
     device = torch.device(device)
-    cfg = data_config(root, img_size, batch, workers, decode, pin_memory=device.type == "cuda")
+    cfg = data_config(root, img_size, batch, workers, decode, pin_memory=device.type == "cuda", source=source)
     loader, sampler, dataset = build_pretrain_loader(cfg, 0.6, seed=0, pin_memory=device.type == "cuda",
                                                      device=device)
     warmup = workers * PREFETCH + 2
@@ -76,7 +78,7 @@ def measure(root: Path, workers: int, batch: int, img_size: int, batches: int, d
         imgs.to(device, non_blocking=True)  # the cpu pipeline's batches still have to reach the device
     sync(device)
     elapsed = time.perf_counter() - start
-    return {"pipeline": decode, "device": str(device), "workers": workers, "batch": batch, "img_size": img_size,
+    return {"source": source, "pipeline": decode, "device": str(device), "workers": workers, "batch": batch, "img_size": img_size,
             "batches": batches, "warmup_batches": warmup, "seconds": elapsed, "images_per_s": batches * batch / elapsed}
 
 
@@ -90,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=10, help="timed batches per configuration, after the warm-up")
     p.add_argument("--decode", default="cpu", help="comma-separated pipelines: cpu, gpu")
+    p.add_argument("--sources", default="folder",
+                   help="comma-separated: folder (the files), shards (the same files packed by fcmae-shards pack "
+                        "into FOLDER_shards, once)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where batches go (and where the gpu pipeline decodes)")
     p.add_argument("--json", type=Path, help="write the results here (after each configuration)")
@@ -98,18 +103,25 @@ def main(argv=None) -> int:
         p.error("give --root DIR or --make-jpegs N")
     root = args.root or make_jpegs(args.cache, args.make_jpegs)
     results = []
-    print(f"{'pipeline':>8} {'device':>6} {'workers':>7} {'batch':>5} {'img/s':>9}")
-    for decode in args.decode.split(","):
-        for workers in (int(w) for w in args.workers.split(",")):
-            r = measure(root, workers, args.batch, args.img_size, args.batches, decode, args.device)
-            results.append(r)
-            print(f"{decode:>8} {r['device']:>6} {workers:>7} {args.batch:>5} {r['images_per_s']:>9.1f}", flush=True)
+    print(f"{'source':>7} {'pipeline':>8} {'device':>6} {'workers':>7} {'batch':>5} {'img/s':>9}")
+    for source in args.sources.split(","):
+        where = root
+        if source == "shards":
+            where = root.with_name(f"{root.name}_shards")
+            if not (where / "index.json").exists():
+                pack(root, where, shard_bytes=256 << 20, kind="folder")
+        for decode in args.decode.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                r = measure(where, workers, args.batch, args.img_size, args.batches, decode, args.device, source)
+                results.append(r)
+                print(f"{source:>7} {decode:>8} {r['device']:>6} {workers:>7} {args.batch:>5} "
+                      f"{r['images_per_s']:>9.1f}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     if len(results) > 1:
         base = results[0]["images_per_s"]
-        print("ratios to the first:", "  ".join(f"{r['pipeline']} {r['workers']}w {r['images_per_s'] / base:.2f}x"
-                                               for r in results))
+        print("ratios to the first:", "  ".join(f"{r['source']}/{r['pipeline']} {r['workers']}w "
+                                               f"{r['images_per_s'] / base:.2f}x" for r in results))
     return 0
 
 

@@ -25,9 +25,9 @@ CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 COMPILE_CHOICES = ("auto", "true", "false")
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 LOGGERS = ("none", "wandb", "tensorboard", "wandb+tensorboard")
-PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "fashion_mnist")
-LABELLED_SOURCES = ("synthetic", "imagefolder", "filelist", "fashion_mnist")
-ROOTED_LABELLED = ("imagefolder", "filelist")  # need train_root / val_root
+PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "shards", "fashion_mnist")
+LABELLED_SOURCES = ("synthetic", "imagefolder", "filelist", "shards", "fashion_mnist")
+ROOTED_LABELLED = ("imagefolder", "filelist", "shards")  # need train_root / val_root
 
 
 @dataclass
@@ -51,8 +51,9 @@ class EncoderConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | imagefolder | folder | filelist | fashion_mnist
-    root: Optional[str] = None  # a directory, the list file for filelist; fashion_mnist: null = Debian's path
+    source: str = "synthetic"  # synthetic | imagefolder | folder | filelist | shards | fashion_mnist
+    # a directory, the list file for filelist, the packed folder (or URL) for shards; fashion_mnist: null = Debian's
+    root: Optional[str] = None
     img_size: int = 224
     batch_size: int = 16  # per GPU / per process
     num_workers: int = 2

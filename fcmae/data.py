@@ -22,16 +22,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision import transforms
 
 from .fashion_mnist import FashionMNIST, FashionMNISTError
+from .image_io import DataError, open_image
+from .shards import ShardImages
 from .models.masking import PATCH_SIZE, num_visible, random_mask
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 MAX_CONSECUTIVE_BAD = 20
-
-
-class DataError(RuntimeError):
-    """The data cannot be used as configured; the message says what to change."""
 
 
 # ---------------------------------------------------------------- sources
@@ -93,38 +91,6 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         return open_image(self.paths[index]), self.labels[index]
-
-
-def open_image(path) -> Image.Image:
-    """An image file as 8-bit RGB, read faithfully: EXIF orientation applied (a phone photo is
-    upright), high-bit-depth pixels scaled to 8 bits (see :func:`to_rgb8`), alpha dropped."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return to_rgb8(img)
-
-
-def to_rgb8(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode. Pillow's own ``convert("RGB")`` clips 16- and 32-bit
-    pixels at 255 (a 16-bit PNG comes out white); here 16-bit modes are scaled by their bit
-    depth (65535 -> 255), 32-bit integer images by their bit depth when they fit 8 or 16 bits and
-    by their range otherwise, and float images from [0, 1] when they lie there, else by range."""
-    mode = img.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16"):
-            scale_lo, scale_hi = 0.0, 65535.0
-        elif mode == "I" and a.min() >= 0 and a.max() <= 255:
-            scale_lo, scale_hi = 0.0, 255.0
-        elif mode == "I" and a.min() >= 0 and a.max() <= 65535:
-            scale_lo, scale_hi = 0.0, 65535.0
-        elif mode == "F" and a.min() >= 0 and a.max() <= 1:
-            scale_lo, scale_hi = 0.0, 1.0
-        else:
-            scale_lo, scale_hi = float(a.min()), float(max(a.max(), a.min() + 1e-12))
-        a = np.clip((a - scale_lo) / (scale_hi - scale_lo), 0, 1)
-        grey = Image.fromarray(np.round(a * 255).astype(np.uint8), "L")
-        return grey.convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _is_image(p: Path) -> bool:
@@ -238,7 +204,9 @@ def build_source(data_cfg, seed: int = 0) -> Dataset:
         return read_file_list(data_cfg.root)
     if src == "fashion_mnist":
         return fashion_mnist(data_cfg.root, "train")
-    raise DataError(f"data.source={src!r}; use synthetic, imagefolder, folder, filelist or fashion_mnist")
+    if src == "shards":
+        return ShardImages(data_cfg.root)
+    raise DataError(f"data.source={src!r}; use synthetic, imagefolder, folder, filelist, shards or fashion_mnist")
 
 
 def fashion_mnist(root: str | None, split: str) -> FashionMNIST:
@@ -520,8 +488,15 @@ def labelled_source(source: str, root: str | None, split: str, num_images: int, 
         if not root:
             raise DataError(f"the {split} set needs a list file: set its root (one 'path class_name' per line)")
         full = read_labelled_list(root, class_names)
+    elif source == "shards":
+        if not root:
+            raise DataError(f"the {split} set needs a shard set: set its root (a folder packed by fcmae-shards pack)")
+        full = ShardImages(root, class_names)
+        if full.classes is None:
+            raise DataError(f"{root} was packed without labels (from a folder or a plain file list); pack an "
+                            "ImageFolder or a labelled file list for fine-tuning and evaluation")
     else:
-        raise DataError(f"labelled source {source!r}; use synthetic, imagefolder, filelist or fashion_mnist")
+        raise DataError(f"labelled source {source!r}; use synthetic, imagefolder, filelist, shards or fashion_mnist")
     return PerClassSubset(full, per_class, subset_seed) if per_class else full
 
 

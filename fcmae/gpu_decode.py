@@ -30,7 +30,7 @@ from .data import DataError, PretrainSamples, collate_masked, crop_geometry, sam
 
 log = logging.getLogger("fcmae")
 
-FILE_SOURCES = ("imagefolder", "folder", "filelist")  # the sources that read image files
+FILE_SOURCES = ("imagefolder", "folder", "filelist", "shards")  # the sources that read image files
 EXIF_ORIENTATION = 0x0112
 
 
@@ -49,12 +49,13 @@ def resolve_decode(choice: str, source: str, device: torch.device) -> str:
     return choice
 
 
-def read_jpeg(path) -> tuple[torch.Tensor, int, int] | None:
+def read_jpeg(path_or_read) -> tuple[torch.Tensor, int, int] | None:
     """``(file bytes, height, width)`` of a JPEG the device decoder takes as it is (8-bit RGB/YCbCr,
     no EXIF rotation), reading its header only; ``None`` for anything else, which the CPU path
-    then decodes (or skips and counts, if it cannot be read at all)."""
+    then decodes (or skips and counts, if it cannot be read at all). Takes a path, or a function
+    that returns the bytes (a shard member)."""
     try:
-        data = Path(path).read_bytes()
+        data = path_or_read() if callable(path_or_read) else Path(path_or_read).read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "JPEG" or img.mode != "RGB" or img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 return None
@@ -97,7 +98,8 @@ class EncodedPretrainSamples(PretrainSamples):
     def __getitem__(self, key: int):
         epoch, index = divmod(int(key), len(self.source))
         s = sample_seed(self.seed, epoch, index)
-        jpeg = read_jpeg(self.source.paths[index])
+        read = getattr(self.source, "read_bytes", None)
+        jpeg = read_jpeg((lambda: read(index)) if read else self.source.paths[index])
         if jpeg is None:
             x, _, bad, _ = self.read(key)
             return None, x, self.mask_for(s), bad, int(key)

@@ -131,10 +131,12 @@ def test_loader_rate_benchmark_measures_after_the_prefetch_buffer(tmp_path, caps
     out = tmp_path / "rate.json"
     assert loader_rate.main(["--make-jpegs", "40", "--cache", str(tmp_path / "jpegs"), "--workers", "0,1",
                              "--batch", "2", "--img-size", "64", "--batches", "3", "--json", str(out),
-                             "--decode", "cpu,gpu", "--device", "cpu"]) == 0
+                             "--decode", "cpu,gpu", "--device", "cpu", "--sources", "folder,shards"]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["pipeline"], r["workers"]) for r in rows] == [("cpu", 0), ("cpu", 1), ("gpu", 0), ("gpu", 1)]
-    assert [r["warmup_batches"] for r in rows] == [2, 1 * 4 + 2] * 2  # the prefetch buffer is not timed
+    assert [(r["source"], r["pipeline"], r["workers"]) for r in rows] == [
+        (s, p, w) for s in ("folder", "shards") for p in ("cpu", "gpu") for w in (0, 1)]
+    assert [r["warmup_batches"] for r in rows] == [2, 1 * 4 + 2] * 4  # the prefetch buffer is not timed
+    assert (tmp_path / "jpegs_shards" / "index.json").is_file()
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "ratios to the first" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="need"):  # too few images for the warm-up and the timed window
