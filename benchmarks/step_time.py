@@ -205,8 +205,22 @@ def state_bytes(case: Case) -> int:
     return total
 
 
+def profile_steps(case: Case, imgs, mask, grad, steps: int, top: int = 15) -> str:
+    """``torch.profiler`` over ``steps`` full training steps of ``case`` (after its warm-up): the
+    kernels (CUDA) or ops (CPU) by self time, with their share, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if imgs.is_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            case.step(imgs, mask, grad)
+        if imgs.is_cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if imgs.is_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
 def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log,
-               peak_tflops: float | None = None) -> list[Result]:
+               peak_tflops: float | None = None, profile: int = 0) -> list[Result]:
     device = cfg["device"]
     if device.type == "cuda" and "minkowski" in variants:
         from fcmae.sparse.me_compat import import_minkowski
@@ -243,6 +257,9 @@ def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log,
                     delta = torch.cuda.max_memory_allocated() - base
                     peaks[(c.variant, kind)] = max(peaks.get((c.variant, kind), 0), delta + state_bytes(c))
         log(f"  {kind}: done")
+    if profile:
+        for c in cases:
+            log(f"  profile of {profile} steps, {c.variant}:\n{profile_steps(c, imgs, masks[0], grad, profile)}")
     results = []
     for c in cases:
         r = Result(cfg["model"], n, size, cfg["mask_ratio"], cfg["dtype"], device.type, c.variant)
@@ -307,6 +324,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, torch.profiler over STEPS steps of every variant: top kernels by self time")
     p.add_argument("--json", type=Path, default=None, help="write all results (with raw samples) here")
     return p.parse_args(argv)
 
@@ -339,7 +358,7 @@ def main(argv=None) -> list[Result]:
                "device": torch.device(dev), "visible": num_visible((size // 32) ** 2, ratio)}
         print(f"{model} batch={batch} {size}px mask={ratio:g} {dtype} {dev}: {', '.join(variants)}", flush=True)
         results += run_config(cfg, variants, args.warmup, args.repeats, lambda s: print(s, flush=True),
-                              args.peak_tflops)
+                              args.peak_tflops, args.profile)
         if args.json:  # after every configuration: a run cut off by a time limit keeps what it measured
             args.json.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
                                              "results": [asdict(r) for r in results]}, indent=1))
