@@ -2,8 +2,6 @@
 process decodes the batch. Checked against the CPU pipeline (fcmae/data.py) sample by sample: the
 same crop geometry on real JPEGs, the per-sample fallback, a corrupt JPEG, exact resume."""
 import logging
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,13 +14,12 @@ from torchvision import transforms
 from fcmae.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
 from fcmae.data import DataError, PretrainSamples, pretrain_transform, scan_folder, seeded_rngs
-from fcmae.engine import Preempted
 from fcmae.gpu_decode import (DeviceDecoder, EncodedPretrainSamples, collate_encoded, read_jpeg,
                               resolve_decode)
 from fcmae.pretrain import run
 from fcmae.pretrain_loader import build_pretrain_loader
 
-from test_pretrain import make_cfg, metrics, params
+from test_pretrain import assert_resume_is_bit_identical, make_cfg
 
 SIZE = 64
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -164,19 +161,6 @@ def test_the_gpu_decode_loader_batches_like_the_cpu_loader(tmp_path):
 def test_decode_gpu_run_resumes_bit_identically(tmp_path):
     folder = jpeg_folder(tmp_path / "imgs", [(150, 200), (200, 150), (128, 128), (300, 180)] * 4)
     photo(100, 100, 9).save(folder / "z.png")  # one per-sample fallback in the mix
-    common = ["data.source=folder", f"data.root={folder}", "data.decode=gpu", "trainer.max_steps=6",
-              "trainer.ckpt_every=100", "data.num_workers=1"]
-    run(make_cfg(*common), tmp_path / "straight")
-
-    def preempt_at_3(loop):
-        if loop.state.step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    with pytest.raises(Preempted):
-        run(make_cfg(*common), tmp_path / "interrupted", callbacks=[preempt_at_3])
-    run(make_cfg(*common), tmp_path / "interrupted")
-    a, b = params(tmp_path / "straight"), params(tmp_path / "interrupted")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "interrupted")]
+    assert_resume_is_bit_identical(tmp_path, ["data.source=folder", f"data.root={folder}", "data.decode=gpu",
+                                              "trainer.max_steps=6", "trainer.ckpt_every=100", "data.num_workers=1"])
     assert load_checkpoint(tmp_path / "interrupted/checkpoints/last.pt")["step"] == 6

@@ -38,6 +38,25 @@ def params(run_dir):
     return load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["model"]
 
 
+def assert_resume_is_bit_identical(tmp_path, overrides, stop_after: int = 2):
+    """A run stopped by SIGUSR1 after step ``stop_after + 1`` and resumed ends with the weights and
+    loss curve of the same run straight through."""
+    run(make_cfg(*overrides), tmp_path / "straight")
+
+    def preempt(loop):  # a signal after this step's work is acted on at the next step boundary
+        if loop.state.step == stop_after:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with pytest.raises(Preempted):
+        run(make_cfg(*overrides), tmp_path / "interrupted", callbacks=[preempt])
+    run(make_cfg(*overrides), tmp_path / "interrupted")
+    a, b = params(tmp_path / "straight"), params(tmp_path / "interrupted")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "interrupted")]
+
+
 def test_run_writes_outputs_and_continues_with_larger_max_steps(tmp_path):
     state = run(make_cfg("trainer.max_steps=3", "trainer.vis_every=2"), tmp_path)
     assert state.step == 3

@@ -3,25 +3,21 @@
 fine-tuning from labelled shards, and the refusals."""
 import json
 import logging
-import os
-import signal
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from fcmae.data import DataError, PretrainSamples, ResumableSampler, pretrain_transform, scan_image_folder
-from fcmae.engine import Preempted
-from fcmae.pretrain import CONFIG_PATH, run
+from fcmae.pretrain import CONFIG_PATH
 from fcmae.shards import ShardImages
 from fcmae.shards_pack import main as shards_main
 from fcmae.shards_pack import pack
 
-from test_pretrain import make_cfg, metrics, params
+from test_pretrain import assert_resume_is_bit_identical
 
 
 def image_folder(root: Path, per_class: int = 6) -> Path:
@@ -94,21 +90,8 @@ def test_a_corrupt_member_is_skipped_named_and_counted(tmp_path, caplog):
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_pretraining_on_shards_resumes_bit_identically(tmp_path, decode):
     pack(image_folder(tmp_path / "src"), tmp_path / "out", shard_bytes=40_000, log=lambda *_: None)
-    common = ["data=shards", f"data.root={tmp_path / 'out'}", f"data.decode={decode}", "trainer.max_steps=5",
-              "trainer.ckpt_every=100", "data.num_workers=1"]
-    run(make_cfg(*common), tmp_path / "straight")
-
-    def preempt_at_3(loop):
-        if loop.state.step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    with pytest.raises(Preempted):
-        run(make_cfg(*common), tmp_path / "interrupted", callbacks=[preempt_at_3])
-    run(make_cfg(*common), tmp_path / "interrupted")
-    a, b = params(tmp_path / "straight"), params(tmp_path / "interrupted")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "interrupted")]
+    assert_resume_is_bit_identical(tmp_path, ["data=shards", f"data.root={tmp_path / 'out'}", f"data.decode={decode}",
+                                              "trainer.max_steps=5", "trainer.ckpt_every=100", "data.num_workers=1"])
 
 
 def test_fine_tuning_reads_labelled_shards(tmp_path):
