@@ -49,6 +49,21 @@ def resolve_decode(choice: str, source: str, device: torch.device) -> str:
     return choice
 
 
+def device_decode_error(device: torch.device, decoder: str = "auto") -> str | None:
+    """Why the device cannot decode JPEGs (a tiny one is tried), or None when it can: a build without
+    nvJPEG should cost a warning at start-up, not a run that decodes everything the slow way."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, "JPEG")
+    try:
+        decode, _ = jpeg_decoder(decoder)
+        img = decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)[0]
+        if tuple(img.shape) != (3, 16, 16):
+            return f"a 16x16 test JPEG decoded to shape {tuple(img.shape)}"
+    except Exception as exc:  # any failure here means: do not use this path
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def read_jpeg(path_or_read) -> tuple[torch.Tensor, int, int] | None:
     """``(file bytes, height, width)`` of a JPEG the device decoder takes as it is (8-bit RGB/YCbCr,
     no EXIF rotation), reading its header only; ``None`` for anything else, which the CPU path

@@ -20,7 +20,17 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
     ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.gpu_decode`) the workers only read JPEG bytes
     and the images arrive already decoded and augmented on ``device``."""
     d, device = data_cfg, torch.device(device)
-    decode = gpu_decode.resolve_decode(getattr(d, "decode", "cpu"), d.source, device)
+    choice = getattr(d, "decode", "cpu")
+    decode = gpu_decode.resolve_decode(choice, d.source, device)
+    if decode == "gpu" and device.type == "cuda":
+        error = gpu_decode.device_decode_error(device)
+        if error and choice == "auto":
+            log.warning("data.decode=auto: %s cannot decode JPEGs (%s); decoding in the loader workers instead",
+                        device, error)
+            decode = "cpu"
+        elif error:
+            raise gpu_decode.DataError(f"data.decode=gpu: {device} cannot decode JPEGs ({error}); install "
+                                       "'fcmae[gpu]' (TorchCodec) or use data.decode=cpu")
     source = build_source(d, seed)
     transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
     if decode == "gpu":

@@ -164,3 +164,21 @@ def test_decode_gpu_run_resumes_bit_identically(tmp_path):
     assert_resume_is_bit_identical(tmp_path, ["data.source=folder", f"data.root={folder}", "data.decode=gpu",
                                               "trainer.max_steps=6", "trainer.ckpt_every=100", "data.num_workers=1"])
     assert load_checkpoint(tmp_path / "interrupted/checkpoints/last.pt")["step"] == 6
+
+
+def test_a_device_that_cannot_decode_falls_back_under_auto_and_fails_clearly_under_gpu(tmp_path, monkeypatch,
+                                                                                      caplog):
+    import fcmae.gpu_decode as gpu_decode
+    from fcmae.gpu_decode import DeviceBatches, device_decode_error
+    assert device_decode_error(torch.device("cpu")) is None  # the self-test passes where decoding works
+    monkeypatch.setattr(gpu_decode, "device_decode_error", lambda device, decoder="auto": "no nvJPEG in this build")
+    folder = jpeg_folder(tmp_path / "imgs", [(150, 200)] * 8)
+    cfg = SimpleNamespace(source="folder", root=str(folder), img_size=SIZE, batch_size=4, num_workers=0,
+                          pin_memory=False, persistent_workers=False, crop_scale=[0.2, 1.0], hflip=True, mean=MEAN,
+                          std=STD, synthetic_images=0, synthetic_classes=0, max_bad_fraction=0.01)
+    with caplog.at_level(logging.WARNING):
+        loader, _, _ = build_pretrain_loader(SimpleNamespace(**vars(cfg), decode="auto"), 0.5, seed=1,
+                                             device=torch.device("cuda"))
+    assert not isinstance(loader, DeviceBatches) and "no nvJPEG in this build" in caplog.text
+    with pytest.raises(DataError, match="cannot decode JPEGs .*no nvJPEG.*data.decode=cpu"):
+        build_pretrain_loader(SimpleNamespace(**vars(cfg), decode="gpu"), 0.5, seed=1, device=torch.device("cuda"))
