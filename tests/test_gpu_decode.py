@@ -28,6 +28,8 @@ try:
     DECODERS = ["torchvision", "torchcodec"]
 except ImportError:
     DECODERS = ["torchvision"]
+# (decoder, device): the device path itself where a GPU is present (benchmarks/gpu_check.sh)
+DECODE_ON = [(d, "cpu") for d in DECODERS] + ([(d, "cuda") for d in DECODERS] if torch.cuda.is_available() else [])
 
 
 def photo(h: int, w: int, seed: int) -> Image.Image:
@@ -46,24 +48,24 @@ def jpeg_folder(folder: Path, sizes) -> Path:
     return folder
 
 
-def both_paths(folder: Path, scale=(0.2, 1.0), hflip=True, seed=3, decoder="auto"):
+def both_paths(folder: Path, scale=(0.2, 1.0), hflip=True, seed=3, decoder="auto", device="cpu"):
     source = scan_folder(folder)
     transform = pretrain_transform(SIZE, scale, hflip, MEAN, STD)
     cpu = PretrainSamples(source, transform, SIZE, 0.5, seed)
     enc = EncodedPretrainSamples(source, transform, SIZE, 0.5, scale, hflip, seed)
-    return cpu, enc, DeviceDecoder(enc, SIZE, MEAN, STD, torch.device("cpu"), decoder)
+    return cpu, enc, DeviceDecoder(enc, SIZE, MEAN, STD, torch.device(device), decoder)
 
 
 def decode_keys(enc, decoder, keys):
     images, masks, bad, batch_keys, _ = collate_encoded([enc[k] for k in keys])
     imgs, extra_bad = decoder(images, batch_keys)
-    return imgs, masks, bad.sum().item() + extra_bad
+    return imgs.cpu(), masks, bad.sum().item() + extra_bad
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_both_paths_crop_the_same_region_of_real_jpegs(tmp_path, decoder):
+@pytest.mark.parametrize("decoder,device", DECODE_ON)
+def test_both_paths_crop_the_same_region_of_real_jpegs(tmp_path, decoder, device):
     folder = jpeg_folder(tmp_path / "imgs", [(375, 500), (500, 375), (96, 96), (120, 300), (64, 200), (333, 222)])
-    cpu, enc, decoder = both_paths(folder, decoder=decoder)
+    cpu, enc, decoder = both_paths(folder, decoder=decoder, device=device)
     keys = list(range(6 * 4))  # four epochs of each image: different crops and flips
     gpu_imgs, gpu_masks, bad = decode_keys(enc, decoder, keys)
     assert bad == 0
@@ -115,13 +117,13 @@ def test_what_the_device_decoder_cannot_take_is_decoded_by_the_worker(tmp_path):
             assert torch.equal(gpu_imgs[k], cpu[k][0]), name
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_a_corrupt_jpeg_is_skipped_named_and_counted_like_on_the_cpu_path(tmp_path, caplog, decoder):
+@pytest.mark.parametrize("decoder,device", DECODE_ON)
+def test_a_corrupt_jpeg_is_skipped_named_and_counted_like_on_the_cpu_path(tmp_path, caplog, decoder, device):
     folder = jpeg_folder(tmp_path / "imgs", [(120, 160), (120, 160), (120, 160)])
     data = (folder / "001.jpg").read_bytes()
     (folder / "001.jpg").write_bytes(data[:600] + bytes(len(data) - 600))  # a good header, broken data
     assert read_jpeg(folder / "001.jpg") is not None  # the worker cannot tell: the decoder finds out
-    cpu, enc, decoder = both_paths(folder, decoder=decoder)
+    cpu, enc, decoder = both_paths(folder, decoder=decoder, device=device)
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         gpu_imgs, _, bad = decode_keys(enc, decoder, [0, 1, 2])
     assert bad == 1

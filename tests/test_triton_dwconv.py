@@ -1,7 +1,8 @@
 """The Triton tile-wise depthwise conv (fcmae/sparse/triton_dwconv.py) against the canvas path it
 replaces (scatter to a zero canvas, dense conv, gather: fcmae/sparse/compact.py), output and every
 gradient, at all four stage geometries, on the CPU under TRITON_INTERPRET=1 (CI has no GPU; the
-interpreter runs the same kernels, slowly, so the shapes are small)."""
+interpreter runs the same kernels, slowly, so the shapes are small). On a GPU machine,
+``TRITON_INTERPRET=0 pytest tests/test_triton_dwconv.py`` runs the compiled kernels on CUDA."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (at import)
@@ -18,16 +19,19 @@ from fcmae.sparse.triton_dwconv import depthwise_conv_tiles, dwconv_tiles  # noq
 
 from conftest import rel_err  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs TRITON_INTERPRET=1 on the CPU (set before triton was imported)")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "cuda")
+pytestmark = pytest.mark.skipif(not INTERPRET and DEVICE.type != "cuda",
+                                reason="needs TRITON_INTERPRET=1 on the CPU, or a CUDA device")
+torch.backends.cudnn.allow_tf32 = False  # the canvas reference in true fp32 on CUDA too
 
 
 def both(mask, grid, stage, channels=5, dtype=torch.float32, seed=0):
     """Output and grads (x, weight, bias) of the tile kernel and of the canvas path, same inputs."""
     torch.manual_seed(seed)
-    layout = SparseLayout.from_mask(mask, grid, 4, None)
-    conv = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
-    x = torch.randn(layout.stages[stage].num_rows, channels)
+    layout = SparseLayout.from_mask(mask.to(DEVICE), grid, 4, None)
+    conv = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels).to(DEVICE)
+    x = torch.randn(layout.stages[stage].num_rows, channels, device=DEVICE)
     g = torch.randn_like(x)
     out = {}
     for path in ("tiles", "canvas"):
@@ -69,9 +73,9 @@ def test_bf16_inputs_accumulate_in_fp32():
     """bf16 rows (as under autocast) against the fp32 canvas: only the bf16 rounding of inputs,
     weights and outputs remains (~0.4% each), not the error of a bf16 sum over 49 taps."""
     torch.manual_seed(0)
-    layout = SparseLayout.from_mask(random_mask(2, (2, 2), seed=7), (2, 2), 4, None)
-    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
-    x = torch.randn(layout.stages[1].num_rows, 4)
+    layout = SparseLayout.from_mask(random_mask(2, (2, 2), seed=7).to(DEVICE), (2, 2), 4, None)
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4).to(DEVICE)
+    x = torch.randn(layout.stages[1].num_rows, 4, device=DEVICE)
     ref = depthwise_rows(conv, x, layout, 1, "canvas")
     y = depthwise_rows(conv, x.bfloat16(), layout, 1, "tiles")
     assert y.dtype == torch.bfloat16
@@ -81,23 +85,23 @@ def test_bf16_inputs_accumulate_in_fp32():
 def test_the_kernel_sees_neighbours_a_tile_away():
     """A hand-derived case at 1x1 tiles (stage 3): one channel, one input site lit; the output at a
     site two patches to its right is the tap (row 3, col 1) of the kernel, masked sites read zero."""
-    mask = torch.tensor([[0, 1, 0]])  # 1x3 grid: the middle patch masked
+    mask = torch.tensor([[0, 1, 0]], device=DEVICE)  # 1x3 grid: the middle patch masked
     layout = SparseLayout.from_mask(mask, (1, 3), 4, None)
-    conv = torch.nn.Conv2d(1, 1, 7, padding=3, groups=1, bias=False)
+    conv = torch.nn.Conv2d(1, 1, 7, padding=3, groups=1, bias=False).to(DEVICE)
     with torch.no_grad():
         conv.weight.copy_(torch.arange(49.0).view(1, 1, 7, 7))
-    x = torch.tensor([[1.0], [0.0]])  # rows: patch 0 (lit), patch 2
+    x = torch.tensor([[1.0], [0.0]], device=DEVICE)  # rows: patch 0 (lit), patch 2
     y = depthwise_conv_tiles(x, conv, layout.tiles(3))
     # y[patch 2] = sum_k w[k] x[patch2 + k - 3]: the lit site is 2 to the left -> kx = 3 - 2 = 1, ky = 3
     assert y.flatten().tolist() == [24.0, 22.0]  # y[patch 0] reads itself: the centre tap 3*7+3
 
 
 def test_the_custom_op_traces_under_compile_and_passes_opcheck():
-    mask = torch.tensor([[0, 1, 0, 0]])
+    mask = torch.tensor([[0, 1, 0, 0]], device=DEVICE)
     layout = SparseLayout.from_mask(mask, (2, 2), 4, None)
     tiles = layout.tiles(3)
-    x = torch.randn(3, 4, requires_grad=True)
-    weight = torch.randn(49, 4, requires_grad=True)
+    x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    weight = torch.randn(49, 4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(dwconv_tiles, (x, weight, tiles.neighbours, tiles.tile, tiles.reach))
 
     def f(x, weight):
@@ -113,17 +117,17 @@ def test_the_custom_op_traces_under_compile_and_passes_opcheck():
 @pytest.mark.slow
 def test_a_whole_encoder_with_tiles_matches_the_canvas():
     torch.manual_seed(0)
-    enc = SparseConvNeXtV2Encoder(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), dwconv="canvas")
+    enc = SparseConvNeXtV2Encoder(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), dwconv="canvas").to(DEVICE)
     for p in enc.parameters():  # GRN starts at zero: give it weight, so every op matters
         torch.nn.init.normal_(p, std=0.2) if p.dim() == 1 else None
-    imgs = torch.randn(2, 3, 64, 64)
-    mask = random_mask(2, (2, 2), seed=11)
+    imgs = torch.randn(2, 3, 64, 64, device=DEVICE)
+    mask = random_mask(2, (2, 2), seed=11).to(DEVICE)
     outs = {}
     for path in ("canvas", "tiles"):
         enc.dwconv = path
         enc.zero_grad()
         y = enc(imgs, mask)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
         outs[path] = [y.detach(), *(p.grad.clone() for p in enc.parameters())]
     for a, b in zip(outs["tiles"], outs["canvas"]):
         assert rel_err(a, b) < 1e-5

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The prepared device run for issues #18 and #19, sized for one call of the `device` tool (~9 minutes
+# on an H100/H200; each step has its own time limit): the CUDA paths checked against their references
+# first, then the measurements, each writing its JSON as it goes, so a cut-off run keeps what it
+# measured. Results land in $OUT.
+#   OUT=$OUT bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT="${OUT:-outputs/gpu_check}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# 1. correctness on CUDA: the Triton tile kernel vs the canvas, nvJPEG decode vs the CPU path
+TRITON_INTERPRET=0 timeout 90 python -m pytest -q -x tests/test_triton_dwconv.py tests/test_gpu_decode.py \
+    2>&1 | tail -20 | tee "$OUT/tests.txt"
+# 2. #19: the step against MAE, tile kernel vs canvas, compiled, MFU against the H100 SXM bf16 peak,
+#    and the profile of each compiled variant (top kernels by self time)
+timeout 200 python benchmarks/step_time.py --device cuda --models tiny base --batch-sizes 128 --dtypes bf16 \
+    --variants sparse sparse-canvas unmasked mae --compile --only-compiled --warmup 3 --repeats 5 \
+    --peak-tflops 989 --profile 3 --json "$OUT/step_time.json" > "$OUT/step_time.txt" 2>&1
+tail -12 "$OUT/step_time.txt"
+# 3. #18: loader alone by pipeline and workers, then end to end vs step-only (tiny, compiled)
+timeout 100 python benchmarks/loader_rate.py --make-jpegs 12000 --cache "$OUT/jpegs" --workers 4,8,15 \
+    --decode cpu,gpu --batch 128 --batches 20 --json "$OUT/loader.json" 2>&1 | tail -10 | tee "$OUT/loader.txt"
+timeout 150 python benchmarks/pretrain_rate.py --root "$OUT/jpegs" --out "$OUT/runs" --model tiny --batch 128 \
+    --workers 4 --decode cpu,gpu --compile --step-only --json "$OUT/e2e_tiny.json" 2>&1 | tail -8 | tee "$OUT/e2e.txt"
