@@ -1,3 +1,11 @@
+import os
+
+# The Triton kernels run on the CPU in interpreter mode (tests/test_triton_dwconv.py). Triton decides
+# how its jit'd helpers are called when it is first imported (torch, torchvision or timm may import
+# it), so this must be set before anything imports torch. A GPU machine runs the compiled kernels
+# with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from typing import Mapping
 
 import pytest

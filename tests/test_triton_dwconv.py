@@ -1,14 +1,13 @@
 """The Triton tile-wise depthwise conv (fcmae/sparse/triton_dwconv.py) against the canvas path it
 replaces (scatter to a zero canvas, dense conv, gather: fcmae/sparse/compact.py), output and every
 gradient, at all four stage geometries, on the CPU under TRITON_INTERPRET=1 (CI has no GPU; the
-interpreter runs the same kernels, slowly, so the shapes are small). On a GPU machine,
+interpreter runs the same kernels, slowly, so the shapes are small; conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton). On a GPU machine,
 ``TRITON_INTERPRET=0 pytest tests/test_triton_dwconv.py`` runs the compiled kernels on CUDA."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (at import)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="Triton ships with torch's Linux wheels; not on this platform")
 
