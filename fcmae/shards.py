@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +30,9 @@ from .image_io import DataError, open_image
 
 INDEX = "index.json"
 FORMAT = "fcmae-shards/1"
+# Open shard handles kept per process: random access touches every shard each epoch, and ImageNet
+# in 1 GB shards is ~1,300 files, more than a default limit of 1,024 open files per process.
+MAX_OPEN = 64
 
 
 def _open(path: str, mode: str = "rb"):
@@ -74,7 +78,7 @@ class ShardImages(Dataset):
             labels = [position[own[label]] for label in labels]
             own = list(classes)
         self.labels, self.classes = labels, own
-        self._files: dict = {}
+        self._files: OrderedDict = OrderedDict()  # (pid, shard) -> handle, least recently used first
 
     def __len__(self) -> int:
         return len(self.members)
@@ -86,10 +90,16 @@ class ShardImages(Dataset):
     def read_bytes(self, index: int) -> bytes:
         """The member's stored bytes (the original image file)."""
         shard, offset, size, _, _ = self.members[index]
-        key = (os.getpid(), shard)  # one handle per worker process and shard
+        key = (os.getpid(), shard)  # one handle per worker process and shard, at most MAX_OPEN
         f = self._files.get(key)
         if f is None:
+            while len(self._files) >= MAX_OPEN:
+                (pid, _), old = self._files.popitem(last=False)
+                if pid == os.getpid():  # a handle inherited through fork belongs to the parent
+                    old.close()
             f = self._files[key] = _open(_join(self.root, self.shards[shard]))
+        else:
+            self._files.move_to_end(key)
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
@@ -100,4 +110,4 @@ class ShardImages(Dataset):
         return open_image(io.BytesIO(self.read_bytes(index))), self.labels[index]
 
     def __getstate__(self):  # open handles do not travel to loader workers
-        return {**self.__dict__, "_files": {}}
+        return {**self.__dict__, "_files": OrderedDict()}

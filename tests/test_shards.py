@@ -125,3 +125,19 @@ def test_refusals_name_the_problem(tmp_path, capsys):
         labelled_source("shards", str(tmp_path / "flat_shards"), "train", 0, 0, 64, 0)
     assert shards_main(["pack", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_open_shard_handles_are_capped(tmp_path, monkeypatch):
+    """Random access touches every shard; handles beyond the cap are closed, least recently used first."""
+    import fcmae.shards as shards_module
+    monkeypatch.setattr(shards_module, "MAX_OPEN", 2)
+    opened, real_open = [], shards_module._open
+    monkeypatch.setattr(shards_module, "_open", lambda path, mode="rb": opened.append(real_open(path, mode)) or opened[-1])
+    pack(image_folder(tmp_path / "src"), tmp_path / "out", shard_bytes=20_000, log=lambda *_: None)
+    shards = ShardImages(tmp_path / "out")
+    assert len(shards.shards) >= 4
+    files = scan_image_folder(tmp_path / "src")
+    for i in [0, len(shards) - 1, 1, len(shards) // 2, 0, len(shards) - 2]:
+        assert shards.read_bytes(i) == Path(files.paths[i]).read_bytes()
+        assert sum(not f.closed for f in opened) <= 2
+    assert len(opened) > 2  # shards were reopened after eviction, and read correctly
