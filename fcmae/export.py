@@ -78,6 +78,18 @@ def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tens
 
 
 @torch.no_grad()
+def reference_features(source: Mapping | None, layout: str | None, canonical: Mapping[str, torch.Tensor], depths,
+                       dims, imgs: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """What an export is checked against: the source read without the converter
+    (:func:`native_features`) where a reader exists, else the sparse encoder on the converter's
+    reading. Returns ``(features, whether the source was read independently)``."""
+    ref = native_features(source, layout, depths, dims, imgs) if source is not None else None
+    if ref is not None:
+        return ref, True
+    return _sparse_unmasked(canonical, depths, dims, imgs), False
+
+
+@torch.no_grad()
 def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, torch.Tensor],
                   source: Mapping | None = None, layout: str | None = None, tol: float = 1e-5) -> tuple[float, str]:
     """Load the written file into the model its format is for (timm's, or the official dense
@@ -96,12 +108,11 @@ def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, 
         if unexpected or any(not k.startswith("norm.") for k in missing):
             raise CheckpointError(f"{path}: does not load into ConvNeXtV2 (missing {missing[:5]}, unexpected {unexpected[:5]})")
     imgs = _check_images()
-    ref = native_features(source, layout, depths, dims, imgs) if source is not None else None
-    if ref is not None:
+    ref, independent = reference_features(source, layout, canonical, depths, dims, imgs)
+    if independent:
         what = (f"the written file in {'timm' if format == 'timm' else 'the official dense ConvNeXtV2'} equals the "
                 f"source checkpoint read without the converter ({layout} keys)")
     else:
-        ref = _sparse_unmasked(canonical, depths, dims, imgs)
         what = (f"the written file equals the converter's reading of the source; the reading itself ({layout} "
                 "keys) is NOT independently verified here")
     err = relative_error(dense.forward_features(imgs), ref)
@@ -166,11 +177,9 @@ def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, 
     def check(folder: Path) -> None:
         require_transformers()
         imgs = _check_images()
-        ref = native_features(obj, layout, depths, dims, imgs)
-        what = f"the source checkpoint read without the converter ({layout} keys)"
-        if ref is None:
-            ref = _sparse_unmasked(canonical, depths, dims, imgs)
-            what = f"the converter's reading of the source (the reading of {layout} keys is NOT independently verified)"
+        ref, independent = reference_features(obj, layout, canonical, depths, dims, imgs)
+        what = (f"the source checkpoint read without the converter ({layout} keys)" if independent else
+                f"the converter's reading of the source (the reading of {layout} keys is NOT independently verified)")
         err = relative_error(hf_features(folder, imgs), ref)
         if not err < 1e-5:
             raise CheckpointError(f"{out}: verification FAILED, transformers ConvNextV2Model vs source relative "

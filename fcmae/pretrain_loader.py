@@ -9,6 +9,7 @@ import torch
 
 from . import gpu_decode
 from .data import PretrainSamples, build_source, build_train_loader, collate_masked, pretrain_transform
+from .image_io import DataError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
                         device, error)
             decode = "cpu"
         elif error:
-            raise gpu_decode.DataError(f"data.decode=gpu: {device} cannot decode JPEGs ({error}); install "
+            raise DataError(f"data.decode=gpu: {device} cannot decode JPEGs ({error}); install "
                                        "'fcmae[gpu]' (TorchCodec) or use data.decode=cpu")
     source = build_source(d, seed)
     transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)

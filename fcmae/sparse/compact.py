@@ -8,6 +8,7 @@ the two Linears, GELU, GRN, drop path, the downsample) runs on active rows only.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -77,12 +78,15 @@ def grn_rows(grn: GRN, x: torch.Tensor, layout: SparseLayout, stage: int, stats:
     return grn.gamma.view(-1) * (x * nx) + grn.beta.view(-1) + x
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def tiles_usable(x: torch.Tensor) -> bool:
     """Whether the Triton tile kernel can run on ``x``: CUDA with Triton, or the CPU under
     ``TRITON_INTERPRET=1`` (for tests; slow)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return _triton_installed() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def depthwise_rows(conv: torch.nn.Conv2d, x: torch.Tensor, layout: SparseLayout, stage: int, dwconv: str):
@@ -90,7 +94,7 @@ def depthwise_rows(conv: torch.nn.Conv2d, x: torch.Tensor, layout: SparseLayout,
     sites, :mod:`fcmae.sparse.triton_dwconv`) or ``canvas`` (scatter to a zero canvas, cuDNN/ATen
     conv, gather back: the reference); ``auto`` = tiles where they run, else canvas."""
     if dwconv == "tiles" or (dwconv == "auto" and x.is_cuda and tiles_usable(x)):
-        if not tiles_usable(x):
+        if dwconv == "tiles" and not tiles_usable(x):
             raise RuntimeError("encoder.dwconv=tiles needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
                                "on the CPU, for tests); use encoder.dwconv=canvas or auto")
         from .triton_dwconv import depthwise_conv_tiles
