@@ -187,36 +187,31 @@ class DeviceDecoder:
                     out.append(None)
             return out
 
-    def crop_resize(self, img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    def crop_resize(self, img: torch.Tensor, top: int, left: int, h: int, w: int, flip: int) -> torch.Tensor:
         """``[3, S, S]`` float in 0..255: the crop resized as the CPU path does (bicubic,
-        antialiased) and rounded to 8-bit levels as a PIL image would be."""
+        antialiased), rounded to 8-bit levels as a PIL image would be, then flipped if drawn."""
         crop = img[:, top:top + h, left:left + w].unsqueeze(0).float()
         out = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
-        return out.round_().clamp_(0, 255)[0]
+        out = out.round_().clamp_(0, 255)[0]
+        return out.flip(-1) if flip else out
 
     def __call__(self, enc: EncodedImages, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
         out = torch.empty(len(enc), 3, self.size, self.size, device=self.device)
         if len(enc.pixel_index):
             out[enc.pixel_index.to(self.device)] = enc.pixels.to(self.device, non_blocking=True)
         extra_bad = 0
-        geometry = enc.geometry.tolist()
-        crops, rows, flips = [], [], []
+        geometry, jpeg_rows = enc.geometry.tolist(), enc.jpeg_index.tolist()
+        crops, rows = [], []
         for j, img in enumerate(self.decode_all(enc.jpegs)):
-            row = int(enc.jpeg_index[j])
             if img is None:  # the device could not decode it: the CPU path skips, names and counts it
-                x, _, bad, _ = self.dataset.read(int(keys[row]))
-                out[row] = x.to(self.device)
+                x, _, bad, _ = self.dataset.read(int(keys[jpeg_rows[j]]))
+                out[jpeg_rows[j]] = x.to(self.device)
                 extra_bad += bad
                 continue
-            top, left, h, w, flip = geometry[j]
-            crops.append(self.crop_resize(img, top, left, h, w))
-            rows.append(row)
-            flips.append(bool(flip))
+            crops.append(self.crop_resize(img, *geometry[j]))
+            rows.append(jpeg_rows[j])
         if crops:
-            x = torch.stack(crops)
-            flip = torch.tensor(flips, device=self.device).view(-1, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
-            out[torch.tensor(rows, device=self.device)] = (x - self.mean) / self.std
+            out[torch.tensor(rows, device=self.device)] = (torch.stack(crops) - self.mean) / self.std
         return out, extra_bad
 
 
