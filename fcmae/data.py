@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision import transforms
 
 from .fashion_mnist import FashionMNIST, FashionMNISTError
-from .image_io import DataError, open_image
+from .image_io import DataError, class_index, open_image
 from .shards import ShardImages
 from .models.masking import PATCH_SIZE, num_visible, random_mask
 
@@ -101,14 +101,7 @@ def labelled_files(entries: Sequence[tuple[Path, str]], classes: Sequence[str] |
     """``(path, class name)`` pairs -> :class:`ImageFiles` whose labels index ``classes`` (a
     training set's, so another set is matched by name) or, without it, the sorted names found.
     A class not among ``classes`` is an error naming it and ``where`` it was found."""
-    found = sorted({c for _, c in entries})
-    classes = found if classes is None else list(classes)
-    unknown = [c for c in found if c not in classes]
-    if unknown:
-        raise DataError(f"{where} has classes the training set does not: {unknown[:5]}"
-                        f"{' ...' if len(unknown) > 5 else ''} (training classes: {classes[:10]}"
-                        f"{' ...' if len(classes) > 10 else ''}); remove them or train with them")
-    index = {name: i for i, name in enumerate(classes)}
+    classes, index = class_index((c for _, c in entries), classes, where)
     out = ImageFiles([p for p, _ in entries], [index[c] for _, c in entries])
     out.classes = classes
     return out

@@ -10,6 +10,20 @@ class DataError(RuntimeError):
     """The data cannot be used as configured; the message says what to change."""
 
 
+def class_index(found, classes, where) -> tuple[list[str], dict[str, int]]:
+    """``(classes, name -> label)`` for a labelled set whose class names are ``found``: the labels
+    index ``classes`` (a training set's, so another set is matched by name) or, without it, the
+    sorted names found. A class not among ``classes`` is an error naming it and ``where``."""
+    found = sorted(set(found))
+    classes = found if classes is None else list(classes)
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(f"{where} has classes the training set does not: {unknown[:5]}"
+                        f"{' ...' if len(unknown) > 5 else ''} (training classes: {classes[:10]}"
+                        f"{' ...' if len(classes) > 10 else ''}); remove them or train with them")
+    return classes, {name: i for i, name in enumerate(classes)}
+
+
 def open_image(path) -> Image.Image:
     """An image file as 8-bit RGB, read faithfully: EXIF orientation applied (a phone photo is
     upright), high-bit-depth pixels scaled to 8 bits (see :func:`to_rgb8`), alpha dropped."""

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from .image_io import DataError, open_image
+from .image_io import DataError, class_index, open_image
 
 INDEX = "index.json"
 FORMAT = "fcmae-shards/1"
@@ -71,12 +71,8 @@ class ShardImages(Dataset):
         own = index.get("classes")
         labels = [m[4] for m in self.members]
         if classes is not None and own is not None:  # match another set's classes by name
-            unknown = sorted(set(own) - set(classes))
-            if unknown:
-                raise DataError(f"{self.root} has classes the training set does not: {unknown[:5]}")
-            position = {name: i for i, name in enumerate(classes)}
-            labels = [position[own[label]] for label in labels]
-            own = list(classes)
+            matched, position = class_index(own, classes, self.root)
+            labels, own = [position[own[label]] for label in labels], matched
         self.labels, self.classes = labels, own
         self._files: OrderedDict = OrderedDict()  # (pid, shard) -> handle, least recently used first
 
