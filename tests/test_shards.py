@@ -141,3 +141,11 @@ def test_open_shard_handles_are_capped(tmp_path, monkeypatch):
         assert shards.read_bytes(i) == Path(files.paths[i]).read_bytes()
         assert sum(not f.closed for f in opened) <= 2
     assert len(opened) > 2  # shards were reopened after eviction, and read correctly
+
+
+def test_val_shards_are_matched_to_the_training_classes_by_name(tmp_path):
+    pack(image_folder(tmp_path / "src", per_class=1), tmp_path / "val", log=lambda *_: None)  # cat, dog, emu
+    val = ShardImages(tmp_path / "val", classes=["ant", "cat", "dog", "emu"])
+    assert val.classes == ["ant", "cat", "dog", "emu"] and val.labels == [1, 2, 3]
+    with pytest.raises(DataError, match=r"has classes the training set does not: \['emu'\]"):
+        ShardImages(tmp_path / "val", classes=["cat", "dog"])
