@@ -279,15 +279,15 @@ def test_warning_signal_requeues_through_submitit_bit_identical(cluster, uninter
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_time_limit_warning_checkpoints_and_the_requeued_job_finishes(cluster, tmp_path):
-    """A 2-minute job whose run needs longer: Slurm's own warning (--signal=USR2@90, due 30 s in,
-    sent by the controller within ~30 s of being due) makes it checkpoint and requeue. (Due 10 s
-    in, it sometimes arrived while a loaded machine was still importing, before any handler,
-    and killed the job: a test of the machine's start-up time, not of ours.) The requeued job,
-    given a longer limit by the test as an admin would, continues from that step to the end.
+    """A 3-minute job whose run needs longer: Slurm's own warning (--signal=USR2@90, due 90 s in)
+    makes it checkpoint and requeue. Slurm may send it up to 60 s early (man sbatch, --signal), so
+    it comes 30 s in at the earliest, after the app's handler exists; with a 2-minute job it once
+    came 3 s in, during submitit's unpickling, and no handler of ours could see it. The requeued
+    job, given a longer limit by the test as an admin would, continues from that step to the end.
     (Bit-identity of a resumed run is checked by the two tests above, on the same path.)"""
-    steps = 900  # ~3 min on 2 cores: longer than the warning takes to arrive (30-60 s)
+    steps = 900  # ~3 min on 2 cores: longer than the warning takes to arrive (30-120 s)
     sweep = tmp_path / "sweep"
-    proc = _submit(cluster, sweep, "launcher.tasks_per_node=1", "launcher.timeout_min=2",
+    proc = _submit(cluster, sweep, "launcher.tasks_per_node=1", "launcher.timeout_min=3",
                    "launcher.signal_delay_s=90", "data.img_size=128", "data.batch_size=8",
                    "data.synthetic_images=7200", "trainer.epochs=1", f"trainer.max_steps={steps}",
                    "trainer.log_every=10")
