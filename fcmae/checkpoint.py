@@ -1,21 +1,26 @@
 """Run-directory checkpoints: durable atomic writes, keep-last-K, walk-back on damage, RNG state.
 
 Layout: ``RUN_DIR/checkpoints/checkpoint-0000123.pt`` (the K newest kept), each with a
-``checkpoint-0000123.pt.sum`` beside it (size and CRC-32 of the file, written after it),
-``RUN_DIR/checkpoints/last.pt`` (a relative symbolic link to the newest: a pointer, never a
-second name of the same bytes) and named extras such as ``best.pt`` that the rotation never
-removes.
+``checkpoint-0000123.pt.sum`` beside it (size and CRC-32 of the file, made durable before the
+checkpoint takes its name), ``RUN_DIR/checkpoints/last.pt`` (a relative symbolic link to the newest,
+or a small text file naming it where links are not allowed: a pointer, never a second copy) and
+named extras such as ``best.pt`` that the rotation never removes.
 
-What a run directory's "last checkpoint" is: the newest numbered file that loads, has its keys,
-holds the step its name says and matches its checksum. A damaged one is renamed
-``*.pt.damaged`` (kept for inspection, never tried again, never deleted) with a warning naming
-it and why, and the next older one is tried. So a truncated newest file (a failing disk, a full
-quota, an interrupted copy) costs the steps since the older checkpoint, not the run.
+What a run directory's "last checkpoint" is: the newest numbered file that matches its checksum,
+loads, has its keys and holds the step its name says. A file is called damaged only on proof: its
+size or CRC-32 differs from its ``.sum``, it is not a zip archive (``torch.save``'s format) or one
+of its members fails the zip's own CRC-32, it holds no training checkpoint, or another step. A
+training run (rank 0 alone, holding the run directory's lock) renames a damaged file
+``*.pt.damaged`` (kept for inspection, never tried again, never deleted) and tries the next older
+one; read-only commands (export, evaluation, ``init_from``) skip it and say so. An error that is not
+proof (out of memory, an I/O error, a file whose bytes are intact but do not load) renames nothing:
+it stops, naming the file. A checkpoint without a readable ``.sum`` is "unverified": a warning names
+it and its bytes are checked against the zip's own CRC-32s instead.
 
-Writing: a temporary file, fsync, rename, fsync of the directory (so a power loss cannot undo
-a checkpoint that was reported saved). Before writing, the rotation trims to K-1 numbered
-files (never below one), so the peak is K files (2 when K = 1) and there is always a good one
-on disk. A write that fails (no space, quota, I/O error, permission) removes its temporary
+Writing: a temporary file, fsync, the ``.sum`` (fsynced), rename, fsync of the directory (so a power
+loss cannot undo a checkpoint that was reported saved). Before writing, the rotation trims to K-1
+numbered files (never below one), so the peak is K files (2 when K = 1) and there is always a good
+one on disk. A write that fails (no space, quota, I/O error, permission) removes its temporary
 file and raises :class:`CheckpointWriteError` naming the file, the space needed and free, and
 the last good checkpoint.
 """
@@ -28,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from .convert import CheckpointError, load_state_dict_file
-from .files import fsync_dir, publish_mode
+from .files import WRITE_ERRNOS, DiskWriteError, free_space, fsync_dir, publish_mode
 
 log = logging.getLogger("fcmae")
 
@@ -43,13 +49,24 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 DAMAGED_SUFFIX = ".damaged"
+DIVERGED_SUFFIX = ".diverged"  # weights taken after the loss blew up: kept, never resumed from
+SET_ASIDE = re.compile(r"checkpoint-\d+\.pt\.(damaged|diverged)\d*")
+POINTER_MAX_BYTES = 256  # a text last.pt (no links allowed) is one file name
 # What every training checkpoint holds; a file without them is not one (or is damaged).
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EROFS, errno.EFBIG}
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(DiskWriteError):
     """A checkpoint could not be written; the message says what, where, and how to go on."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """Proof that a checkpoint file is not what was written: a checksum, format, key or step mismatch."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint could not be read for a reason that proves nothing about the file (memory, I/O,
+    an intact file this torch cannot load): nothing is renamed, the run stops naming the file."""
 
 
 class _ChecksumWriter:
@@ -93,11 +110,27 @@ def state_bytes(obj) -> int:
     return 0
 
 
-def _atomic_save(obj, path: Path) -> dict:
-    """``torch.save`` to a temporary file, fsync, rename, fsync the directory. Returns the
-    file's size and CRC-32. On failure the temporary file is gone and ``path`` untouched."""
+def non_finite_tensors(obj, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state that hold a NaN or an infinity."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = []
+    for k, v in items:
+        out += non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sum")
+
+
+def _atomic_save(obj, path: Path, sums_step: int | None = None) -> dict:
+    """``torch.save`` to a temporary file, fsync, (the ``.sum`` sidecar, durable, when
+    ``sums_step`` is given), rename, fsync the directory. Returns the file's size and CRC-32. On
+    failure the temporary file (and a new sidecar) is gone and ``path`` untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
-    w = None
+    w, sums_written = None, False
     try:
         with open(tmp, "wb") as f:
             w = _ChecksumWriter(f)
@@ -105,20 +138,31 @@ def _atomic_save(obj, path: Path) -> dict:
             f.flush()
             os.fsync(f.fileno())
         publish_mode(tmp)
+        sums = {"bytes": w.bytes, "crc32": w.crc}
+        if sums_step is not None:
+            _write_small(_sum_path(path), json.dumps({"step": sums_step, **sums}))
+            sums_written = True
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if sums_written:
+            _sum_path(path).unlink(missing_ok=True)
         if w is not None and w.error is not None and w.error is not exc:
             raise w.error from None
         raise
     fsync_dir(path.parent)
-    return {"bytes": w.bytes, "crc32": w.crc}
+    return sums
 
 
 def _write_small(path: Path, text: str) -> None:
+    """A small file, whole or not at all, on disk before this returns."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -126,18 +170,41 @@ def _write_small(path: Path, text: str) -> None:
 
 
 def _point(link: Path, target: Path) -> None:
-    """``link`` -> ``target`` (same directory) as a relative symlink, replaced atomically;
-    a hard link, then a copy, where the file system has no symlinks."""
+    """``link`` -> ``target`` (same directory) as a relative symlink, replaced atomically; where the
+    file system has no symlinks, a small text file holding the target's name (never a copy: the
+    peak of K checkpoints must hold). Readers follow both (:func:`resolve_pointer`)."""
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.symlink(target.name, tmp)
     except OSError:
-        try:
-            os.link(target, tmp)
-        except OSError:
-            shutil.copyfile(target, tmp)
+        _write_small(link, target.name + "\n")
+        return
     os.replace(tmp, link)
+
+
+def resolve_pointer(path: Path) -> Path:
+    """The file a ``last.pt`` stands for: itself when it is a link or a real checkpoint; the named
+    sibling when it is a text pointer (written where links are not allowed)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return path
+    try:
+        if path.stat().st_size <= POINTER_MAX_BYTES:
+            name = path.read_bytes().decode("utf-8", "replace").strip()
+            if NUMBERED.fullmatch(name):
+                return path.with_name(name)
+    except OSError:
+        pass
+    return path
+
+
+def pointed_at(link: Path) -> str | None:
+    """The file name ``last.pt`` points at (link or text pointer), None when it is neither."""
+    if link.is_symlink():
+        return Path(os.readlink(link)).name
+    target = resolve_pointer(link)
+    return target.name if target != link else None
 
 
 def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -151,49 +218,97 @@ def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def check_checkpoint(path: Path, expect_step: int | None = None, required=REQUIRED_KEYS) -> dict:
-    """Load a training checkpoint and check it is whole; raises :class:`CheckpointError`
-    saying why not (checksum, unreadable, keys missing, step other than its name)."""
-    sums = path.with_name(path.name + ".sum")
-    if sums.is_file():
-        try:
-            want = json.loads(sums.read_text())
-        except (ValueError, OSError):
-            want = None
-        if want:
-            size, crc = _file_crc(path)
-            if size != want.get("bytes"):
-                raise CheckpointError(f"{size} bytes where {want.get('bytes')} were written (truncated or overwritten)")
-            if crc != want.get("crc32"):
-                raise CheckpointError("checksum mismatch: the file changed after it was written")
+def set_aside_checkpoints(directory: Path) -> list[Path]:
+    """The ``*.damaged`` and ``*.diverged`` checkpoints of a directory (kept, never resumed from)."""
+    return sorted(p for p in directory.iterdir() if SET_ASIDE.fullmatch(p.name)) if directory.is_dir() else []
+
+
+def read_sums(path: Path) -> dict | None:
+    """The ``.sum`` sidecar of ``path`` as ``{"bytes", "crc32"}``; None when it is missing,
+    unreadable or malformed (the checkpoint is then "unverified")."""
     try:
+        want = json.loads(_sum_path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(want, dict):
+        return None
+    size, crc = want.get("bytes"), want.get("crc32")
+    if not (isinstance(size, int) and isinstance(crc, int)) or isinstance(size, bool) or isinstance(crc, bool):
+        return None
+    return {"bytes": size, "crc32": crc}
+
+
+def _verify_bytes(path: Path) -> str:
+    """Raise :class:`CheckpointDamaged` unless ``path``'s bytes are what was written; returns how
+    that was checked. With a ``.sum``: size and CRC-32. Without one: the zip's own member CRC-32s."""
+    want = read_sums(path)
+    if want is not None:
+        size, crc = _file_crc(path)
+        if size != want["bytes"]:
+            raise CheckpointDamaged(f"{size} bytes where {want['bytes']} were written (truncated or overwritten)")
+        if crc != want["crc32"]:
+            raise CheckpointDamaged("checksum mismatch: the file changed after it was written")
+        return "its .sum"
+    log.warning("checkpoint %s is unverified: its .sum is missing or unreadable; checking it against the zip "
+                "archive's own CRC-32s instead", path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile as exc:
+        raise CheckpointDamaged(f"not a whole zip archive, the format torch.save writes ({exc})") from None
+    except (EOFError, ValueError) as exc:
+        raise CheckpointDamaged(f"not a whole zip archive ({type(exc).__name__}: {exc})") from None
+    if bad is not None:
+        raise CheckpointDamaged(f"member {bad} fails its CRC-32: the file changed after it was written")
+    return "the zip archive's CRC-32s"
+
+
+def check_checkpoint(path: Path, expect_step: int | None = None, required=REQUIRED_KEYS) -> dict:
+    """Load a training checkpoint and check it is whole. Raises :class:`CheckpointDamaged` with
+    the proof (checksum, format, keys, step) or :class:`CheckpointUnreadable` when it cannot be
+    read for another reason (memory, I/O, a version of torch that cannot load intact bytes)."""
+    path = Path(path)
+    try:
+        verified_by = _verify_bytes(path)
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except (OSError, MemoryError) as exc:
+        raise CheckpointUnreadable(f"{path} could not be read ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); nothing was "
+                                   "renamed: fix the cause (memory, disk, permissions) and run the same command "
+                                   "again") from None
     except Exception as exc:
-        raise CheckpointError(f"does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointUnreadable(
+            f"{path} is intact (checked by {verified_by}) but does not load ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); nothing was renamed: if this is a "
+            "lack of memory, retry with more; if another torch wrote it, load it with that version") from None
     if not isinstance(ck, dict):
-        raise CheckpointError(f"holds a {type(ck).__name__}, not a training checkpoint")
+        raise CheckpointDamaged(f"holds a {type(ck).__name__}, not a training checkpoint")
     missing = [k for k in required if k not in ck]
     if missing:
-        raise CheckpointError(f"lacks {', '.join(missing)}: not a training checkpoint")
+        raise CheckpointDamaged(f"lacks {', '.join(missing)}: not a training checkpoint")
     if expect_step is not None and ck["step"] != expect_step:
-        raise CheckpointError(f"holds step {ck['step']} but is named for step {expect_step}")
+        raise CheckpointDamaged(f"holds step {ck['step']} but is named for step {expect_step}")
     return ck
 
 
-def newest_good_checkpoint(directory: Path) -> tuple[Path, dict] | None:
+def newest_good_checkpoint(directory: Path, quarantine: bool = False) -> tuple[Path, dict] | None:
     """``(path, checkpoint)`` of the newest numbered checkpoint in ``directory`` that is whole,
-    or None when there is none at all. Damaged ones are warned about, by name and reason, and
-    renamed ``*.damaged``. Raises :class:`CheckpointError` listing every file
-    tried when none is whole. A directory from before numbered files were pointers (a regular
+    or None when there is none at all. Damaged ones are warned about, by name and reason, and, with
+    ``quarantine`` (a training run holding the directory's lock), renamed ``*.damaged``; read-only
+    callers leave them in place. Raises :class:`CheckpointError` listing every file tried when
+    none is whole, and :class:`CheckpointUnreadable` at the first file that cannot be read for a
+    reason that proves no damage. A directory from before numbered files were pointers (a regular
     ``last.pt`` only) is read through its ``last.pt``."""
     directory = Path(directory)
     candidates = numbered_checkpoints(directory)
     last = directory / LAST
     if not candidates:
-        if last.is_file():  # an old layout or a hand-made directory: last.pt is all there is
+        if last.is_file() and resolve_pointer(last) == last:  # an old layout: last.pt is all there is
             try:
                 return last, check_checkpoint(last, required=())
-            except CheckpointError as exc:
+            except CheckpointDamaged as exc:
                 raise CheckpointError(f"{last} is damaged ({exc}) and there is no other checkpoint in "
                                       f"{directory}") from None
         return None
@@ -201,35 +316,39 @@ def newest_good_checkpoint(directory: Path) -> tuple[Path, dict] | None:
     for step, path in reversed(candidates):
         try:
             ck = check_checkpoint(path, step)
-        except CheckpointError as exc:
+        except CheckpointDamaged as exc:
             tried.append(f"{path.name}: {exc}")
-            kept = _quarantine(path)
-            log.warning("checkpoint %s is damaged (%s); kept as %s, trying the next older one",
-                        path, exc, kept.name)
+            if quarantine:
+                kept = _quarantine(path)
+                log.warning("checkpoint %s is damaged (%s); kept as %s, trying the next older one",
+                            path, exc, kept.name)
+            else:
+                log.warning("checkpoint %s is damaged (%s); skipping it (left in place: only a training run "
+                            "renames it), trying the next older one", path, exc)
             continue
-        if tried:
+        if tried and quarantine:
             _repoint_last(directory, path)
         return path, ck
     raise CheckpointError(f"no checkpoint in {directory} loads; tried, newest first:\n  - " + "\n  - ".join(tried)
                           + "\nstart afresh with resume=never and another run_name, or restore the directory")
 
 
-def _quarantine(path: Path) -> Path:
-    dest = path.with_name(path.name + DAMAGED_SUFFIX)
+def _quarantine(path: Path, suffix: str = DAMAGED_SUFFIX) -> Path:
+    dest = path.with_name(path.name + suffix)
     n = 1
     while dest.exists():
-        dest = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{n}")
+        dest = path.with_name(f"{path.name}{suffix}{n}")
         n += 1
     try:
         os.replace(path, dest)
-        sums = path.with_name(path.name + ".sum")
+        sums = _sum_path(path)
         if sums.exists():
             os.replace(sums, dest.with_name(dest.name + ".sum"))
         fsync_dir(path.parent)
-    except FileNotFoundError:  # another rank moved it first
+    except FileNotFoundError:
         return dest
     except OSError as exc:
-        log.warning("could not rename damaged %s (%s); it will be tried again next time", path, exc)
+        log.warning("could not rename %s (%s); it will be tried again next time", path, exc)
         return path
     return dest
 
@@ -259,12 +378,13 @@ def run_checkpoint_dir(path: Path) -> Path | None:
 
 def load_resolved(path: str | Path) -> tuple[Path, dict | None]:
     """``(file, checkpoint)``: for a run directory (or its ``last.pt``) the newest whole
-    training checkpoint, already loaded; for any other file the file itself (``checkpoint``
-    None: the caller reads its format)."""
+    training checkpoint, already loaded (damaged ones skipped, never renamed: this is the
+    read-only path of export, evaluation and ``init_from``); for any other file the file itself
+    (``checkpoint`` None: the caller reads its format)."""
     path = Path(path)
     ck_dir = run_checkpoint_dir(path)
     if ck_dir is not None:
-        found = newest_good_checkpoint(ck_dir)
+        found = newest_good_checkpoint(ck_dir, quarantine=False)
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint yet ({ck_dir}/checkpoint-*.pt); "
                                   "pass a pretraining run directory or a checkpoint file")
@@ -275,7 +395,7 @@ def load_resolved(path: str | Path) -> tuple[Path, dict | None]:
                               "pass a pretraining run directory or a checkpoint file")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    return path, None
+    return resolve_pointer(path), None
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
@@ -287,6 +407,9 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
 
 
 class CheckpointManager:
+    """The numbered checkpoints of one run directory. Only the process holding the directory's
+    lock (rank 0 of the run) writes, renames or tidies through it."""
+
     def __init__(self, run_dir: str | Path, keep: int = 2):
         self.dir = Path(run_dir) / CHECKPOINT_DIR
         self.keep = keep
@@ -297,7 +420,7 @@ class CheckpointManager:
         return self.dir / LAST
 
     def exists(self) -> bool:
-        return bool(numbered_checkpoints(self.dir)) or self.last.is_file()
+        return bool(numbered_checkpoints(self.dir)) or (self.last.is_file() and resolve_pointer(self.last) == self.last)
 
     def newest(self) -> tuple[int, Path] | None:
         found = numbered_checkpoints(self.dir)
@@ -307,14 +430,58 @@ class CheckpointManager:
         newest = self.newest()
         return f"{newest[1]} (step {newest[0]})" if newest else "none yet"
 
+    def tidy(self) -> None:
+        """Start-up housekeeping of a directory this process holds the lock of: the temporary
+        files of writes a kill interrupted (they are ours, and they take space the next checkpoint
+        needs), and sidecars whose checkpoint never took its name."""
+        if not self.dir.is_dir():
+            return
+        freed = 0
+        for p in self.dir.iterdir():
+            stale = p.name.startswith(".") and p.name.endswith(".tmp")
+            orphan = p.name.endswith(".pt.sum") and NUMBERED.fullmatch(p.name[:-4]) and not p.with_name(p.name[:-4]).exists()
+            if stale or orphan:
+                try:
+                    size = p.stat().st_size if not p.is_symlink() else 0
+                    p.unlink()
+                except OSError:
+                    continue
+                freed += size
+                log.info("removed %s, left by an interrupted write (%.1f MiB)", p, size / 2**20)
+        if freed:
+            fsync_dir(self.dir)
+        newest = self.newest()
+        if newest is not None:
+            self._warn_if_next_will_not_fit(newest[1].stat().st_size)
+
+    def point_last_at(self, path: Path) -> None:
+        """Make ``last.pt`` name ``path`` when it does not already (a kill between a checkpoint's
+        rename and the pointer's update leaves it one behind)."""
+        if pointed_at(self.last) != path.name:
+            log.info("pointing %s at %s", self.last, path.name)
+            _repoint_last(self.dir, path)
+
+    def set_aside_from(self, first_step: int) -> list[Path]:
+        """Rename the numbered checkpoints of step >= ``first_step`` ``*.diverged`` (weights taken
+        after the loss blew up: kept for inspection, never resumed from); re-point ``last.pt``."""
+        moved = [_quarantine(p, DIVERGED_SUFFIX) for step, p in numbered_checkpoints(self.dir) if step >= first_step]
+        newest = self.newest()
+        if newest is not None:
+            self.point_last_at(newest[1])
+        elif self.last.is_symlink() or self.last.is_file():
+            self.last.unlink(missing_ok=True)
+        return moved
+
     def save(self, state: dict, step: int) -> Path:
         """Write ``checkpoint-<step>.pt`` and point ``last.pt`` at it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._mkdir()
         path = self.dir / f"checkpoint-{step:07d}.pt"
         self._trim(self.keep - 1, protect=path)
-        sums = self._write(state, path)
-        _write_small(path.with_name(path.name + ".sum"), json.dumps({"step": step, **sums}))
-        _point(self.last, path)
+        sums = self._write(state, path, sums_step=step)
+        try:
+            _point(self.last, path)
+        except OSError as exc:
+            raise CheckpointWriteError(self._write_failure(exc, self.last, {})) from None
         fsync_dir(self.dir)
         self._trim(self.keep, protect=path)
         self._warn_if_next_will_not_fit(sums["bytes"])
@@ -322,14 +489,22 @@ class CheckpointManager:
 
     def save_as(self, state: dict, name: str) -> Path:
         """An extra checkpoint kept by name (``best.pt``), outside the keep-K rotation."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._mkdir()
         path = self.dir / name
         self._write(state, path)
         return path
 
-    def _write(self, state: dict, path: Path) -> dict:
+    def _mkdir(self) -> None:
         try:
-            return _atomic_save(state, path)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise CheckpointWriteError(self._write_failure(exc, self.dir, {})) from None
+
+    def _write(self, state: dict, path: Path, sums_step: int | None = None) -> dict:
+        try:
+            return _atomic_save(state, path, sums_step)
         except OSError as exc:
             if exc.errno not in WRITE_ERRNOS:
                 raise
@@ -340,10 +515,7 @@ class CheckpointManager:
         newest = self.newest()
         if newest is not None:
             needed = max(needed, newest[1].stat().st_size)
-        try:
-            free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free"
-        except OSError:
-            free = "free space unknown"
+        free = free_space(self.dir if self.dir.is_dir() else self.dir.parent)
         return (f"could not write checkpoint {path}: {os.strerror(exc.errno)} (errno {errno.errorcode.get(exc.errno, exc.errno)}); "
                 f"it needs about {needed / 2**20:.1f} MiB, {free}. The partial file was removed; the last good "
                 f"checkpoint is {self.describe_last_good()}. Free space (or fix the permission), or move the run "
@@ -355,7 +527,7 @@ class CheckpointManager:
         found = [p for _, p in numbered_checkpoints(self.dir) if p != protect]
         for old in found[: max(len(found) - max(keep, 1), 0)]:
             old.unlink(missing_ok=True)
-            old.with_name(old.name + ".sum").unlink(missing_ok=True)
+            _sum_path(old).unlink(missing_ok=True)
 
     def _warn_if_next_will_not_fit(self, size: int) -> None:
         try:
@@ -374,8 +546,9 @@ class CheckpointManager:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load one of our training checkpoints (tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load one of our training checkpoints (tensors and plain containers only); a text
+    ``last.pt`` pointer is followed."""
+    return torch.load(resolve_pointer(Path(path)), map_location="cpu", weights_only=True)
 
 
 def capture_rng() -> dict:

@@ -7,6 +7,7 @@ before any data is read or any model is built.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -412,10 +413,29 @@ def _check_eval(e, check) -> None:
     check(e.temperature > 0 and e.linear_lr > 0, "eval.temperature and eval.linear_lr must be > 0")
 
 
+# The largest float32: optimizer arithmetic (lr, weight decay, betas) runs in float32 tensors.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _floats(node, prefix: str = ""):
+    """``(key, value)`` of every float in a plain (dict/list) config tree."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, float):
+            yield key, v
+        else:
+            yield from _floats(v, key)
+
+
 def _check_training(cfg, check) -> None:
     """Checks of what both apps share: optim, schedule, trainer, logger, launcher and the
     common model and data keys."""
     o, t, m, d = cfg.optim, cfg.trainer, cfg.model, cfg.data
+    for key, value in _floats(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)):
+        check(math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+              f"{key}={value} is not a finite float32 value (|x| <= 3.4e38): the training arithmetic would "
+              "overflow; use a sane value")
     check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
     check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
     check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,

@@ -29,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from .files import fsync_dir, publish_mode
+from .files import fsync_dir, write_atomic
 
 from .models.convnextv2 import make_trunk
 from .models.variants import Variant, find_variant
@@ -295,20 +295,27 @@ def to_dense(state_dict: Mapping, format: str = "official") -> dict[str, torch.T
 
 # ---------------------------------------------------------------- writing and verification
 
-def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``.safetensors`` or ``.pth`` atomically (temporary file, then rename)."""
+def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None,
+                    advice: str = "write it elsewhere (fcmae-export --out PATH)") -> Path:
+    """Write ``.safetensors`` or ``.pth`` atomically (temporary file, then rename); a disk that
+    refuses the write raises :class:`fcmae.files.DiskWriteError` and leaves nothing behind."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"{path}: output must end in .safetensors, .pth or .pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    if path.suffix == ".safetensors":
+
+    def write(tmp: Path) -> None:
+        if path.suffix != ".safetensors":
+            torch.save(tensors, tmp)
+            return
         from safetensors.torch import save_file
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    else:
-        torch.save(tensors, tmp)
-    publish_mode(tmp)
-    os.replace(tmp, path)
+        try:
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        except Exception as exc:  # safetensors' Rust error carries the OS error only in its text
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
+    write_atomic(path, write, "export", advice)
     fsync_dir(path.parent)
     return path

@@ -102,3 +102,20 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(out)
     return out
+
+
+def all_reduce_max_tensor(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise max of a tensor over ranks (call on every rank); returns a new tensor."""
+    out = values.detach().clone()
+    if info.enabled:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (picklable; call on every rank)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

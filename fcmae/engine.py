@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng
-from .distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean, all_reduce_sum
+from .checkpoint import CheckpointManager, capture_rng, non_finite_tensors
+from .files import DiskWriteError
+from .distributed import DistInfo, all_gather_objects, all_reduce_max_tensor, all_reduce_mean, all_reduce_sum
 from .loggers import Progress, format_metrics
 from .optim import cosine_lr, set_lr
 
@@ -37,7 +38,17 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss, gradient or weights stopped being finite at ``step``; ``blowup_step`` is the first
+    step whose loss had already left its sane range (the weights that fed it were bad)."""
+
+    def __init__(self, message: str, step: int = 0, blowup_step: int | None = None):
+        super().__init__(message)
+        self.step, self.blowup_step = step, blowup_step
+
+
+# A step's loss past this many times the lowest loss of the run (and at least this far above it) is
+# taken as the start of a blow-up: checkpoints whose weights fed such a step are not "good".
+BLOWUP_FACTOR = 10.0
 
 
 class Preempted(RuntimeError):
@@ -113,6 +124,17 @@ class LoopState:
     bad_images: int = 0  # over all ranks
     seen_images: int = 0  # over all ranks
     finished: bool = False  # the final evaluation and checkpoint of stop_step are done
+    loss_floor: float | None = None  # the lowest step loss so far (this rank's), for the blow-up bound
+    blowup_step: int | None = None  # the first step whose loss passed the bound (None: none yet)
+
+    def watch_loss(self, step: int, loss: float) -> None:
+        """Track the lowest loss and the first step whose loss blew past ``BLOWUP_FACTOR`` times it."""
+        if self.blowup_step is None and (not math.isfinite(loss) or (
+                self.loss_floor is not None and loss > max(BLOWUP_FACTOR * self.loss_floor,
+                                                           self.loss_floor + BLOWUP_FACTOR))):
+            self.blowup_step = step
+        if math.isfinite(loss) and (self.loss_floor is None or loss < self.loss_floor):
+            self.loss_floor = loss
 
 
 @dataclass
@@ -182,6 +204,9 @@ class TrainLoop:
         self.settings, self.state, self.dist = settings, state, parts.dist
         self.ckpt, self.metrics_file, self.tracker = parts.ckpt, metrics_file, parts.tracker
         self.config, self.run_dir = parts.config, Path(parts.run_dir)
+        self._write_failure: DiskWriteError | None = None  # rank 0's, until the next collective
+        self._saved_step: int | None = None  # the step of this process's last numbered checkpoint
+        self._saved_path: Path | None = None
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -195,6 +220,8 @@ class TrainLoop:
             "bad_images": self.state.bad_images,
             "seen_images": self.state.seen_images,
             "finished": self.state.finished,
+            "loss_floor": self.state.loss_floor,
+            "blowup_step": self.state.blowup_step,
             "rng": all_gather_objects(capture_rng(), self.dist),
             "config": self.config,
             **self.task.state_dict(),
@@ -203,21 +230,56 @@ class TrainLoop:
     def save(self, name: str | None = None) -> Path | None:
         """Checkpoint the run: numbered (and ``last.pt``), or under ``name`` (e.g. ``best.pt``)
         when given. Call on every rank (the RNG states are gathered); rank 0 writes. A failed
-        write stops every rank at this point, none left waiting in a collective."""
+        write (this one, or an earlier image or log line) stops every rank at this point, none
+        left waiting in a collective; a stop signal caught while writing stops the run right after
+        it. Weights or optimizer state that are not finite are never written."""
+        self._check_finite()
         state = self.state_dict()
         path, failure = None, None
         if self.dist.is_main:
             try:
                 path = self.ckpt.save(state, self.state.step) if name is None else self.ckpt.save_as(state, name)
-            except CheckpointWriteError as exc:
+            except DiskWriteError as exc:
                 failure = exc
         del state
-        if all_reduce_max(failure is not None, self.dist):
-            raise failure or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why); "
-                                                  "every rank stops here")
+        failure = failure or self._write_failure
+        guard = getattr(self, "_guard", None)
+        flags = torch.tensor([float(failure is not None), float(guard is not None and guard.signum is not None)],
+                             device=self.dist.device)
+        failed, stop = all_reduce_max_tensor(flags, self.dist).tolist()
+        if failed:
+            raise failure or DiskWriteError("rank 0 could not write to the run directory (its log says why); "
+                                            "every rank stops here")
         if path is not None:
             log.info("saved checkpoint %s (step %d)", path, self.state.step)
+        if name is None:
+            self._saved_step = self.state.step
+            self._saved_path = path
+        if stop and getattr(self, "_preempt_signal", 0) is None:
+            self._preempt_signal = guard.signum or signal.SIGTERM  # acted on now, not after another step
         return path
+
+    def _check_finite(self) -> None:
+        """Every rank holds the same weights and optimizer state (DDP), so every rank decides alike."""
+        bad = non_finite_tensors(self.raw_model.state_dict())
+        bad += [f"optimizer.{k}" for k in non_finite_tensors(self.optimizer.state_dict().get("state", {}))]
+        if bad:
+            st = self.state
+            blowup = st.blowup_step if st.blowup_step is not None else st.step + 1
+            raise NonFiniteLoss(f"the weights or optimizer state after step {st.step} are not finite "
+                                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); they were not saved",
+                                st.step + 1, min(blowup, st.step + 1))
+
+    def write_output(self, write: Callable[[], object]) -> None:
+        """Run one of rank 0's writes (an image, a log line). A refusal by the disk stops the run: at
+        once in one process; under DDP at the next collective (a step's sync or a save), so that
+        every rank stops together."""
+        try:
+            write()
+        except DiskWriteError as exc:
+            if not self.dist.enabled:
+                raise
+            self._write_failure = self._write_failure or exc
 
     # ------------------------------------------------------------ one optimizer step
     def _autocast(self):
@@ -247,12 +309,15 @@ class TrainLoop:
         max_norm = self.settings.clip_grad if self.settings.clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
+        step = self.state.step + 1
+        self.state.watch_loss(step, loss / self.settings.accum)
         # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks
         # stop together. With fp16 the scaler owns non-finite grads (it skips the step).
         if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            blowup = self.state.blowup_step if self.state.blowup_step is not None else step
             raise NonFiniteLoss(f"non-finite loss ({loss / self.settings.accum}) or gradient norm ({norm}) "
-                                f"at step {self.state.step + 1}")
+                                f"at step {step}", step, blowup)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -267,8 +332,8 @@ class TrainLoop:
         if not metrics or not self.dist.is_main:
             return
         record = {"step": self.state.step, "epoch": self.state.epoch, **metrics}
-        self.metrics_file.write(record)
-        self.tracker.log({k: v for k, v in record.items() if k != "step"}, self.state.step)
+        self.write_output(lambda: self.metrics_file.write(record))
+        self.write_output(lambda: self.tracker.log({k: v for k, v in record.items() if k != "step"}, self.state.step))
 
     def _evaluate(self, final: bool) -> None:
         metrics = self.task.evaluate(self, final)
@@ -378,10 +443,13 @@ class TrainLoop:
         """After a step, one all-reduce under DDP: the unreadable files of every rank (so the
         count, the limit and the stop are global) and whether any rank caught a stop signal."""
         guard = self._guard
-        bad, stop = self._bad_local, guard.signum is not None
+        bad, stop, failed = self._bad_local, guard.signum is not None, self._write_failure is not None
         if self.dist.enabled:
-            flags = torch.tensor([float(bad), float(stop)], device=self.dist.device)
-            bad, stop = all_reduce_sum(flags, self.dist).tolist()
+            flags = torch.tensor([float(bad), float(stop), float(failed)], device=self.dist.device)
+            bad, stop, failed = all_reduce_sum(flags, self.dist).tolist()
+        if failed:
+            raise self._write_failure or DiskWriteError("rank 0 could not write to the run directory (its log "
+                                                        "says why); every rank stops here")
         self.state.bad_images += int(bad)
         self._bad_local = 0
         if stop and self._preempt_signal is None:
@@ -390,7 +458,8 @@ class TrainLoop:
     def _stop(self, signum: int, guard: PreemptionGuard) -> None:
         """Every rank stops here, after a checkpoint, with :class:`Preempted`; a signal caught in
         the last step lets the run finish instead (its final evaluation is short)."""
-        path = self.save()
+        # A signal caught while this step's periodic checkpoint was written: that one stands.
+        path = self._saved_path if self._saved_step == self.state.step else self.save()
         # Logged before the launcher's handler runs: submitit's exits the process.
         log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
         guard.signum = signum
@@ -433,8 +502,9 @@ class TrainLoop:
             }
             progress.update(st.step, metrics, log_now)
         if log_now and self.dist.is_main:
-            self.metrics_file.write(metrics)
-            self.tracker.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, st.step)
+            self.write_output(lambda: self.metrics_file.write(metrics))
+            self.write_output(lambda: self.tracker.log({f"train/{k}": v for k, v in metrics.items() if k != "step"},
+                                                       st.step))
         self.task.after_step(self)
         if st.step % s.ckpt_every == 0 and st.step < s.stop_step and self._preempt_signal is None:
             self.save()

@@ -15,6 +15,8 @@ from typing import Mapping
 import torch
 
 from .checkpoint import read_checkpoint
+from .files import DiskWriteError
+from .run_lock import RunDirectoryUnwritable, check_writable
 from .convert import (FORMATS, CheckpointError, canonical_to_format, infer_shape, load_state_dict_file,
                       save_state_dict, to_canonical, unwrap_state_dict, variant_of)
 from .export_hf import IMAGENET_MEAN, IMAGENET_STD
@@ -145,6 +147,8 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     if require_official and layout not in OFFICIAL_LAYOUTS:
         raise CheckpointError(f"{src} has the {layout} layout, not an official FCMAE one (dense or "
                               "MinkowskiEngine sparse keys); pass it without --from-official")
+    default_out = src.with_name(f"{src.stem}_hf" if format == "hf" else f"{src.stem}_{format}.safetensors")
+    _check_writable((Path(out) if out else default_out).parent, out is None)
     depths, dims = infer_shape(canonical)
     variant = variant_of(canonical)
     name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
@@ -163,6 +167,17 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
         err, what = verify_export(out, format, canonical, obj, layout)
         log(f"verified: {what} (relative error {err:.1e})")
     return out
+
+
+def _check_writable(folder: Path, default: bool) -> None:
+    """Refuse an output folder that cannot be written before any work is done."""
+    try:
+        check_writable(folder)
+    except RunDirectoryUnwritable as exc:
+        cause = str(exc).split("(", 1)[1].split(")", 1)[0] if "(" in str(exc) else "not writable"
+        hint = "; the default output goes beside the checkpoint: write it elsewhere with --out PATH" if default \
+            else "; choose another --out"
+        raise DiskWriteError(f"cannot write the export in {folder} ({cause}){hint}") from None
 
 
 def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, verify: bool, log) -> Path:
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.checkpoint or args.from_official, args.format, args.out, verify=not args.no_verify,
                require_official=args.from_official is not None, ema=args.ema)
-    except CheckpointError as exc:
+    except (CheckpointError, DiskWriteError) as exc:
         print(f"fcmae-export: error: {exc}", file=sys.stderr)
         return 2
     return 0

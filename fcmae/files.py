@@ -1,9 +1,24 @@
-"""Finishing touches of a file write that every writer shares: the mode a colleague can read,
-and a directory fsync that makes a rename durable."""
+"""Finishing touches of a file write that every writer shares: the mode a colleague can read, a
+directory fsync that makes a rename durable, and one error for a write the disk refused.
+
+Every file a run writes (checkpoints, reconstruction images, metrics lines, exports) goes through
+:func:`write_atomic` or :func:`append_line`: a full disk, a quota or a read-only file system then
+gives the same one-line :class:`DiskWriteError` (the loop stops every rank on it), and never leaves
+a 0-byte or half-written file behind."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
+
+# What the disk (not our code) refused: no space, quota, I/O error, permission, read-only, too big.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+class DiskWriteError(RuntimeError):
+    """A file could not be written; the message says what, where, and how to go on."""
 
 
 def _umask() -> int:
@@ -30,3 +45,79 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def free_space(directory: str | os.PathLike) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+RESUME_ADVICE = ("Free space (or fix the permission), or move the run directory elsewhere, then run the same "
+                 "command again to resume")
+
+
+def describe_write_failure(exc: OSError, path: str | os.PathLike, what: str = "file", advice: str = RESUME_ADVICE) -> str:
+    code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else type(exc).__name__
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"could not write {what} {path}: {reason} (errno {code}); {free_space(Path(path).parent)}. {advice}"
+
+
+def is_disk_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], what: str = "file",
+                 advice: str = RESUME_ADVICE) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place. A refusal by
+    the disk raises :class:`DiskWriteError` and leaves neither the temporary file nor a partial
+    ``path``; an earlier ``path`` stays as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _unlink_quietly(tmp)
+        if is_disk_refusal(exc):
+            raise DiskWriteError(describe_write_failure(exc, path, what, advice)) from None
+        raise
+    return path
+
+
+def append_line(path: str | os.PathLike, line: str, what: str = "log") -> None:
+    """Append one whole line (``line`` without its newline) or nothing: a write the disk refuses is
+    cut back to the file's earlier length, so a JSON-lines file never holds a half record."""
+    path = Path(path)
+    data = (line + "\n").encode()
+    fd = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        if is_disk_refusal(exc):
+            raise DiskWriteError(describe_write_failure(exc, path, what)) from None
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -26,8 +26,9 @@ from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task
 from .evaluation import inference
 from .optim import adamw, layer_decay_groups
-from .runner import (ConfigError, hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed,
-                     seed_everything, train, wrap_model)
+from .run_lock import RunLock
+from .runner import (ConfigError, hydra_entry, loop_settings, open_tracker, prepare_run, read_checkpoint_agreed,
+                     restore_or_seed, seed_everything, train, wrap_model)
 
 log = logging.getLogger("fcmae")
 
@@ -40,10 +41,11 @@ def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_in
                              head_init_scale=head_init_scale)
 
 
-def load_pretrained(model: nn.Module, name: str, path: str | Path) -> str:
+def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInfo | None = None) -> str:
     """Encoder weights from an export file, a pretraining checkpoint or a run directory
-    (any layout the converter reads); the classifier head stays freshly initialised."""
-    src, obj = read_checkpoint(path)
+    (any layout the converter reads; rank 0 picks the file, every rank reads that one); the
+    classifier head stays freshly initialised."""
+    src, obj = read_checkpoint_agreed(path, info) if info is not None else read_checkpoint(path)
     canonical, layout = to_canonical(obj, source=str(src))
     found = variant_of(canonical)
     found_name = f"convnextv2_{found.name}" if found else f"depths/dims {infer_shape(canonical)}"
@@ -161,7 +163,11 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks=()):
     try:
         if cfg.eval_only:
             return evaluate_only(cfg, info)
-        return _run(cfg, Path(run_dir), info, list(callbacks))
+        lock = RunLock(run_dir)  # taken by rank 0 in prepare_run, held until the run ends
+        try:
+            return _run(cfg, Path(run_dir), info, list(callbacks), lock)
+        finally:
+            lock.release()
     finally:
         cleanup()
 
@@ -212,9 +218,9 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     return out
 
 
-def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
+def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = None) -> LoopState:
     t, d = cfg.trainer, cfg.data
-    setup = prepare_run(cfg, run_dir, info)
+    setup = prepare_run(cfg, run_dir, info, lock)
 
     # Data first: bad folders fail before a model is built.
     train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
@@ -237,7 +243,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     model = build_classifier(cfg.model.name, num_classes, cfg.model.drop_path_rate,
                              cfg.model.head_init_scale).to(info.device)
     if cfg.model.init_from and setup.resume_path is None:
-        load_pretrained(model, cfg.model.name, cfg.model.init_from)
+        load_pretrained(model, cfg.model.name, cfg.model.init_from, info)
     elif setup.resume_path is None:
         log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
     # As the official code: the EMA starts from the initial weights, on the model's device, before DDP.
@@ -249,7 +255,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     optimizer = build_optimizer(model, cfg.optim, setup.base_lr)
     state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed, task)
     train_model = wrap_model(model, t.compile, info)
-    tracker = open_tracker(cfg, run_dir, config, info)
+    tracker = open_tracker(cfg, run_dir, config, info, setup.start_step)
     if info.is_main:
         log.info("run directory %s | %s, %d classes, %d process(es) on %s, %s | effective batch %d, lr %.3e, "
                  "layer decay %g (%s), EMA %s | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,

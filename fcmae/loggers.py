@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import DiskWriteError, append_line, describe_write_failure, is_disk_refusal, write_atomic
+
 log = logging.getLogger("fcmae")
 
 
@@ -16,14 +18,39 @@ def format_metrics(metrics: dict) -> str:
 
 
 class MetricsFile:
-    """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl``: a whole line or none."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "metrics.jsonl"
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        append_line(self.path, json.dumps({**record, "time": round(time.time(), 3)}), "metrics")
+
+
+def trim_jsonl(path: str | Path, last_step: int) -> int:
+    """Keep the whole records of a JSON-lines log with ``step <= last_step`` (what the checkpoint a
+    run resumes from had seen), rewritten atomically; a torn last line goes too. Returns how many
+    lines were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step
+        except ValueError:
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        text = "".join(line + "\n" for line in kept)
+        write_atomic(path, lambda tmp: tmp.write_text(text), "log")
+        log.info("%s: dropped %d line(s) past step %d (or torn), to match the checkpoint resumed from", path,
+                 dropped, last_step)
+    return dropped
 
 
 class Progress:
@@ -86,27 +113,42 @@ class TensorBoardLogger:
     needs ``pip install 'fcmae[tensorboard]'``). A resumed run appends to the same folder: TensorBoard
     shows one curve, continuing at the step the checkpoint had."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ImportError("logger=tensorboard needs the tensorboard package: pip install 'fcmae[tensorboard]' "
                               f"({exc})") from None
         self.dir = Path(run_dir) / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(self.dir))
+        # purge_step: a resumed run hides the events logged after its checkpoint (TensorBoard's own rule)
+        self.writer = self._guard(lambda: SummaryWriter(log_dir=str(self.dir), purge_step=purge_step))
+
+    def _guard(self, write):
+        try:
+            return write()
+        except OSError as exc:
+            if is_disk_refusal(exc):
+                raise DiskWriteError(describe_write_failure(exc, self.dir, "TensorBoard events in")) from None
+            raise
 
     def log(self, metrics: dict, step: int) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, global_step=step)
-        self.writer.flush()
+        def write():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, global_step=step)
+            self.writer.flush()
+        self._guard(write)
 
     def log_image(self, key: str, path: str | Path, step: int) -> None:
         import numpy as np
         from PIL import Image
         with Image.open(path) as img:
-            self.writer.add_image(key, np.asarray(img.convert("RGB")), global_step=step, dataformats="HWC")
-        self.writer.flush()
+            pixels = np.asarray(img.convert("RGB"))
+
+        def write():
+            self.writer.add_image(key, pixels, global_step=step, dataformats="HWC")
+            self.writer.flush()
+        self._guard(write)
 
     def finish(self) -> None:
         self.writer.close()

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_PATH, register_configs, validate
 from .checkpoint import read_checkpoint
+from .files import append_line
 from .convert import CheckpointError, to_canonical
 from .pretrain_loader import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
@@ -23,8 +24,9 @@ from .engine import LoopState, RunParts, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
-from .runner import (hydra_entry, loop_settings, open_tracker, prepare_run, restore_or_seed, seed_everything, train,
-                     wrap_model)
+from .run_lock import RunLock
+from .runner import (hydra_entry, loop_settings, open_tracker, prepare_run, read_checkpoint_agreed, restore_or_seed,
+                     seed_everything, train, wrap_model)
 from .loggers import format_metrics
 from .visualize import save_reconstruction_grid
 
@@ -56,10 +58,10 @@ class PretrainTask(Task):
             return
         imgs, pred, mask = self.last_batch
         step = loop.state.step
-        path = save_reconstruction_grid(loop.run_dir / "reconstructions" / f"step-{step:07d}.png", imgs, pred,
-                                        mask, self.norm_pix, self.mean, self.std)
-        if step % self.image_every == 0 or step >= loop.settings.stop_step:
-            loop.tracker.log_image("reconstruction", path, step)
+        path = loop.run_dir / "reconstructions" / f"step-{step:07d}.png"
+        loop.write_output(lambda: save_reconstruction_grid(path, imgs, pred, mask, self.norm_pix, self.mean, self.std))
+        if path.is_file() and (step % self.image_every == 0 or step >= loop.settings.stop_step):
+            loop.write_output(lambda: loop.tracker.log_image("reconstruction", path, step))
 
     def after_step(self, loop):
         if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.settings.stop_step:
@@ -80,9 +82,10 @@ def build_model(cfg) -> FCMAE:
                  dwconv=cfg.encoder.dwconv)
 
 
-def load_encoder_init(model: FCMAE, path: str) -> None:
-    """Encoder weights from any layout the converter reads; the decoder stays fresh."""
-    src, obj = read_checkpoint(path)
+def load_encoder_init(model: FCMAE, path: str, info: DistInfo | None = None) -> None:
+    """Encoder weights from any layout the converter reads (rank 0 picks the file, every rank
+    reads that one); the decoder stays fresh."""
+    src, obj = read_checkpoint_agreed(path, info) if info is not None else read_checkpoint(path)
     canonical, layout = to_canonical(obj, source=str(src))
     missing, unexpected = model.encoder.load_state_dict(canonical, strict=False)
     if missing or unexpected:
@@ -99,7 +102,11 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
     try:
         if cfg.eval_only:
             return evaluate_run(cfg, run_dir, info)
-        return _run(cfg, run_dir, info, list(callbacks))
+        lock = RunLock(run_dir)  # taken by rank 0 in prepare_run, held until the run ends
+        try:
+            return _run(cfg, run_dir, info, list(callbacks), lock)
+        finally:
+            lock.release()
     finally:
         cleanup()
 
@@ -118,17 +125,16 @@ def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
     scores = evaluator(model.encoder.to(info.device), info)
     if info.is_main:
         record = {"step": ck["step"], "checkpoint": str(src), "eval": cfg.eval.name, **scores}
-        with open(run_dir / "evals.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(run_dir / "evals.jsonl", json.dumps(record), "evaluation log")
         log.info("%s (step %d): %s; appended to %s", src, ck["step"], format_metrics(scores),
                  run_dir / "evals.jsonl")
     return scores
 
 
-def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
+def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = None) -> LoopState:
     t = cfg.trainer
     config = OmegaConf.to_container(cfg, resolve=True)
-    setup = prepare_run(cfg, run_dir, info)
+    setup = prepare_run(cfg, run_dir, info, lock)
 
     # Data first: a bad data.root (or eval folder) fails before a model is built.
     loader, sampler, dataset = build_pretrain_loader(
@@ -141,12 +147,12 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks) -> LoopState:
     seed_everything(t.seed)
     model = build_model(cfg).to(info.device)
     if cfg.init_from and setup.resume_path is None:
-        load_encoder_init(model, cfg.init_from)
+        load_encoder_init(model, cfg.init_from, info)
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token),
                       setup.base_lr, cfg.optim.betas, next(model.parameters()).is_cuda)
     state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed)
     train_model = wrap_model(model, t.compile, info)
-    tracker = open_tracker(cfg, run_dir, config, info)
+    tracker = open_tracker(cfg, run_dir, config, info, setup.start_step)
     if info.is_main:
         log.info("run directory %s | %s, %d process(es) on %s, %s | effective batch %d (%d x %d x %d), "
                  "lr %.3e | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,

@@ -14,19 +14,78 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import (REQUIRED_KEYS, CheckpointManager, CheckpointWriteError, check_checkpoint, load_resolved,
-                         newest_good_checkpoint, restore_rng)
+from .checkpoint import (REQUIRED_KEYS, CheckpointManager, CheckpointUnreadable, CheckpointWriteError, check_checkpoint,
+                         load_resolved, newest_good_checkpoint, numbered_checkpoints, read_checkpoint, restore_rng,
+                         set_aside_checkpoints)
 from .config import ConfigError
 from .convert import CheckpointError
 from .data import DataError, shutdown_workers
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_max, broadcast_object
 from .engine import (DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, PreemptionGuard, RunParts, Task,
                      TrainLoop)
-from .loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
+from .files import DiskWriteError, write_atomic
+from .loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger, trim_jsonl
+from .run_lock import RunDirectoryBusy, RunDirectoryUnwritable, RunLock
 
 log = logging.getLogger("fcmae")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointWriteError, NonFiniteLoss, DataQualityError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointWriteError, DiskWriteError, NonFiniteLoss,
+               DataQualityError)
+# How an error raised on rank 0 is raised again on the other ranks (same type, same message).
+_AGREED_ERRORS = {cls.__name__: cls for cls in (
+    ConfigError, DataError, CheckpointError, CheckpointUnreadable, CheckpointWriteError, DiskWriteError,
+    RunDirectoryBusy, RunDirectoryUnwritable)}
+# The JSON-lines logs of a run directory, trimmed to the step a run resumes from.
+RUN_LOGS = ("metrics.jsonl", "evals.jsonl")
+
+
+def on_rank_zero(decide: Callable[[], object], info: DistInfo):
+    """``decide()`` on rank 0 alone; every rank returns its (picklable) result, or raises its
+    error: one decision per run directory, never one per rank."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = decide()
+        except USER_ERRORS as exc:
+            if not info.enabled:
+                raise
+            error = (type(exc).__name__, str(exc))
+            raised = exc
+    result, error = broadcast_object((result, error), info)
+    if error is not None:
+        if info.is_main:
+            raise raised
+        raise _AGREED_ERRORS.get(error[0], CheckpointError)(error[1])
+    return result
+
+
+def on_every_rank(load: Callable[[], object], info: DistInfo, what: str):
+    """``load()`` on every rank; if it fails on any, every rank stops with one error (no rank left
+    waiting in a collective, no rank going on with something else)."""
+    out, error = None, None
+    try:
+        out = load()
+    except (USER_ERRORS + (OSError, MemoryError, RuntimeError)) as exc:
+        if not info.enabled:
+            raise
+        error = exc
+    if all_reduce_max(error is not None, info):
+        if error is not None:
+            raise CheckpointError(f"rank {info.rank} could not load {what}: {error}; every rank stops") from None
+        raise CheckpointError(f"another rank could not load {what} (its log says why); every rank stops")
+    return out
+
+
+def read_checkpoint_agreed(path: str | Path, info: DistInfo) -> tuple[Path, dict]:
+    """:func:`read_checkpoint` with rank 0 choosing the file (a run directory's newest whole
+    checkpoint) and every other rank reading that same file."""
+    box = {}
+
+    def resolve() -> str:
+        box["read"] = read_checkpoint(path)
+        return str(box["read"][0])
+    src = on_rank_zero(resolve, info)
+    return on_every_rank((lambda: box["read"]) if info.is_main else (lambda: read_checkpoint(src)), info, src)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -88,12 +147,20 @@ def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precisi
 
 def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> tuple[Path, dict] | None:
     """The checkpoint to continue from, loaded: ``auto`` (the run directory's newest whole
-    checkpoint, walking back past damaged ones), ``never``, or a file or run directory."""
+    checkpoint, walking back past damaged ones, which it renames: call it on rank 0 only, holding
+    the lock), ``never``, or a file or run directory."""
     if resume == "auto":
-        found = newest_good_checkpoint(ckpt.dir)
+        found = newest_good_checkpoint(ckpt.dir, quarantine=True)
+        if found is None and set_aside_checkpoints(ckpt.dir):
+            kept = ", ".join(p.name for p in set_aside_checkpoints(ckpt.dir))
+            raise CheckpointError(f"{ckpt.dir} holds no whole checkpoint, only ones set aside ({kept}); refusing to "
+                                  "start this run afresh over them. Start over with resume=never (they stay as they "
+                                  "are) or another run_name, or restore a checkpoint into the directory")
         missing = [k for k in REQUIRED_KEYS if found is not None and k not in found[1]]
         if missing:
             raise CheckpointError(f"{found[0]} lacks {', '.join(missing)}: not a training checkpoint to resume")
+        if found is not None and found[0].parent == ckpt.dir:
+            ckpt.point_last_at(found[0])
         return found
     if resume != "never":
         path = Path(resume)
@@ -140,7 +207,7 @@ def restore(path: Path, ck: dict, config: dict, must_match, model, optimizer, sc
     if task is not None:
         task.load_state_dict(ck)
     state = LoopState(ck["step"], ck["epoch"], ck["batch_in_epoch"], ck.get("bad_images", 0),
-                      ck.get("seen_images", 0), ck.get("finished", True))
+                      ck.get("seen_images", 0), ck.get("finished", True), ck.get("loss_floor"), ck.get("blowup_step"))
     rngs = ck.get("rng") or []
     if len(rngs) == info.world_size:
         restore_rng(rngs[info.rank])
@@ -161,18 +228,44 @@ class RunSetup:
     base_lr: float
     ckpt: CheckpointManager
     resume: tuple[Path, dict] | None  # the checkpoint to continue from (path, loaded), if any
+    start_step: int = 0  # the step the run continues from (0: a fresh start)
 
     @property
     def resume_path(self) -> Path | None:
         return self.resume[0] if self.resume else None
 
 
-def prepare_run(cfg, run_dir: Path, info: DistInfo) -> RunSetup:
+def prepare_run(cfg, run_dir: Path, info: DistInfo, lock: RunLock | None = None) -> RunSetup:
+    """Resolve precision, accumulation and lr, and decide where the run continues from: rank 0
+    alone takes the run directory's lock, tidies it, picks the checkpoint (renaming damaged ones)
+    and trims the logs to it; every other rank loads the file rank 0 chose and checks its step."""
     precision = resolve_precision(cfg.trainer.precision, info.device)
     accum, effective_batch = resolve_accumulation(cfg, info.world_size)
     base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
     ckpt = CheckpointManager(run_dir, keep=cfg.trainer.keep_checkpoints)
-    return RunSetup(precision, accum, effective_batch, base_lr, ckpt, find_resume(cfg.resume, ckpt, run_dir))
+    box = {}
+
+    def decide() -> tuple[str | None, int]:
+        if lock is not None:
+            lock.acquire()
+        ckpt.tidy()
+        box["found"] = found = find_resume(cfg.resume, ckpt, run_dir)
+        step = int(found[1]["step"]) if found is not None else 0
+        for name in RUN_LOGS:
+            trim_jsonl(run_dir / name, step)
+        return (str(found[0]) if found is not None else None), step
+
+    path, step = on_rank_zero(decide, info)
+
+    def load():  # on the other ranks: the very file rank 0 chose, at the step it read
+        if path is None:
+            return None
+        ck = check_checkpoint(Path(path))
+        if ck["step"] != step:
+            raise CheckpointError(f"{path} holds step {ck['step']}, rank 0 resumed from step {step}")
+        return Path(path), ck
+    found = on_every_rank((lambda: box["found"]) if info.is_main else load, info, path or "the run's start")
+    return RunSetup(precision, accum, effective_batch, base_lr, ckpt, found, step)
 
 
 def restore_or_seed(setup: RunSetup, config: dict, must_match, model, optimizer, info: DistInfo, seed: int,
@@ -221,19 +314,19 @@ def wrap_model(model: torch.nn.Module, compile, info: DistInfo) -> torch.nn.Modu
     return train_model
 
 
-def open_tracker(cfg, run_dir: Path, config: dict, info: DistInfo):
+def open_tracker(cfg, run_dir: Path, config: dict, info: DistInfo, start_step: int = 0):
     """Create the run directory, save the resolved config, start wandb and/or TensorBoard (main rank
     only): ``logger.name`` is ``none``, ``wandb``, ``tensorboard`` or ``wandb+tensorboard``."""
     if not info.is_main:
         return NullLogger()
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    write_atomic(run_dir / "config.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(config), tmp), "config")
     loggers = []
     for name in cfg.logger.name.split("+"):
         if name == "wandb":
             loggers.append(WandbLogger(cfg.logger, cfg.run_name, config, run_dir))
         elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(run_dir))
+            loggers.append(TensorBoardLogger(run_dir, purge_step=start_step + 1 if start_step else None))
     return Loggers(loggers) if len(loggers) > 1 else (loggers[0] if loggers else NullLogger())
 
 
@@ -244,12 +337,31 @@ def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState)
     try:
         return loop.run()
     except NonFiniteLoss as exc:
-        last = ckpt.describe_last_good()
-        raise NonFiniteLoss(f"{exc}; the weights were not updated and the last good checkpoint is {last}. "
-                            "Lower optim.blr, set optim.clip_grad, or use trainer.precision=fp32") from None
+        raise NonFiniteLoss(_diverged(exc, ckpt, parts.dist, settings.precision), exc.step, exc.blowup_step) from None
     finally:
         shutdown_workers(parts.loader)  # they ignore SIGTERM: stop them before the interpreter exits
         tracker.finish()
+
+
+def _diverged(exc: NonFiniteLoss, ckpt: CheckpointManager, info: DistInfo, precision: str) -> str:
+    """After a blow-up: set aside (rank 0) the checkpoints whose weights fed the blown-up steps, so
+    that the same command resumes from the last good one, and say so. A checkpoint of step k holds
+    the weights step k + 1 computes its loss with: with the loss out of range from step b on, the
+    good ones are those of steps < b - 1."""
+    first_bad = max((exc.blowup_step or exc.step) - 1, 0)
+    moved = ckpt.set_aside_from(first_bad) if info.is_main else []
+    good = numbered_checkpoints(ckpt.dir)
+    fixes = "lower optim.blr (or optim.lr), set optim.clip_grad"
+    if precision != "fp32":
+        fixes += ", or use trainer.precision=fp32"
+    aside = (f"; the checkpoints taken after the loss left its range were set aside ({', '.join(p.name for p in moved)}, "
+             "kept, never resumed from)" if moved else "")
+    if good:
+        step, path = good[-1]
+        return (f"{exc}{aside}. The last good checkpoint is {path} (step {step}): {fixes}, then run the same command "
+                "to resume from it")
+    return (f"{exc}{aside}. No checkpoint was taken before the loss left its range: {fixes}, then start over with "
+            "resume=never (or another run_name)")
 
 
 def hydra_entry(config_path: str, config_name: str, run: Callable[[DictConfig, str], object]) -> None:

@@ -50,6 +50,21 @@ def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
 
 
+def _own_file(root: str, name) -> str:
+    """A shard's file name from the index, refused unless it names a file inside the shard set's own
+    folder: a dataset must not point at other files (``/etc/...``, ``../..``, a link leading out)."""
+    ok = isinstance(name, str) and name and not name.startswith(("/", "\\")) and "://" not in name
+    ok = ok and ".." not in Path(name).parts
+    if ok and "://" not in root:
+        base = os.path.realpath(root)
+        target = os.path.realpath(os.path.join(root, name))
+        ok = os.path.commonpath([base, target]) == base and target != base
+    if not ok:
+        raise DataError(f"{root}/{INDEX} names shard {name!r}, which is not a file inside {root}; a shard set "
+                        "may only name its own files (pack it again with fcmae-shards pack)")
+    return name
+
+
 class ShardImages(Dataset):
     """The images of a shard set (the folder or URL holding ``index.json``). Returns ``(PIL RGB image,
     label)`` (label 0 for unlabelled sets); ``classes``: the class names, where the set has them."""
@@ -64,7 +79,7 @@ class ShardImages(Dataset):
                             f"{self.root}), or its packing did not finish") from None
         if index.get("format") != FORMAT:
             raise DataError(f"{self.root}/{INDEX}: format {index.get('format')!r}, expected {FORMAT!r}")
-        self.shards = [s["file"] for s in index["shards"]]
+        self.shards = [_own_file(self.root, s.get("file")) for s in index["shards"]]
         self.members = [(i, *m) for i, s in enumerate(index["shards"]) for m in s["members"]]
         if not self.members:
             raise DataError(f"{self.root} is an empty shard set")

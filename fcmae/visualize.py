@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from .files import write_atomic
 from .models.loss import patch_stats, patchify, pred_to_patches, unpatchify
 from .models.masking import upsample_visible
 
@@ -39,8 +40,7 @@ def reconstruction_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tens
 
 
 def save_reconstruction_grid(path: str | Path, *args, **kwargs) -> Path:
+    """Write the grid as a PNG, whole or not at all (:func:`fcmae.files.write_atomic`)."""
     rows = reconstruction_grid(*args, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows, path, nrow=rows.shape[0] // 3, padding=2)
-    return path
+    return write_atomic(path, lambda tmp: save_image(rows, tmp, nrow=rows.shape[0] // 3, padding=2, format="png"),
+                        "reconstruction image")

@@ -152,13 +152,15 @@ def test_corrupt_images_are_skipped_named_and_counted(tmp_path, caplog):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
-    def poison_after_2(loop):
-        if loop.state.step == 2:
+    # The weights of a checkpoint of step k feed step k + 1: poisoned after step 3, step 4 is the
+    # first bad loss, and the checkpoint of step 2 (whose weights fed the sane step 3) is good.
+    def poison_after_3(loop):
+        if loop.state.step == 3:
             with torch.no_grad():
                 loop.raw_model.pred.bias.fill_(float("nan"))
 
-    with pytest.raises(NonFiniteLoss, match=r"step 3.*checkpoint-0000002|step 3.*last.pt \(step 2\)"):
-        run(make_cfg("trainer.max_steps=6", "trainer.ckpt_every=2"), tmp_path, callbacks=[poison_after_2])
+    with pytest.raises(NonFiniteLoss, match=r"step 4.*last good checkpoint is .*checkpoint-0000002"):
+        run(make_cfg("trainer.max_steps=6", "trainer.ckpt_every=2"), tmp_path, callbacks=[poison_after_3])
     ck = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
