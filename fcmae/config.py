@@ -118,7 +118,7 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb | tensorboard | wandb+tensorboard
-    mode: str = "offline"  # online | offline | disabled
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "fcmae"
     entity: Optional[str] = None
     run_name: Optional[str] = None  # defaults to the top-level run_name
@@ -459,7 +459,8 @@ def _check_training(cfg, check) -> None:
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
     check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}; use logger=none, wandb, tensorboard or "
           "wandb+tensorboard")
-    check(cfg.logger.mode in ("online", "offline", "disabled"), f"logger.mode={cfg.logger.mode!r}; use online, offline or disabled")
+    check(cfg.logger.mode in ("auto", "online", "offline", "disabled"),
+          f"logger.mode={cfg.logger.mode!r}; use auto, online, offline or disabled")
     la = cfg.launcher
     check(min(la.nodes, la.tasks_per_node, la.cpus_per_task, la.timeout_min) > 0 and la.gpus_per_node >= 0,
           "launcher.nodes, tasks_per_node, cpus_per_task and timeout_min must be > 0 (gpus_per_node >= 0)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,11 @@ class Progress:
 
 
 class WandbLogger:
-    """wandb run named from the config, holding the full resolved config; resumes its own id."""
+    """wandb run named from the config, holding the full resolved config; resumes its own id.
+
+    ``logger.mode=auto`` (the default) logs online where wandb has an API key and offline otherwise
+    (a cluster without internet, a machine never logged in), saying so: an offline run is synced
+    later with ``wandb sync RUN_DIR/wandb/offline-run-*``. ``WANDB_MODE`` chooses under ``auto`` too."""
 
     def __init__(self, logger_cfg, run_name: str, config: dict, run_dir: str | Path, run_id: str | None = None):
         import wandb
@@ -90,13 +95,26 @@ class WandbLogger:
         id_file = Path(run_dir) / "wandb_id.txt"
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip()
-        self.run = wandb.init(
-            project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.run_name or run_name,
-            config=config, dir=str(run_dir), mode=logger_cfg.mode, tags=list(logger_cfg.tags),
-            id=run_id, resume="allow",
-        )
+        mode = logger_cfg.mode
+        auto = mode == "auto"
+        if auto:
+            mode = os.environ.get("WANDB_MODE") or "online"
+        kwargs = dict(project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.run_name or run_name,
+                      config=config, dir=str(run_dir), tags=list(logger_cfg.tags), id=run_id, resume="allow")
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as exc:  # wandb's UsageError / AuthenticationError / CommError
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not (auto and mode == "online"):
+                from .config import ConfigError
+                raise ConfigError(f"logger=wandb could not start in logger.mode={mode} ({reason}); log in with "
+                                  "`wandb login` (or set WANDB_API_KEY), or use logger.mode=offline to log locally "
+                                  "and sync later") from None
+            log.warning("wandb cannot log online (%s): logging offline to %s/wandb; sync later with `wandb sync "
+                        "%s/wandb/offline-run-*` (logger.mode=online makes this an error)", reason, run_dir, run_dir)
+            self.run = wandb.init(mode="offline", **kwargs)
         if self.run is not None and getattr(self.run, "id", None):
-            id_file.write_text(self.run.id)
+            write_atomic(id_file, lambda tmp: tmp.write_text(self.run.id), "wandb id")
 
     def log(self, metrics: dict, step: int) -> None:
         self.wandb.log(metrics, step=step)
