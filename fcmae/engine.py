@@ -223,6 +223,8 @@ class TrainLoop:
             "loss_floor": self.state.loss_floor,
             "blowup_step": self.state.blowup_step,
             "rng": all_gather_objects(capture_rng(), self.dist),
+            "world_size": self.dist.world_size,
+            "effective_batch": self.settings.batch_size * self.settings.accum * self.dist.world_size,
             "config": self.config,
             **self.task.state_dict(),
         }

@@ -117,6 +117,33 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
     return accum, target
 
 
+def checkpoint_world(ck: dict) -> tuple[int, int]:
+    """``(world size, effective batch)`` a checkpoint was trained with (read from its config and its
+    per-process RNG states for checkpoints from before both were saved)."""
+    world = int(ck.get("world_size") or len(ck.get("rng") or [None]))
+    if ck.get("effective_batch"):
+        return world, int(ck["effective_batch"])
+    cfg = ck.get("config") or {}
+    batch = (cfg.get("data") or {}).get("batch_size")
+    target = (cfg.get("optim") or {}).get("effective_batch_size")
+    accum = (cfg.get("trainer") or {}).get("accum_iter") or 1
+    return world, int(target or (batch or 0) * world * accum)
+
+
+def adapt_to_world_size(old_world: int, old_effective: int, batch_size: int, world_size: int) -> int:
+    """The accumulation that keeps a resumed run's effective batch (and so its lr and schedule) on
+    ``world_size`` processes; :class:`ConfigError` with both ways forward when none does."""
+    per_step = batch_size * world_size
+    if old_effective % per_step == 0:
+        return old_effective // per_step
+    fits = [b for b in range(1, old_effective // world_size + 1) if old_effective % (b * world_size) == 0]
+    raise ConfigError(
+        f"this run was trained with an effective batch of {old_effective} on {old_world} process(es); on "
+        f"{world_size} it cannot be kept with data.batch_size={batch_size} ({old_effective} is not a multiple of "
+        f"{batch_size} x {world_size}): resume on {old_world} process(es), or set data.batch_size to one that "
+        f"divides it (e.g. {max(fits, default=1)}) so that the accumulation makes up the rest")
+
+
 def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precision: str,
                   max_bad_fraction: float, callbacks) -> LoopSettings:
     """Steps per epoch, schedule length, stop step and warmup from the config.
@@ -206,14 +233,18 @@ def restore(path: Path, ck: dict, config: dict, must_match, model, optimizer, sc
         scaler.load_state_dict(ck["scaler"])
     if task is not None:
         task.load_state_dict(ck)
-    state = LoopState(ck["step"], ck["epoch"], ck["batch_in_epoch"], ck.get("bad_images", 0),
+    old_world = checkpoint_world(ck)[0]
+    old_batch = ((ck.get("config") or {}).get("data") or {}).get("batch_size") or config["data"]["batch_size"]
+    # the epoch's samples consumed so far, in this run's micro-batches per process
+    batch_in_epoch = ck["batch_in_epoch"] * old_world * old_batch // (info.world_size * config["data"]["batch_size"])
+    state = LoopState(ck["step"], ck["epoch"], batch_in_epoch, ck.get("bad_images", 0),
                       ck.get("seen_images", 0), ck.get("finished", True), ck.get("loss_floor"), ck.get("blowup_step"))
     rngs = ck.get("rng") or []
     if len(rngs) == info.world_size:
         restore_rng(rngs[info.rank])
     else:
-        log.warning("checkpoint has RNG states for %d processes, this run has %d: reseeding",
-                    len(rngs), info.world_size)
+        log.warning("checkpoint has RNG states for %d processes, this run has %d: the per-process random "
+                    "streams (drop path, mixup) restart from seed + step", len(rngs), info.world_size)
         seed_rank(seed + state.step, info.rank)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
     return state
@@ -238,10 +269,10 @@ class RunSetup:
 def prepare_run(cfg, run_dir: Path, info: DistInfo, lock: RunLock | None = None) -> RunSetup:
     """Resolve precision, accumulation and lr, and decide where the run continues from: rank 0
     alone takes the run directory's lock, tidies it, picks the checkpoint (renaming damaged ones)
-    and trims the logs to it; every other rank loads the file rank 0 chose and checks its step."""
+    and trims the logs to it; every other rank loads the file rank 0 chose and checks its step.
+    A run resumed on another number of processes keeps its effective batch and schedule."""
     precision = resolve_precision(cfg.trainer.precision, info.device)
     accum, effective_batch = resolve_accumulation(cfg, info.world_size)
-    base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
     ckpt = CheckpointManager(run_dir, keep=cfg.trainer.keep_checkpoints)
     box = {}
 
@@ -265,6 +296,18 @@ def prepare_run(cfg, run_dir: Path, info: DistInfo, lock: RunLock | None = None)
             raise CheckpointError(f"{path} holds step {ck['step']}, rank 0 resumed from step {step}")
         return Path(path), ck
     found = on_every_rank((lambda: box["found"]) if info.is_main else load, info, path or "the run's start")
+    if found is not None:
+        old_world, old_effective = checkpoint_world(found[1])
+        if old_world != info.world_size and old_effective:
+            accum = adapt_to_world_size(old_world, old_effective, cfg.data.batch_size, info.world_size)
+            if info.is_main:
+                log.warning("resuming a run of %d process(es) on %d: accumulation %d keeps its effective batch %d "
+                            "(%d x %d x %d), so the lr, the schedule and the samples per step are unchanged; the "
+                            "data order within a step and the per-process random streams differ from an "
+                            "uninterrupted run", old_world, info.world_size, accum, old_effective,
+                            cfg.data.batch_size, accum, info.world_size)
+            effective_batch = old_effective
+    base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
     return RunSetup(precision, accum, effective_batch, base_lr, ckpt, found, step)
 
 

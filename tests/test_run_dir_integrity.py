@@ -458,3 +458,34 @@ def test_wandb_logs_offline_with_no_account_key_or_settings(tmp_path, logger):
     assert b"train/loss" in data and b"train/lr" in data
     loss = metrics(run_dir)[-1]["loss"]
     assert str(loss)[:6].encode() in data
+
+
+# ---------------------------------------------------------------- #33 item 3: world size on resume
+
+def test_another_world_size_keeps_the_effective_batch_or_says_how():
+    from fcmae.runner import adapt_to_world_size, checkpoint_world
+    assert adapt_to_world_size(1, 8, 2, 2) == 2  # 2 x 2 x 2 = 8
+    assert adapt_to_world_size(4, 64, 8, 8) == 1
+    with pytest.raises(ConfigError, match=r"effective batch of 8 on 1 process.*resume on 1 process.*data.batch_size"):
+        adapt_to_world_size(1, 8, 3, 2)
+    # checkpoints from before world_size/effective_batch were saved: read from the config and RNG states
+    old = {"rng": [{}, {}], "config": {"data": {"batch_size": 4}, "optim": {"effective_batch_size": None},
+                                       "trainer": {"accum_iter": 3}}}
+    assert checkpoint_world(old) == (2, 24)
+
+
+@pytest.mark.slow
+def test_resuming_on_two_processes_keeps_the_schedule_and_samples_per_step(tmp_path):
+    common = ["trainer.device=cpu", "data.batch_size=2", "trainer.ckpt_every=2", "data.synthetic_images=32"]
+    run(make_cfg(*common, "trainer.accum_iter=2", "trainer.max_steps=6"), tmp_path / "straight")
+    run_dir = tmp_path / "run"
+    run(make_cfg(*common, "trainer.accum_iter=2", "trainer.max_steps=2"), run_dir)
+    # the same run continued by 2 processes: accumulation 1 keeps the effective batch 4
+    assert _ddp(run_dir, [*common, "trainer.accum_iter=2", "trainer.max_steps=6"]) == {0: None, 1: None}
+    got, want = metrics(run_dir), metrics(tmp_path / "straight")
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in want], rel=1e-9)
+    assert [m["epoch"] for m in got] == [m["epoch"] for m in want]
+    ck = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert ck["world_size"] == 2 and ck["effective_batch"] == 4
+    assert ck["seen_images"] == load_checkpoint(tmp_path / "straight/checkpoints/last.pt")["seen_images"]
