@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .data import EvalImages, build_eval_loader, class_names_of, eval_transform, labelled_source, num_classes_of
 from .distributed import DistInfo, all_gather_objects
+from .loggers import track
 
 log = logging.getLogger("fcmae")
 
@@ -30,17 +31,26 @@ def inference(model: torch.nn.Module, device: torch.device):
         model.train(was_training)
 
 
-def extract_features(encoder, loader, device: torch.device, pool: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(encoder, loader, device: torch.device, pool: bool = True, what: str = "features",
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features float32 on CPU, labels (M,))`` for the readable images of ``loader``:
-    ``(M, C)`` globally pooled, or with ``pool=False`` the whole last-stage map flattened, ``(M, C*h*w)``."""
+    ``(M, C)`` globally pooled, or with ``pool=False`` the whole last-stage map flattened, ``(M, C*h*w)``.
+    A long extraction shows its progress (``loggers.track``) on the process that has ``progress``."""
     feats, labels = [], []
     with inference(encoder, device):
-        for imgs, y, ok in loader:
+        for imgs, y, ok in track(loader, _len(loader), what, enabled=progress):
             f = encoder.forward_unmasked(imgs.to(device, non_blocking=True))
             f = f.mean(dim=(2, 3)) if pool else f.flatten(1)
             feats.append(f.float().cpu()[ok])
             labels.append(y[ok])
     return torch.cat(feats), torch.cat(labels)
+
+
+def _len(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
@@ -100,7 +110,8 @@ class FeatureEvaluator:
         return final or epoch % self.cfg.every_epochs == 0
 
     def __call__(self, encoder, info: DistInfo) -> dict | None:
-        parts = [extract_features(encoder, loader, self.device) for loader in (self.train_loader, self.val_loader)]
+        parts = [extract_features(encoder, loader, self.device, what=f"eval {name} features", progress=info.is_main)
+                 for name, loader in (("train", self.train_loader), ("val", self.val_loader))]
         gathered = all_gather_objects(parts, info)
         if not info.is_main:
             return None

@@ -25,6 +25,7 @@ from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_l
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task
 from .evaluation import inference
+from .loggers import track
 from .optim import adamw, layer_decay_groups
 from .run_lock import RunLock
 from .runner import (ConfigError, hydra_entry, loop_settings, open_tracker, prepare_run, read_checkpoint_agreed,
@@ -73,7 +74,7 @@ def evaluate_classifier(model: nn.Module, loader, device: torch.device, info: Di
     """Top-1/top-5 (%) and mean cross-entropy over the validation set (all ranks' shards)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, count
     with inference(model, device):
-        for imgs, y, ok in loader:
+        for imgs, y, ok in track(loader, len(loader), f"evaluating {prefix}", enabled=info.is_main):
             imgs, y = imgs[ok].to(device, non_blocking=True), y[ok].to(device)
             if y.numel() == 0:
                 continue

@@ -82,6 +82,46 @@ class Progress:
             self.bar.close()
 
 
+# Seconds between the plain log lines of a long phase (no terminal); a terminal gets a bar.
+PHASE_LOG_EVERY_S = 30.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def track(items, total: int | None, what: str, unit: str = "batch", mode: str = "auto", enabled: bool = True,
+          log_fn=None):
+    """Iterate ``items`` showing progress of a long phase (an evaluation, feature extraction, packing):
+    a tqdm bar on a terminal (or ``mode=bar``); otherwise a log line every ``PHASE_LOG_EVERY_S`` with
+    the count, the rate and the time left, and one when it ends. ``mode`` follows ``trainer.progress``."""
+    emit = log_fn or log.info
+    if not enabled:
+        yield from items
+        return
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        from tqdm import tqdm
+        yield from tqdm(items, total=total, desc=what, unit=unit, dynamic_ncols=True, leave=False)
+        return
+    start = last = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= PHASE_LOG_EVERY_S:
+            last = now
+            rate = done / max(now - start, 1e-9)
+            left = f", {_duration((total - done) / rate)} left" if total and rate > 0 else ""
+            of = f"/{total}" if total else ""
+            units = unit + ("es" if unit.endswith(("ch", "sh", "s")) else "s")
+            emit(f"{what}: {done}{of} {units} ({rate:.2f}/s{left})")
+    if time.perf_counter() - start >= PHASE_LOG_EVERY_S:
+        emit(f"{what}: done, {done} in {_duration(time.perf_counter() - start)}")
+
+
 class WandbLogger:
     """wandb run named from the config, holding the full resolved config; resumes its own id.
 

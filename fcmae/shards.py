@@ -81,6 +81,8 @@ class ShardImages(Dataset):
             raise DataError(f"{self.root}/{INDEX}: format {index.get('format')!r}, expected {FORMAT!r}")
         self.shards = [_own_file(self.root, s.get("file")) for s in index["shards"]]
         self.members = [(i, *m) for i, s in enumerate(index["shards"]) for m in s["members"]]
+        # the original path of each member (indexes packed before they were kept have none)
+        self.sources = [src for s in index["shards"] for src in (s.get("sources") or [None] * len(s["members"]))]
         if not self.members:
             raise DataError(f"{self.root} is an empty shard set")
         own = index.get("classes")
@@ -96,7 +98,8 @@ class ShardImages(Dataset):
 
     def describe(self, index: int) -> str:
         shard, _, _, name, _ = self.members[index]
-        return f"{_join(self.root, self.shards[shard])}:{name}"
+        source = self.sources[index] if index < len(self.sources) else None
+        return f"{_join(self.root, self.shards[shard])}:{name}" + (f" (packed from {source})" if source else "")
 
     def read_bytes(self, index: int) -> bytes:
         """The member's stored bytes (the original image file)."""

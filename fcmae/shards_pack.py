@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .data import ImageFiles, read_file_list, read_labelled_list, scan_folder, scan_image_folder
 from .image_io import DataError
+from .loggers import track
 from .shards import FORMAT, INDEX
 
 
@@ -54,17 +55,20 @@ def pack(src: Path, out: Path, shard_bytes: int = 1 << 30, kind: str = "auto", l
     if (out / INDEX).exists() or list(out.glob("shard-*.tar")):
         raise DataError(f"{out} already holds shards; pack into an empty folder")
     labelled = images.classes is not None
-    shards, members, tar, number = [], [], None, 0
+    shards, members, sources, tar, number = [], [], [], None, 0
 
     def close():
         nonlocal tar
         if tar is not None:
             tar.close()
-            shards.append({"file": f"shard-{number - 1:06d}.tar", "members": list(members)})
+            # sources: where each member came from, so a bad member is reported by its original path too
+            shards.append({"file": f"shard-{number - 1:06d}.tar", "members": list(members), "sources": list(sources)})
             members.clear()
+            sources.clear()
             tar = None
 
-    for i, (path, label) in enumerate(zip(images.paths, images.labels)):
+    pairs = track(zip(images.paths, images.labels), len(images), f"packing {src}", unit="image", log_fn=log)
+    for i, (path, label) in enumerate(pairs):
         data = Path(path).read_bytes()
         if tar is not None and tar.offset + len(data) > shard_bytes and members:
             close()
@@ -77,13 +81,12 @@ def pack(src: Path, out: Path, shard_bytes: int = 1 << 30, kind: str = "auto", l
         offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))  # the data follows its header
         tar.addfile(info, io.BytesIO(data))
         members.append([offset, len(data), name, int(label) if labelled else 0])
+        sources.append(str(path))
         if labelled:
             cls = str(int(label)).encode()
             info = tarfile.TarInfo(f"{i:09d}.cls")
             info.size, info.mtime, info.mode = len(cls), 0, 0o644
             tar.addfile(info, io.BytesIO(cls))
-        if (i + 1) % 10000 == 0:
-            log(f"packed {i + 1}/{len(images)} images into {number} shard(s)")
     close()
     index = {"format": FORMAT, "source": str(src), "classes": images.classes, "shards": shards}
     tmp = out / f".{INDEX}.tmp"
