@@ -154,6 +154,7 @@ class LoopSettings:
     max_bad_fraction: float
     progress: str = "auto"
     callbacks: list[Callable] = field(default_factory=list)
+    stretched: bool = False  # trainer.max_steps lies beyond trainer.epochs: the cosine ends at max_steps
 
 
 class Task:
@@ -359,8 +360,13 @@ class TrainLoop:
         checkpoint. A preemption signal ends it with :class:`Preempted` after a checkpoint."""
         s, st = self.settings, self.state
         if st.step >= s.stop_step and st.finished:
-            log.info("nothing to do: the run is at step %d of %d; to train further, raise trainer.max_steps "
-                     "(the cosine schedule then stretches to end there)", st.step, s.stop_step)
+            if s.stop_step < s.total_steps:
+                log.info("nothing to do: the run is at step %d, its trainer.max_steps; to train further, raise "
+                         "trainer.max_steps (up to %d, the end of its schedule, it continues on the same cosine; "
+                         "beyond, the cosine stretches to end there)", st.step, s.total_steps)
+            else:
+                log.info("nothing to do: the run is at step %d, the end of its schedule; to train further, raise "
+                         "trainer.max_steps (the cosine schedule then stretches to end there: a warm restart)", st.step)
             return st
         if st.step >= s.stop_step:  # stopped by a signal in its last step: finish what it skipped
             log.info("the run reached step %d before its final evaluation: running it now", st.step)
@@ -368,10 +374,15 @@ class TrainLoop:
             st.finished = True
             self.save()
             return st
-        st.finished = False
         if st.step > 0:
-            log.info("continuing at step %d: lr %.3e on a schedule that ends at step %d", st.step,
-                     cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps), s.total_steps)
+            lr = cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps)
+            if st.finished and s.stretched:  # a finished run made longer: its lr rises to the stretched curve's
+                log.info("continuing the finished run at step %d on a schedule stretched to end at step %d: a warm "
+                         "restart, the lr rises again to %.3e", st.step, s.total_steps, lr)
+            else:
+                log.info("continuing at step %d: lr %.3e on a schedule that ends at step %d", st.step, lr,
+                         s.total_steps)
+        st.finished = False
         self._micro_per_epoch = s.steps_per_epoch * s.accum
         self._progress = Progress(s.stop_step, st.step, s.progress, enabled=self.dist.is_main)
         self._loss_sum = torch.zeros((), device=self.dist.device)

@@ -106,3 +106,29 @@ def test_a_bad_shard_member_is_named_with_the_file_it_was_packed_from(tmp_path, 
     shards = ShardImages(tmp_path / "shards")
     described = [shards.describe(i) for i in range(len(shards))]
     assert any(d.endswith(f"(packed from {src / 'img1.png'})") for d in described)
+
+
+def test_messages_say_what_the_run_does(tmp_path, caplog):
+    small = ["trainer.epochs=1", "data.synthetic_images=8"]  # 2 steps per epoch: the schedule ends at step 2
+    run(make_cfg(*small, "trainer.max_steps=1"), tmp_path)
+    with caplog.at_level("INFO", logger="fcmae"):
+        run(make_cfg(*small, "trainer.max_steps=1"), tmp_path)
+    assert "its trainer.max_steps; to train further, raise trainer.max_steps (up to 2, the end of its schedule, it " \
+           "continues on the same cosine" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fcmae"):
+        run(make_cfg(*small, "trainer.max_steps=2"), tmp_path)
+        run(make_cfg(*small, "trainer.max_steps=2"), tmp_path)
+    assert "continuing at step 1" in caplog.text and "the end of its schedule" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fcmae"):
+        run(make_cfg(*small, "trainer.max_steps=3"), tmp_path)
+    assert "a warm restart, the lr rises again" in caplog.text  # the words quickstart.md promises
+
+
+def test_help_and_job_names_are_the_apps_names(tmp_path):
+    for app, name in (("fcmae.pretrain", "fcmae-pretrain"), ("fcmae.finetune", "fcmae-finetune")):
+        proc = _app(["--help"], tmp_path, app=app)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"{name} is powered by Hydra"), proc.stdout[:200]
+        proc = _app(["--cfg", "hydra", "--package", "hydra.job.name"], tmp_path, app=app)
+        assert name in proc.stdout
