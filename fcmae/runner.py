@@ -407,11 +407,33 @@ def _diverged(exc: NonFiniteLoss, ckpt: CheckpointManager, info: DistInfo, preci
             "resume=never (or another run_name)")
 
 
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def print_submitit_warnings_once() -> None:
+    """submitit's logger has a stdout handler for everything, a stderr one for warnings, and also
+    passes its records on to the root logger's console handler (Hydra's): each warning (a failing
+    ``sacct`` poll on a cluster without accounting) printed three times. One each, on stderr."""
+    try:
+        from submitit.core import logger as submitit_logger
+    except Exception:  # submitit is the Slurm launcher's; without it there is nothing to fix
+        return
+    sub = submitit_logger.get_logger()
+    sub.propagate = False
+    for handler in sub.handlers:
+        if getattr(handler, "stream", None) is sys.stdout and not any(isinstance(f, _BelowWarning) for f in handler.filters):
+            handler.addFilter(_BelowWarning())
+
+
 def hydra_entry(config_path: str, config_name: str, run: Callable[[DictConfig, str], object]) -> None:
     """``@hydra.main`` around ``run(cfg, run_dir)``: user errors exit 1 with one clear line;
     preemption exits 128+signal after its checkpoint, for the launcher to requeue."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+
+    print_submitit_warnings_once()
 
     @hydra.main(config_path=config_path, config_name=config_name, version_base=None)
     def _main(cfg: DictConfig) -> None:

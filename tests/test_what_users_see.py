@@ -132,3 +132,16 @@ def test_help_and_job_names_are_the_apps_names(tmp_path):
         assert proc.returncode == 0 and proc.stdout.startswith(f"{name} is powered by Hydra"), proc.stdout[:200]
         proc = _app(["--cfg", "hydra", "--package", "hydra.job.name"], tmp_path, app=app)
         assert name in proc.stdout
+
+
+def test_a_submitit_warning_is_printed_once(tmp_path):
+    code = ("import logging, sys\n"
+            "logging.basicConfig(stream=sys.stderr)  # the root console handler, as Hydra's\n"
+            "from fcmae.runner import print_submitit_warnings_once\n"
+            "from submitit.core import logger\n"
+            "print_submitit_warnings_once()\n"
+            "logger.get_logger().warning('Call #1 - Bypassing sacct error')\n"
+            "logger.get_logger().info('submitted')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    both = proc.stdout + proc.stderr
+    assert both.count("Bypassing sacct error") == 1 and both.count("submitted") == 1  # before: the warning 3 times
