@@ -102,6 +102,9 @@ def test_the_custom_op_traces_under_compile_and_passes_opcheck():
     x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
     weight = torch.randn(49, 4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(dwconv_tiles, (x, weight, tiles.neighbours, tiles.tile, tiles.reach))
+    # a transposed (non-contiguous) input: the fake must give the real op's contiguous strides
+    xt = torch.randn(4, 3, device=DEVICE).t().requires_grad_()
+    torch.library.opcheck(dwconv_tiles, (xt, weight, tiles.neighbours, tiles.tile, tiles.reach))
 
     def f(x, weight):
         return (dwconv_tiles(x.relu(), weight, tiles.neighbours, tiles.tile, tiles.reach) * 2).sum()
@@ -130,3 +133,14 @@ def test_a_whole_encoder_with_tiles_matches_the_canvas():
         outs[path] = [y.detach(), *(p.grad.clone() for p in enc.parameters())]
     for a, b in zip(outs["tiles"], outs["canvas"]):
         assert rel_err(a, b) < 1e-5
+
+
+def test_mismatched_shapes_are_refused_before_the_kernel_runs():
+    layout = SparseLayout.from_mask(torch.tensor([[0, 1, 0, 0]], device=DEVICE), (2, 2), 4, None)
+    tiles = layout.tiles(3)
+    weight = torch.randn(49, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match="x has 4 rows, the tiles 3 x 1"):
+        dwconv_tiles(torch.randn(4, 4, device=DEVICE), weight, tiles.neighbours, tiles.tile, tiles.reach)
+    with pytest.raises(RuntimeError, match="weight has 5 channels"):
+        dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(49, 5, device=DEVICE), tiles.neighbours,
+                     tiles.tile, tiles.reach)

@@ -63,7 +63,9 @@ def _dwconv_tiles_kernel(x_ptr, w_ptr, nbr_ptr, y_ptr, C, TILE: tl.constexpr, LO
     ly = _compact(s >> 1, LOG2T)
     lx = _compact(s, LOG2T)
     acc = tl.zeros([TILE * TILE, BLOCK_C], dtype=tl.float32)
-    for ky in tl.static_range(K):
+    # A dynamic loop over kernel rows: unrolling all K * K taps keeps every tap's gather live at once
+    # (tens of KB of register spills per thread on sm_80/sm_90); one row of K taps at a time does not.
+    for ky in range(K):
         for kx in tl.static_range(K):
             rows, active = _neighbour_rows(nbr_ptr, p, ly, lx, ky - K // 2, kx - K // 2, TILE, LOG2T, REACH)
             xv = tl.load(x_ptr + rows[:, None] * C + c[None, :], mask=active[:, None] & c_ok[None, :], other=0.0)
@@ -75,24 +77,41 @@ def _dwconv_tiles_kernel(x_ptr, w_ptr, nbr_ptr, y_ptr, C, TILE: tl.constexpr, LO
 
 @triton.jit
 def _dwconv_tiles_wgrad_kernel(x_ptr, g_ptr, nbr_ptr, out_ptr, P, C, CHUNKS, TILE: tl.constexpr,
-                               LOG2T: tl.constexpr, REACH: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr):
+                               LOG2T: tl.constexpr, REACH: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+    """One program per (tile chunk, channel block), every tap: each tile's grad is read once and each
+    input row once per tap that reaches it (from cache), instead of K * K programs each streaming all
+    of x and grad. Partial sums ``(CHUNKS, K * K, C)`` in fp32; the caller sums the chunks."""
     chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tap = tl.program_id(2)
     c_ok = c < C
     s = tl.arange(0, TILE * TILE)
     ly = _compact(s >> 1, LOG2T)
     lx = _compact(s, LOG2T)
-    dy = tap // K - K // 2
-    dx = tap % K - K // 2
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    taps = tl.arange(0, KK_PAD)
+    acc = tl.zeros([KK_PAD, BLOCK_C], dtype=tl.float32)
     for p in range(chunk, P, CHUNKS):
-        rows, active = _neighbour_rows(nbr_ptr, p, ly, lx, dy, dx, TILE, LOG2T, REACH)
-        xv = tl.load(x_ptr + rows[:, None] * C + c[None, :], mask=active[:, None] & c_ok[None, :], other=0.0)
         g_rows = s.to(tl.int64) + p * (TILE * TILE)
-        gv = tl.load(g_ptr + g_rows[:, None] * C + c[None, :], mask=c_ok[None, :], other=0.0)
-        acc += tl.sum(xv.to(tl.float32) * gv.to(tl.float32), axis=0)
-    tl.store(out_ptr + (chunk * (K * K) + tap) * C + c, acc, mask=c_ok)
+        gv = tl.load(g_ptr + g_rows[:, None] * C + c[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)
+        for tap in range(K * K):
+            rows, active = _neighbour_rows(nbr_ptr, p, ly, lx, tap // K - K // 2, tap % K - K // 2, TILE, LOG2T,
+                                           REACH)
+            xv = tl.load(x_ptr + rows[:, None] * C + c[None, :], mask=active[:, None] & c_ok[None, :], other=0.0)
+            part = tl.sum(xv.to(tl.float32) * gv, axis=0)
+            acc += tl.where(taps[:, None] == tap, part[None, :], 0.0)
+    out_rows = chunk * (K * K) + taps
+    tl.store(out_ptr + out_rows[:, None] * C + c[None, :], acc, mask=(taps[:, None] < K * K) & c_ok[None, :])
+
+
+# Launch settings chosen from `ptxas -v` on sm_80 and sm_90 (benchmarks/kernel_resources.py; the
+# compile check in tests/test_kernel_resources.py keeps every configuration free of spills).
+NUM_WARPS = 8  # the forward (and input grad): 4 warps spill at tile 8 and at wide channel blocks
+WGRAD_NUM_WARPS = 4
+WGRAD_BLOCK_C = 64  # the weight grad holds a (K*K padded to 64) x BLOCK_C accumulator
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(n)
 
 
 def _block_c(channels: int, sites: int) -> int:
@@ -105,37 +124,58 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor
                  reach: int) -> torch.Tensor:
     """``(R, C)`` active rows -> ``(R, C)``: the ``k x k`` depthwise conv (no bias) at the active
     sites, inactive inputs as zero. ``weight``: ``(k * k, C)``, taps row-major."""
+    _check_shapes(x, weight, neighbours, tile, reach)
     x, weight = x.contiguous(), weight.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return y
     channels, sites = x.shape[1], tile * tile
     block_c = _block_c(channels, sites)
     grid = (neighbours.shape[0], triton.cdiv(channels, block_c))
     _dwconv_tiles_kernel[grid](x, weight, neighbours, y, channels, TILE=tile, LOG2T=tile.bit_length() - 1,
-                               REACH=reach, K=int(round(weight.shape[0] ** 0.5)), BLOCK_C=block_c)
+                               REACH=reach, K=int(round(weight.shape[0] ** 0.5)), BLOCK_C=block_c,
+                               num_warps=NUM_WARPS)
     return y
+
+
+def _check_shapes(x, weight, neighbours, tile: int, reach: int) -> None:
+    """What the kernels index by: a mismatch would read or write out of bounds, so refuse it."""
+    k = int(round(weight.shape[0] ** 0.5))
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x (R, C) and weight (k * k, C) expected")
+    torch._check(k * k == weight.shape[0] and k % 2 == 1, lambda: f"weight has {weight.shape[0]} taps, not an odd k * k")
+    torch._check(weight.shape[1] == x.shape[1], lambda: f"weight has {weight.shape[1]} channels, x {x.shape[1]}")
+    torch._check(tile >= 1 and tile & (tile - 1) == 0, lambda: f"tile {tile} is not a power of two")
+    torch._check(neighbours.dim() == 2 and neighbours.shape[1] == (2 * reach + 1) ** 2,
+                 lambda: f"neighbours {tuple(neighbours.shape)} for reach {reach}")
+    torch._check(x.shape[0] == neighbours.shape[0] * tile * tile,
+                 lambda: f"x has {x.shape[0]} rows, the tiles {neighbours.shape[0]} x {tile * tile}")
+    torch._check(reach * tile >= k // 2, lambda: f"reach {reach} x tile {tile} does not cover a {k}x{k} kernel")
 
 
 @dwconv_tiles.register_fake
 def _dwconv_tiles_fake(x, weight, neighbours, tile, reach):
-    return torch.empty_like(x)
+    _check_shapes(x, weight, neighbours, tile, reach)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # as the real op: contiguous
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles_wgrad", mutates_args=())
 def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, neighbours: torch.Tensor, tile: int, reach: int,
                        taps: int) -> torch.Tensor:
     """The weight grad ``(taps, C)`` in fp32: ``sum over active outputs o of grad[o] * x[o + tap]``."""
+    torch._check(grad.shape == x.shape, lambda: f"grad {tuple(grad.shape)} vs x {tuple(x.shape)}")
+    torch._check(x.shape[0] == neighbours.shape[0] * tile * tile,
+                 lambda: f"x has {x.shape[0]} rows, the tiles {neighbours.shape[0]} x {tile * tile}")
     x, grad = x.contiguous(), grad.contiguous()
-    channels, tiles, sites = x.shape[1], neighbours.shape[0], tile * tile
+    channels, tiles = x.shape[1], neighbours.shape[0]
+    if not tiles:
+        return torch.zeros(taps, channels, device=x.device, dtype=torch.float32)
     chunks = max(1, min(WGRAD_CHUNKS, tiles))
-    partial = torch.zeros(chunks, taps, channels, device=x.device, dtype=torch.float32)
-    if tiles:
-        block_c = _block_c(channels, sites)
-        grid = (chunks, triton.cdiv(channels, block_c), taps)
-        _dwconv_tiles_wgrad_kernel[grid](x, grad, neighbours, partial, tiles, channels, chunks, TILE=tile,
-                                         LOG2T=tile.bit_length() - 1, REACH=reach, K=int(round(taps ** 0.5)),
-                                         BLOCK_C=block_c)
+    partial = torch.empty(chunks, taps, channels, device=x.device, dtype=torch.float32)  # every entry written
+    block_c = min(WGRAD_BLOCK_C, triton.next_power_of_2(channels))
+    grid = (chunks, triton.cdiv(channels, block_c))
+    _dwconv_tiles_wgrad_kernel[grid](x, grad, neighbours, partial, tiles, channels, chunks, TILE=tile,
+                                     LOG2T=tile.bit_length() - 1, REACH=reach, K=int(round(taps ** 0.5)),
+                                     KK_PAD=triton.next_power_of_2(taps), BLOCK_C=block_c, num_warps=WGRAD_NUM_WARPS)
     return partial.sum(0)
 
 

@@ -1,0 +1,106 @@
+"""What the tile kernels cost on a real GPU, read without one: every launch configuration the encoder
+can use is compiled by Triton for a named target (sm_80, sm_90) and its PTX read by the ``ptxas`` that
+Triton's wheel bundles (``-v``: registers, spill stores, shared memory).
+
+A configuration is what the kernels are specialised on: tile side (one per stage: 8, 4, 2, 1 sites at
+the 1/4 ... 1/32 grids), reach, channel block and dtype. The image size changes how many tiles there
+are, not the code, so one image size covers all. Used by ``tests/test_kernel_resources.py`` (no
+spills anywhere) and ``benchmarks/kernel_resources.py`` (the table in docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from ..models.variants import VARIANTS
+
+STAGE_TILES = ((8, 1), (4, 1), (2, 2), (1, 3))  # (tile side, reach in tiles) of stages 0-3, 7x7 kernel
+TAPS = 49
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kernel: str  # "forward" (also the input grad: the same kernel, taps reversed) or "wgrad"
+    tile: int
+    reach: int
+    block_c: int
+    dtype: str  # "bf16" | "fp32"
+
+
+@dataclass
+class Resources:
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    shared: int
+
+
+def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
+    """Every distinct configuration the encoder launches, with the (size, stage, channels) using it."""
+    from .triton_dwconv import WGRAD_BLOCK_C, _block_c, next_power_of_2
+    out: dict[KernelConfig, list[str]] = {}
+    for name, variant in VARIANTS.items():
+        for stage, ((tile, reach), channels) in enumerate(zip(STAGE_TILES, variant.dims)):
+            for dtype in dtypes:
+                fwd = KernelConfig("forward", tile, reach, _block_c(channels, tile * tile), dtype)
+                wgrad = KernelConfig("wgrad", tile, reach, min(WGRAD_BLOCK_C, next_power_of_2(channels)), dtype)
+                for cfg in (fwd, wgrad):
+                    out.setdefault(cfg, []).append(f"{name} s{stage} ({channels})")
+    return out
+
+
+def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
+    """Compile ``cfg`` for ``sm_<arch>`` and read ``ptxas -v``; returns the resources and the raw report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from . import triton_dwconv as k
+    ptr = f"*{cfg.dtype}"
+    if cfg.kernel == "forward":
+        fn = k._dwconv_tiles_kernel
+        sig = {"x_ptr": ptr, "w_ptr": ptr, "nbr_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
+        consts = {}
+    else:
+        fn = k._dwconv_tiles_wgrad_kernel
+        sig = {"x_ptr": ptr, "g_ptr": ptr, "nbr_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",
+               "CHUNKS": "i32"}
+        consts = {"KK_PAD": next_pow2(TAPS)}
+    consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, REACH=cfg.reach, K=7, BLOCK_C=cfg.block_c)
+    sig.update({name: "constexpr" for name in consts})
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    warps = k.NUM_WARPS if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.devnull], capture_output=True,
+                              text=True, check=True)
+    report = proc.stdout + proc.stderr
+
+    def num(pattern: str) -> int:
+        m = re.search(pattern, report)
+        return int(m.group(1)) if m else 0
+    shared = compiled.metadata.shared if hasattr(compiled.metadata, "shared") else num(r"(\d+) bytes smem")
+    return Resources(num(r"Used (\d+) registers"), num(r"(\d+) bytes spill stores"), num(r"(\d+) bytes spill loads"),
+                     num(r"(\d+) bytes stack frame"), int(shared)), report
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def bytes_per_site(cfg: KernelConfig) -> dict[str, int]:
+    """Global-memory bytes each kernel asks for per active site and channel (what cache must absorb):
+    the forward gathers every tap's input and writes one output; the weight grad reads the grad once
+    and every tap's input (the old tap-per-program layout read the grad 49 times as well)."""
+    elem = 2 if cfg.dtype == "bf16" else 4
+    if cfg.kernel == "forward":
+        return {"read": TAPS * elem, "write": elem}
+    return {"read": (TAPS + 1) * elem, "write": 0}
