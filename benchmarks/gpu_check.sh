@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device run for issues #18 and #19, sized for one call of the `device` tool (~9 minutes
+# The prepared device run for issues #18, #19 and #29, sized for one call of the `device` tool (~9 minutes
 # on an H100/H200; each step has its own time limit): the CUDA paths checked against their references
 # first, then the measurements, each writing its JSON as it goes, so a cut-off run keeps what it
 # measured. Results land in $OUT.
@@ -9,9 +9,13 @@ OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# 1. correctness on CUDA: the Triton tile kernel vs the canvas, nvJPEG decode vs the CPU path
-TRITON_INTERPRET=0 timeout 90 python -m pytest -q -x tests/test_triton_dwconv.py tests/test_gpu_decode.py \
-    2>&1 | tail -20 | tee "$OUT/tests.txt"
+# 0. #29: registers and spills of every tile-kernel launch configuration (compiled for sm_80/sm_90; no GPU needed)
+timeout 120 python benchmarks/kernel_resources.py > "$OUT/kernel_resources.md" 2>&1; tail -3 "$OUT/kernel_resources.md"
+# 1. correctness on CUDA, one time limit per file sized for a cold machine, no -x: every failure listed.
+#    The tile kernel vs the canvas (and the start-up self-test), nvJPEG decode vs the CPU path.
+for f in tests/test_triton_dwconv.py tests/test_gpu_decode.py; do
+  TRITON_INTERPRET=0 timeout 150 python -m pytest -q -rf "$f" 2>&1 | tail -20 | tee -a "$OUT/tests.txt"
+done
 # 2. #19: the step against MAE, tile kernel vs canvas, compiled, MFU against the H100 SXM bf16 peak,
 #    and the profile of each compiled variant (top kernels by self time)
 timeout 200 python benchmarks/step_time.py --device cuda --models tiny base --batch-sizes 128 --dtypes bf16 \

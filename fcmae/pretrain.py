@@ -14,7 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CONFIG_PATH, register_configs, validate
+import torch
+
+from .config import CONFIG_PATH, ConfigError, register_configs, validate
 from .checkpoint import read_checkpoint
 from .files import append_line
 from .convert import CheckpointError, to_canonical
@@ -82,6 +84,25 @@ def build_model(cfg) -> FCMAE:
                  dwconv=cfg.encoder.dwconv)
 
 
+def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> str:
+    """Settle ``encoder.dwconv`` before training (``sparse`` backend): ``auto`` runs the tile kernel's
+    self-test on CUDA and falls back to the canvas with a warning that says why. Returns the kernel."""
+    if encoder_cfg.backend != "sparse":
+        return "n/a"
+    from .sparse.compact import resolve_dwconv
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    try:
+        kernel, why = resolve_dwconv(encoder_cfg.dwconv, info.device, dtype)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    if kernel == "canvas" and encoder_cfg.dwconv == "auto" and "self-test" in why:
+        log.warning("encoder.dwconv=auto: using the canvas depthwise conv: %s", why)
+    elif info.is_main:
+        log.info("depthwise conv: %s (%s)", kernel, why)
+    model.encoder.dwconv = kernel
+    return kernel
+
+
 def load_encoder_init(model: FCMAE, path: str, info: DistInfo | None = None) -> None:
     """Encoder weights from any layout the converter reads (rank 0 picks the file, every rank
     reads that one); the decoder stays fresh."""
@@ -146,6 +167,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = N
 
     seed_everything(t.seed)
     model = build_model(cfg).to(info.device)
+    choose_dwconv(model, cfg.encoder, info, setup.precision)
     if cfg.init_from and setup.resume_path is None:
         load_encoder_init(model, cfg.init_from, info)
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token),

@@ -144,3 +144,34 @@ def test_mismatched_shapes_are_refused_before_the_kernel_runs():
     with pytest.raises(RuntimeError, match="weight has 5 channels"):
         dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(49, 5, device=DEVICE), tiles.neighbours,
                      tiles.tile, tiles.reach)
+
+
+def test_the_self_test_passes_on_the_real_kernel():
+    from fcmae.sparse.triton_dwconv import tiles_self_test_error
+    assert tiles_self_test_error(DEVICE, torch.float32, stages=(3,), channels=8) is None
+
+
+def _resolve(choice, check):
+    from fcmae.sparse.compact import resolve_dwconv
+    return resolve_dwconv(choice, DEVICE, torch.float32, on_accelerator=True, check=check)
+
+
+def test_auto_falls_back_to_the_canvas_on_an_injected_mismatch_or_exception(monkeypatch):
+    import fcmae.sparse.triton_dwconv as tk
+    from fcmae.sparse.triton_dwconv import tiles_self_test_error
+    check = lambda device, dtype: tiles_self_test_error(device, dtype, stages=(3,), channels=8)  # noqa: E731
+    real = tk.depthwise_conv_tiles
+    monkeypatch.setattr(tk, "depthwise_conv_tiles", lambda x, conv, tiles: real(x, conv, tiles) * 1.01)
+    kernel, why = _resolve("auto", check)
+    assert kernel == "canvas" and "output at stage 3 differs from the canvas reference" in why
+    with pytest.raises(RuntimeError, match="encoder.dwconv=tiles: the tile kernel's output .*use encoder.dwconv=canvas"):
+        _resolve("tiles", check)
+
+    def broken(x, conv, tiles):
+        raise RuntimeError("PTX JIT compilation failed")  # e.g. a driver too old for the kernel
+    monkeypatch.setattr(tk, "depthwise_conv_tiles", broken)
+    kernel, why = _resolve("auto", check)
+    assert kernel == "canvas" and "RuntimeError: PTX JIT compilation failed" in why
+    monkeypatch.undo()
+    assert _resolve("auto", check)[0] == "tiles"
+    assert _resolve("canvas", check)[0] == "canvas"
