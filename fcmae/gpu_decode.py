@@ -84,21 +84,32 @@ def read_jpeg(path_or_read) -> tuple[torch.Tensor, int, int] | None:
 class EncodedImages:
     """A batch's images before the device decodes them.
 
-    ``jpegs``: the file bytes of the samples at ``jpeg_index``, with ``geometry`` ``[m, 5]``
-    (top, left, h, w, flip) each; ``pixels`` ``[k, 3, S, S]``: the samples at ``pixel_index``,
-    already decoded and normalised by a worker (the per-sample fallback)."""
-    jpegs: list
+    ``data``: the file bytes of the samples at ``jpeg_index`` end to end in one uint8 tensor, sample
+    ``j`` at ``data[offsets[j]:offsets[j + 1]]``, with ``geometry`` ``[m, 5]`` (top, left, h, w, flip)
+    each; ``pixels`` ``[k, 3, S, S]``: the samples at ``pixel_index``, already decoded and normalised
+    by a worker (the per-sample fallback). One tensor for all the bytes: a worker passes each tensor
+    to the main process through its own file descriptor, and one per image ran a worker out of them
+    (``Too many open files`` at batch ~250 under the common limit of 1024)."""
+    data: torch.Tensor
+    offsets: torch.Tensor
     jpeg_index: torch.Tensor
     geometry: torch.Tensor
     pixels: torch.Tensor
     pixel_index: torch.Tensor
 
+    @property
+    def jpegs(self) -> list:
+        """Each JPEG's bytes: views of ``data``, split in the process that decodes."""
+        bounds = self.offsets.tolist()
+        return [self.data[a:b] for a, b in zip(bounds, bounds[1:])]
+
     def __len__(self) -> int:
-        return len(self.jpegs) + len(self.pixel_index)
+        return len(self.jpeg_index) + len(self.pixel_index)
 
     def pin_memory(self) -> "EncodedImages":
         # The DataLoader's pin-memory thread calls this: the fallback pixels are what gets copied.
-        return EncodedImages(self.jpegs, self.jpeg_index, self.geometry, self.pixels.pin_memory(), self.pixel_index)
+        return EncodedImages(self.data, self.offsets, self.jpeg_index, self.geometry, self.pixels.pin_memory(),
+                             self.pixel_index)
 
 
 class EncodedPretrainSamples(PretrainSamples):
@@ -133,8 +144,11 @@ def collate_encoded(samples: list) -> tuple:
               else torch.empty(0, dtype=torch.float32))
     geometry = (torch.stack([samples[i][1] for i in jpeg_index]) if jpeg_index
                 else torch.empty(0, 5, dtype=torch.int64))
-    images = EncodedImages([samples[i][0] for i in jpeg_index], torch.tensor(jpeg_index, dtype=torch.int64),
-                           geometry, pixels, torch.tensor(pixel_index, dtype=torch.int64))
+    parts = [samples[i][0] for i in jpeg_index]
+    data = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    offsets = torch.tensor([0, *[len(p) for p in parts]], dtype=torch.int64).cumsum(0)
+    images = EncodedImages(data, offsets, torch.tensor(jpeg_index, dtype=torch.int64), geometry, pixels,
+                           torch.tensor(pixel_index, dtype=torch.int64))
     # masks, bad and keys as the CPU path collates them (one placeholder image per sample)
     _, masks, bad, keys, visible = collate_masked([(torch.zeros(()), *sample[2:]) for sample in samples])
     return images, masks, bad, keys, visible
@@ -170,22 +184,33 @@ class DeviceDecoder:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self.decode, self.decoder_name = jpeg_decoder(decoder)
+        self._fallback = None  # torchvision's decoder, for an image TorchCodec refuses
 
     def decode_all(self, jpegs: list) -> list:
         """Decoded ``[3, H, W]`` uint8 images on the device; ``None`` where one cannot be decoded.
-        One batched call; if it fails, one call per image to find the culprits."""
+        One batched call; if it fails, the batch is halved until the culprits are alone (a bad JPEG
+        costs about log2(B) more batched calls, not B single ones)."""
         if not jpegs:
             return []
         try:
             return list(self.decode(jpegs, self.device))
         except RuntimeError:
-            out = []
-            for data in jpegs:
-                try:
-                    out.append(self.decode(data, self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+            if len(jpegs) == 1:
+                return [self._decode_alone(jpegs[0])]
+            half = len(jpegs) // 2
+            return self.decode_all(jpegs[:half]) + self.decode_all(jpegs[half:])
+
+    def _decode_alone(self, data):
+        """One image the batched decoder refused: torchvision's decoder next (when TorchCodec was the
+        first), else ``None`` (the CPU path then reads it, or skips, names and counts it)."""
+        if self.decoder_name != "torchcodec":
+            return None
+        if self._fallback is None:
+            self._fallback = jpeg_decoder("torchvision")[0]
+        try:
+            return self._fallback(data, self.device)
+        except RuntimeError:
+            return None
 
     def crop_resize(self, img: torch.Tensor, top: int, left: int, h: int, w: int, flip: int) -> torch.Tensor:
         """``[3, S, S]`` float in 0..255: the crop resized as the CPU path does (bicubic,

@@ -1,6 +1,7 @@
 """data.decode=gpu (fcmae/gpu_decode.py) on the CPU: workers read bytes and draw the crop, the main
 process decodes the batch. Checked against the CPU pipeline (fcmae/data.py) sample by sample: the
 same crop geometry on real JPEGs, the per-sample fallback, a corrupt JPEG, exact resume."""
+import io
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -184,3 +185,56 @@ def test_a_device_that_cannot_decode_falls_back_under_auto_and_fails_clearly_und
     assert not isinstance(loader, DeviceBatches) and "no nvJPEG in this build" in caplog.text
     with pytest.raises(DataError, match="cannot decode JPEGs .*no nvJPEG.*data.decode=cpu"):
         build_pretrain_loader(SimpleNamespace(**vars(cfg), decode="gpu"), 0.5, seed=1, device=torch.device("cuda"))
+
+
+def test_a_large_batch_under_a_low_open_file_limit_finishes_without_bad_images(tmp_path):
+    """#30 item 1: each batch's JPEG bytes travel as one tensor (one file descriptor), not one per image."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = tmp_path / "jpegs"
+    root.mkdir()
+    for i in range(256):
+        Image.new("RGB", (48, 40), (i % 256, 40, 90)).save(root / f"{i:04d}.jpg", "JPEG")
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
+            "from fcmae.pretrain import main\n"
+            "sys.argv = ['fcmae-pretrain'] + sys.argv[1:]\n"
+            "main()\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", code, "data=folder", f"data.root={root}", "data.decode=gpu",
+                           "trainer.device=cpu", "data.img_size=64", "data.batch_size=256", "data.num_workers=2",
+                           "model.decoder_embed_dim=32", "trainer.max_steps=2", "trainer.log_every=1",
+                           "trainer.epochs=2", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    import json
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["bad_images"] == 0
+    assert "Too many open files" not in proc.stdout + proc.stderr
+
+
+def test_a_bad_jpeg_costs_a_few_batched_calls_not_one_per_image(tmp_path):
+    """#30 item 4: a failed batched decode is bisected."""
+    calls = []
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(good, "JPEG")
+    good = torch.frombuffer(bytearray(good.getvalue()), dtype=torch.uint8)
+    bad = torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8)
+    decoder = DeviceDecoder.__new__(DeviceDecoder)
+    decoder.device, decoder.decoder_name, decoder._fallback = torch.device("cpu"), "torchvision", None
+
+    def decode(data, device):
+        batch = data if isinstance(data, list) else [data]
+        calls.append(len(batch))
+        if any(d is bad for d in batch):
+            raise RuntimeError("corrupt JPEG")
+        return [torch.zeros(3, 16, 16, dtype=torch.uint8) for _ in batch] if isinstance(data, list) else \
+            torch.zeros(3, 16, 16, dtype=torch.uint8)
+    decoder.decode = decode
+    jpegs = [good] * 64
+    jpegs[37] = bad
+    out = decoder.decode_all(jpegs)
+    assert [i for i, img in enumerate(out) if img is None] == [37]
+    assert len(calls) <= 2 * 7 + 1  # about 2 log2(64) batched calls; before: 1 + 64 single ones
