@@ -31,6 +31,7 @@ from .data import DataError, PretrainSamples, collate_masked, crop_geometry, sam
 log = logging.getLogger("fcmae")
 
 FILE_SOURCES = ("imagefolder", "folder", "filelist", "shards")  # the sources that read image files
+MAX_DEVICE_SHRINK = 32  # crops shrinking more than this (per side) are resized by the CPU path
 EXIF_ORIENTATION = 0x0112
 
 
@@ -226,10 +227,16 @@ class DeviceDecoder:
             out[enc.pixel_index.to(self.device)] = enc.pixels.to(self.device, non_blocking=True)
         extra_bad = 0
         geometry, jpeg_rows = enc.geometry.tolist(), enc.jpeg_index.tolist()
+        # A crop that shrinks by more than MAX_DEVICE_SHRINK goes through the CPU path: CUDA's antialiased
+        # bicubic resize needs shared memory in proportion to the shrink and fails past ~47x (a 12 MP
+        # photo at img_size=64); PIL has no such limit, and this keeps the result identical to it.
+        on_device = [j for j, (_, _, h, w, _) in enumerate(geometry) if max(h, w) <= MAX_DEVICE_SHRINK * self.size]
+        decoded = dict(zip(on_device, self.decode_all([enc.jpegs[j] for j in on_device]) if on_device else []))
         crops, rows = [], []
-        for j, img in enumerate(self.decode_all(enc.jpegs)):
-            if img is None:  # the device could not decode it: the CPU path skips, names and counts it
-                x, _, bad, _ = self.dataset.read(int(keys[jpeg_rows[j]]))
+        for j in range(len(jpeg_rows)):
+            img = decoded.get(j)
+            if img is None:  # too large a shrink, or the device could not decode it: the CPU path reads
+                x, _, bad, _ = self.dataset.read(int(keys[jpeg_rows[j]]))  # it (or skips, names, counts it)
                 out[jpeg_rows[j]] = x.to(self.device)
                 extra_bad += bad
                 continue

@@ -89,7 +89,7 @@ def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> 
     self-test on CUDA and falls back to the canvas with a warning that says why. Returns the kernel."""
     if encoder_cfg.backend != "sparse":
         return "n/a"
-    from .sparse.compact import resolve_dwconv
+    from .sparse.dwconv_choice import resolve_dwconv
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     try:
         kernel, why = resolve_dwconv(encoder_cfg.dwconv, info.device, dtype)

@@ -238,3 +238,23 @@ def test_a_bad_jpeg_costs_a_few_batched_calls_not_one_per_image(tmp_path):
     out = decoder.decode_all(jpegs)
     assert [i for i, img in enumerate(out) if img is None] == [37]
     assert len(calls) <= 2 * 7 + 1  # about 2 log2(64) batched calls; before: 1 + 64 single ones
+
+
+@pytest.mark.parametrize("decoder,device", DECODE_ON)
+def test_a_very_large_downscale_goes_through_the_cpu_path_and_matches_it(tmp_path, decoder, device, monkeypatch):
+    """#30 item 3: a 12 MP photo at img_size=64 shrinks ~45x, past what CUDA's antialiased bicubic
+    resize takes (~47x fails); such crops are resized by the CPU path, so they match it exactly."""
+    folder = jpeg_folder(tmp_path / "imgs", [(3000, 4000), (300, 400)])
+    cpu, enc, dec = both_paths(folder, scale=(0.9, 1.0), decoder=decoder, device=device)
+    resized = []
+    real = dec.crop_resize
+    monkeypatch.setattr(dec, "crop_resize", lambda img, *g: resized.append(g) or real(img, *g))
+    keys = [0, 1, 2, 3]
+    gpu_imgs, _, bad = decode_keys(enc, dec, keys)
+    assert bad == 0
+    assert all(max(g[2], g[3]) <= 32 * SIZE for g in resized) and len(resized) == 2  # only the small image
+    for i, k in enumerate(keys):
+        if k % 2 == 0:  # the large one: the CPU path's own pixels
+            assert torch.equal(gpu_imgs[i], cpu[k][0])
+        else:
+            assert (gpu_imgs[i] - cpu[k][0]).abs().mean() < 0.02

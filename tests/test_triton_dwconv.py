@@ -147,18 +147,18 @@ def test_mismatched_shapes_are_refused_before_the_kernel_runs():
 
 
 def test_the_self_test_passes_on_the_real_kernel():
-    from fcmae.sparse.triton_dwconv import tiles_self_test_error
+    from fcmae.sparse.dwconv_choice import tiles_self_test_error
     assert tiles_self_test_error(DEVICE, torch.float32, stages=(3,), channels=8) is None
 
 
 def _resolve(choice, check):
-    from fcmae.sparse.compact import resolve_dwconv
+    from fcmae.sparse.dwconv_choice import resolve_dwconv
     return resolve_dwconv(choice, DEVICE, torch.float32, on_accelerator=True, check=check)
 
 
 def test_auto_falls_back_to_the_canvas_on_an_injected_mismatch_or_exception(monkeypatch):
     import fcmae.sparse.triton_dwconv as tk
-    from fcmae.sparse.triton_dwconv import tiles_self_test_error
+    from fcmae.sparse.dwconv_choice import tiles_self_test_error
     check = lambda device, dtype: tiles_self_test_error(device, dtype, stages=(3,), channels=8)  # noqa: E731
     real = tk.depthwise_conv_tiles
     monkeypatch.setattr(tk, "depthwise_conv_tiles", lambda x, conv, tiles: real(x, conv, tiles) * 1.01)

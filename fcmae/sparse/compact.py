@@ -89,30 +89,6 @@ def tiles_usable(x: torch.Tensor) -> bool:
     return _triton_installed() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def resolve_dwconv(choice: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                   on_accelerator: bool | None = None, check=None) -> tuple[str, str]:
-    """``(tiles | canvas, why)`` for ``encoder.dwconv``. ``auto`` tries the tile kernel where it runs
-    (CUDA with Triton): a start-up self-test against the canvas in the run's dtype, falling back to
-    the canvas with the reason when it fails; ``tiles`` makes that failure an error (RuntimeError)."""
-    if choice == "canvas":
-        return "canvas", "encoder.dwconv=canvas"
-    on_accelerator = device.type == "cuda" if on_accelerator is None else on_accelerator
-    if choice == "auto" and not (on_accelerator and _triton_installed()):
-        return "canvas", "the tile kernel runs on CUDA with Triton"
-    if not _triton_installed():
-        raise RuntimeError("encoder.dwconv=tiles needs Triton (it ships with torch's Linux wheels); use "
-                           "encoder.dwconv=canvas or auto")
-    if check is None:
-        from .triton_dwconv import tiles_self_test_error as check
-    error = check(device, dtype)
-    if error is None:
-        return "tiles", f"its self-test against the canvas passed on {device} in {str(dtype).removeprefix('torch.')}"
-    if choice == "tiles":
-        raise RuntimeError(f"encoder.dwconv=tiles: {error}; use encoder.dwconv=canvas (or auto, which falls "
-                           "back to it)")
-    return "canvas", f"the tile kernel failed its start-up self-test ({error})"
-
-
 def depthwise_rows(conv: torch.nn.Conv2d, x: torch.Tensor, layout: SparseLayout, stage: int, dwconv: str):
     """The block's depthwise conv on ``(R, C)`` rows, submanifold: ``tiles`` (Triton, only the active
     sites, :mod:`fcmae.sparse.triton_dwconv`) or ``canvas`` (scatter to a zero canvas, cuDNN/ATen

@@ -230,39 +230,3 @@ def _autocast_dtype(device_type: str):
         return None
     return None
 
-
-def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float32, stages=(0, 3),
-                          channels: int = 24, seed: int = 0) -> str | None:
-    """Why the tile kernel cannot be trusted on ``device`` in ``dtype``, or None when it can: forward
-    and backward on a small random sparse input at ``stages``, compared with the canvas path (the
-    reference). Any exception counts as a failure, with its text."""
-    from .compact import depthwise_rows
-    from .layout import SparseLayout
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    try:
-        g = torch.Generator().manual_seed(seed)
-        mask = (torch.rand(2, 4, generator=g) < 0.5).long()
-        mask[:, 0] = 0
-        layout = SparseLayout.from_mask(mask.to(device), (2, 2), 4, None)
-        conv = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels).to(device)
-        with torch.no_grad():
-            conv.weight.normal_(generator=None)
-        for stage in stages:
-            rows = layout.stages[stage].num_rows
-            x = torch.randn(rows, channels, generator=g).to(device=device, dtype=dtype)
-            grad = torch.randn(rows, channels, generator=g).to(device=device, dtype=dtype)
-            got = {}
-            for path in ("tiles", "canvas"):
-                xi = x.clone().requires_grad_()
-                conv.zero_grad()
-                y = depthwise_rows(conv, xi, layout, stage, path)
-                gx, gw = torch.autograd.grad(y, [xi, conv.weight], grad)
-                got[path] = [t.detach().float() for t in (y, gx, gw)]
-            for name, a, b in zip(("output", "input grad", "weight grad"), got["tiles"], got["canvas"]):
-                err = float((a - b).norm() / b.norm().clamp(min=1e-12))
-                if not err < tol:
-                    return (f"the tile kernel's {name} at stage {stage} differs from the canvas reference "
-                            f"(relative error {err:.1e} >= {tol:.0e}, {dtype})")
-    except Exception as exc:  # any failure here means: do not use the tile kernel
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else 'no detail'}"
-    return None
