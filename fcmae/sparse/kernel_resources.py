@@ -71,7 +71,10 @@ def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
         consts = {"KK_PAD": next_pow2(TAPS)}
     consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, REACH=cfg.reach, K=7, BLOCK_C=cfg.block_c)
     sig.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    except TypeError:  # Triton releases before 3.3 called them constants
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constants=consts)
     warps = k.NUM_WARPS if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
