@@ -110,15 +110,25 @@ def state_bytes(obj) -> int:
     return 0
 
 
-def non_finite_tensors(obj, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) state that hold a NaN or an infinity."""
-    if isinstance(obj, torch.Tensor):
-        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    out = []
-    for k, v in items:
-        out += non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
+def non_finite_tensors(obj) -> list[str]:
+    """Names of the floating-point tensors in a (nested) state that hold a NaN or an infinity (one
+    host sync for all of them)."""
+    names, tensors = [], []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() and node.numel():
+                names.append(prefix or "tensor")
+                tensors.append(torch.isfinite(node).all())
+            return
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+        for k, v in items:
+            walk(v, f"{prefix}.{k}" if prefix else str(k))
+    walk(obj, "")
+    if not tensors:
+        return []
+    finite = torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
 
 
 def _sum_path(path: Path) -> Path:

@@ -73,9 +73,7 @@ def all_reduce_max(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any rank (for agreeing on a stop)."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce_max_tensor(torch.tensor([1.0 if flag else 0.0], device=info.device), info).item())
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> float:

@@ -236,8 +236,8 @@ class TrainLoop:
         write (this one, or an earlier image or log line) stops every rank at this point, none
         left waiting in a collective; a stop signal caught while writing stops the run right after
         it. Weights or optimizer state that are not finite are never written."""
-        self._check_finite()
         state = self.state_dict()
+        self._check_finite(state)
         path, failure = None, None
         if self.dist.is_main:
             try:
@@ -251,8 +251,7 @@ class TrainLoop:
                              device=self.dist.device)
         failed, stop = all_reduce_max_tensor(flags, self.dist).tolist()
         if failed:
-            raise failure or DiskWriteError("rank 0 could not write to the run directory (its log says why); "
-                                            "every rank stops here")
+            self._raise_write_failure(failure)
         if path is not None:
             log.info("saved checkpoint %s (step %d)", path, self.state.step)
         if name is None:
@@ -262,10 +261,16 @@ class TrainLoop:
             self._preempt_signal = guard.signum or signal.SIGTERM  # acted on now, not after another step
         return path
 
-    def _check_finite(self) -> None:
+    @staticmethod
+    def _raise_write_failure(failure: DiskWriteError | None) -> None:
+        """Rank 0 raises its own error; the others one that points to it."""
+        raise failure or DiskWriteError("rank 0 could not write to the run directory (its log says why); every "
+                                        "rank stops here")
+
+    def _check_finite(self, state: dict) -> None:
         """Every rank holds the same weights and optimizer state (DDP), so every rank decides alike."""
-        bad = non_finite_tensors(self.raw_model.state_dict())
-        bad += [f"optimizer.{k}" for k in non_finite_tensors(self.optimizer.state_dict().get("state", {}))]
+        bad = non_finite_tensors(state["model"])
+        bad += [f"optimizer.{k}" for k in non_finite_tensors(state["optimizer"].get("state", {}))]
         if bad:
             st = self.state
             blowup = st.blowup_step if st.blowup_step is not None else st.step + 1
@@ -461,8 +466,7 @@ class TrainLoop:
             flags = torch.tensor([float(bad), float(stop), float(failed)], device=self.dist.device)
             bad, stop, failed = all_reduce_sum(flags, self.dist).tolist()
         if failed:
-            raise self._write_failure or DiskWriteError("rank 0 could not write to the run directory (its log "
-                                                        "says why); every rank stops here")
+            self._raise_write_failure(self._write_failure)
         self.state.bad_images += int(bad)
         self._bad_local = 0
         if stop and self._preempt_signal is None:

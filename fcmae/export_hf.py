@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from .files import DiskWriteError, describe_write_failure, is_disk_refusal
+from .files import disk_refusals
 
 from .convert import CheckpointError, save_state_dict
 
@@ -92,17 +92,16 @@ def write_hf(canonical: Mapping[str, torch.Tensor], depths, dims, out: Path, ima
         raise CheckpointError(f"{out} exists and is not an earlier --format hf export; choose another --out")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_state_dict(canonical_to_hf(canonical, dims), tmp / "model.safetensors", metadata=metadata)
-        (tmp / "config.json").write_text(json.dumps(hf_config(depths, dims, image_size), indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std),
-                                                                 indent=2) + "\n")
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_refusal(exc):
-            raise DiskWriteError(describe_write_failure(exc, out, "export", "write it elsewhere (--out PATH)")) from None
-        raise
+    with disk_refusals(out, "export", "write it elsewhere (--out PATH)"):
+        try:
+            tmp.mkdir(parents=True)
+            save_state_dict(canonical_to_hf(canonical, dims), tmp / "model.safetensors", metadata=metadata)
+            (tmp / "config.json").write_text(json.dumps(hf_config(depths, dims, image_size), indent=2) + "\n")
+            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std),
+                                                                     indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if check is not None:
         try:
             check(tmp)

@@ -7,6 +7,7 @@ gives the same one-line :class:`DiskWriteError` (the loop stops every rank on it
 a 0-byte or half-written file behind."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -68,6 +69,18 @@ def is_disk_refusal(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
 
 
+@contextlib.contextmanager
+def disk_refusals(path: str | os.PathLike, what: str = "file", advice: str = RESUME_ADVICE):
+    """Turn a write the disk refuses (no space, quota, read-only, permission) into one
+    :class:`DiskWriteError` line naming ``path``; any other error passes through."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_refusal(exc):
+            raise DiskWriteError(describe_write_failure(exc, path, what, advice)) from None
+        raise
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], what: str = "file",
                  advice: str = RESUME_ADVICE) -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it into place. A refusal by
@@ -75,16 +88,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], what: s
     ``path``; an earlier ``path`` stays as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        _unlink_quietly(tmp)
-        if is_disk_refusal(exc):
-            raise DiskWriteError(describe_write_failure(exc, path, what, advice)) from None
-        raise
+    with disk_refusals(path, what, advice):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            publish_mode(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
     return path
 
 
@@ -94,26 +106,23 @@ def append_line(path: str | os.PathLike, line: str, what: str = "log") -> None:
     path = Path(path)
     data = (line + "\n").encode()
     fd = None
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        start = os.fstat(fd).st_size
+    with disk_refusals(path, what):
         try:
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+            start = os.fstat(fd).st_size
             try:
-                os.ftruncate(fd, start)
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             except OSError:
-                pass
-            raise
-    except OSError as exc:
-        if is_disk_refusal(exc):
-            raise DiskWriteError(describe_write_failure(exc, path, what)) from None
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

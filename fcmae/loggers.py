@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .files import DiskWriteError, append_line, describe_write_failure, is_disk_refusal, write_atomic
+from .files import append_line, disk_refusals, write_atomic
 
 log = logging.getLogger("fcmae")
 
@@ -179,34 +179,24 @@ class TensorBoardLogger:
                               f"({exc})") from None
         self.dir = Path(run_dir) / "tensorboard"
         # purge_step: a resumed run hides the events logged after its checkpoint (TensorBoard's own rule)
-        self.writer = self._guard(lambda: SummaryWriter(log_dir=str(self.dir), purge_step=purge_step))
-
-    def _guard(self, write):
-        try:
-            return write()
-        except OSError as exc:
-            if is_disk_refusal(exc):
-                raise DiskWriteError(describe_write_failure(exc, self.dir, "TensorBoard events in")) from None
-            raise
+        with disk_refusals(self.dir, "TensorBoard events in"):
+            self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=purge_step)
 
     def log(self, metrics: dict, step: int) -> None:
-        def write():
+        with disk_refusals(self.dir, "TensorBoard events in"):
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, global_step=step)
             self.writer.flush()
-        self._guard(write)
 
     def log_image(self, key: str, path: str | Path, step: int) -> None:
         import numpy as np
         from PIL import Image
         with Image.open(path) as img:
             pixels = np.asarray(img.convert("RGB"))
-
-        def write():
+        with disk_refusals(self.dir, "TensorBoard events in"):
             self.writer.add_image(key, pixels, global_step=step, dataformats="HWC")
             self.writer.flush()
-        self._guard(write)
 
     def finish(self) -> None:
         self.writer.close()

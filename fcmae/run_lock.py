@@ -127,7 +127,7 @@ except ImportError:  # pragma: no cover - hydra is a dependency; keeps this modu
     Callback = object
 
 
-class WritableRunDir(Callback):
+class RunDirectoryChecks(Callback):
     """A Hydra callback (``hydra.callbacks`` in the app configs) that runs before Hydra creates the
     run directory and opens its log file there: the config's range checks (``app``: pretrain or
     finetune), so that a bad value leaves no empty run directory; an evaluation-only fine-tune logs

@@ -103,7 +103,7 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
     if target is None:
         return cfg.trainer.accum_iter, per_step * cfg.trainer.accum_iter
     if target % per_step:
-        hint = max((b for b in range(1, cfg.data.batch_size + 1) if target % (b * world_size) == 0), default=1)
+        hint = _dividing_batch(target, world_size, cfg.data.batch_size)
         raise ConfigError(
             f"optim.effective_batch_size={target} is not a multiple of data.batch_size x world size = "
             f"{cfg.data.batch_size} x {world_size} = {per_step}; choose a batch size that divides it "
@@ -115,6 +115,11 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
                     "(%d x %d x %d); drop one of the two", cfg.trainer.accum_iter, target, accum,
                     cfg.data.batch_size, world_size, accum)
     return accum, target
+
+
+def _dividing_batch(effective: int, world_size: int, at_most: int) -> int:
+    """The largest per-process batch <= ``at_most`` that ``effective`` splits into on ``world_size``."""
+    return max((b for b in range(1, at_most + 1) if effective % (b * world_size) == 0), default=1)
 
 
 def checkpoint_world(ck: dict) -> tuple[int, int]:
@@ -136,12 +141,12 @@ def adapt_to_world_size(old_world: int, old_effective: int, batch_size: int, wor
     per_step = batch_size * world_size
     if old_effective % per_step == 0:
         return old_effective // per_step
-    fits = [b for b in range(1, old_effective // world_size + 1) if old_effective % (b * world_size) == 0]
+    hint = _dividing_batch(old_effective, world_size, old_effective // world_size)
     raise ConfigError(
         f"this run was trained with an effective batch of {old_effective} on {old_world} process(es); on "
         f"{world_size} it cannot be kept with data.batch_size={batch_size} ({old_effective} is not a multiple of "
         f"{batch_size} x {world_size}): resume on {old_world} process(es), or set data.batch_size to one that "
-        f"divides it (e.g. {max(fits, default=1)}) so that the accumulation makes up the rest")
+        f"divides it (e.g. {hint}) so that the accumulation makes up the rest")
 
 
 def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precision: str,
