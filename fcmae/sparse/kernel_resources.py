@@ -41,13 +41,13 @@ class Resources:
 
 def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
     """Every distinct configuration the encoder launches, with the (size, stage, channels) using it."""
-    from .triton_dwconv import WGRAD_BLOCK_C, _block_c, next_power_of_2
+    from .triton_dwconv import _block_c, _wgrad_block_c
     out: dict[KernelConfig, list[str]] = {}
     for name, variant in VARIANTS.items():
         for stage, ((tile, reach), channels) in enumerate(zip(STAGE_TILES, variant.dims)):
             for dtype in dtypes:
                 fwd = KernelConfig("forward", tile, reach, _block_c(channels, tile * tile), dtype)
-                wgrad = KernelConfig("wgrad", tile, reach, min(WGRAD_BLOCK_C, next_power_of_2(channels)), dtype)
+                wgrad = KernelConfig("wgrad", tile, reach, _wgrad_block_c(channels), dtype)
                 for cfg in (fwd, wgrad):
                     out.setdefault(cfg, []).append(f"{name} s{stage} ({channels})")
     return out
@@ -68,7 +68,7 @@ def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
         fn = k._dwconv_tiles_wgrad_kernel
         sig = {"x_ptr": ptr, "g_ptr": ptr, "nbr_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",
                "CHUNKS": "i32"}
-        consts = {"KK_PAD": next_pow2(TAPS)}
+        consts = {"KK_PAD": triton.next_power_of_2(TAPS)}
     consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, REACH=cfg.reach, K=7, BLOCK_C=cfg.block_c)
     sig.update({name: "constexpr" for name in consts})
     try:
@@ -93,10 +93,6 @@ def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
     shared = compiled.metadata.shared if hasattr(compiled.metadata, "shared") else num(r"(\d+) bytes smem")
     return Resources(num(r"Used (\d+) registers"), num(r"(\d+) bytes spill stores"), num(r"(\d+) bytes spill loads"),
                      num(r"(\d+) bytes stack frame"), int(shared)), report
-
-
-def next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def bytes_per_site(cfg: KernelConfig) -> dict[str, int]:

@@ -110,13 +110,13 @@ WGRAD_NUM_WARPS = 4
 WGRAD_BLOCK_C = 64  # the weight grad holds a (K*K padded to 64) x BLOCK_C accumulator
 
 
-def next_power_of_2(n: int) -> int:
-    return triton.next_power_of_2(n)
-
-
 def _block_c(channels: int, sites: int) -> int:
     # about 4K accumulators a program: wide channel blocks for small tiles
     return max(16, min(triton.next_power_of_2(channels), 4096 // sites))
+
+
+def _wgrad_block_c(channels: int) -> int:
+    return min(WGRAD_BLOCK_C, triton.next_power_of_2(channels))
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles", mutates_args=())
@@ -171,7 +171,7 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, neighbours: torch.Te
         return torch.zeros(taps, channels, device=x.device, dtype=torch.float32)
     chunks = max(1, min(WGRAD_CHUNKS, tiles))
     partial = torch.empty(chunks, taps, channels, device=x.device, dtype=torch.float32)  # every entry written
-    block_c = min(WGRAD_BLOCK_C, triton.next_power_of_2(channels))
+    block_c = _wgrad_block_c(channels)
     grid = (chunks, triton.cdiv(channels, block_c))
     _dwconv_tiles_wgrad_kernel[grid](x, grad, neighbours, partial, tiles, channels, chunks, TILE=tile,
                                      LOG2T=tile.bit_length() - 1, REACH=reach, K=int(round(taps ** 0.5)),
