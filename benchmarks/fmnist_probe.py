@@ -14,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from fcmae import create_fcmae
-from fcmae.data import EvalImages, eval_transform, labelled_source
+from fcmae.data.samples import EvalImages
+from fcmae.data.transforms import eval_transform
+from fcmae.data.sources import labelled_source
 from fcmae.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
 from fcmae.pretrain import load_encoder_init
 

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fcmae.pretrain_loader import build_pretrain_loader  # noqa: E402
-from fcmae.shards_pack import pack  # noqa: E402
+from fcmae.data.loaders import build_pretrain_loader  # noqa: E402
+from fcmae.data.shards_pack import pack  # noqa: E402
 
 PREFETCH = 4  # build_train_loader's prefetch_factor
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from loader_rate import PREFETCH, make_jpegs  # noqa: E402
 
-from fcmae.data import scan_folder  # noqa: E402
+from fcmae.data.sources import scan_folder  # noqa: E402
 
 
 def window_for(workers: int, warmup_steps: int, window: int) -> tuple[int, int]:

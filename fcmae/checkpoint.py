@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert import CheckpointError, load_state_dict_file
 from .files import WRITE_ERRNOS, DiskWriteError, free_space, fsync_dir, publish_mode
+from .weights_file import CheckpointError, load_state_dict_file
 
 log = logging.getLogger("fcmae")
 

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import read_checkpoint
 from .config import CONFIG_PATH, ROOTED_LABELLED, register_configs, validate_finetune
-from .convert import CheckpointError, canonical_to_format, infer_shape, to_canonical, variant_of
+from .export.convert import canonical_to_format, infer_shape, to_canonical, variant_of
+from .weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, class_names_of,
                    eval_transform, finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed

@@ -19,8 +19,9 @@ import torch
 from .config import CONFIG_PATH, ConfigError, register_configs, validate
 from .checkpoint import read_checkpoint
 from .files import append_line
-from .convert import CheckpointError, to_canonical
-from .pretrain_loader import build_pretrain_loader
+from .export.convert import to_canonical
+from .weights_file import CheckpointError
+from .data import build_pretrain_loader
 from .distributed import DistInfo, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task, TrainLoop
 from .evaluation import build_evaluator

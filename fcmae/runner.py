@@ -18,7 +18,7 @@ from .checkpoint import (REQUIRED_KEYS, CheckpointManager, CheckpointUnreadable,
                          load_resolved, newest_good_checkpoint, numbered_checkpoints, read_checkpoint, restore_rng,
                          set_aside_checkpoints)
 from .config import ConfigError
-from .convert import CheckpointError
+from .weights_file import CheckpointError
 from .data import DataError, shutdown_workers
 from .distributed import DistInfo, all_reduce_max, broadcast_object
 from .engine import (DataQualityError, LoopSettings, LoopState, NonFiniteLoss, Preempted, PreemptionGuard, RunParts, Task,

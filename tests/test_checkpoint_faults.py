@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fcmae.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint, read_checkpoint
-from fcmae.convert import CheckpointError
+from fcmae.weights_file import CheckpointError
 from fcmae.pretrain import run
 from fcmae.runner import USER_ERRORS
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from fcmae import ConvNeXtV2, create_fcmae
-from fcmae.convert import (CheckpointError, dense_conv_to_me, dense_depthwise_to_me,
-                           detect_layout, me_conv_to_dense, me_depthwise_to_dense, save_state_dict, to_canonical,
-                           to_dense)
-from fcmae.export import export, main
+from fcmae.export.convert import (dense_conv_to_me, dense_depthwise_to_me, detect_layout, me_conv_to_dense,
+                                  me_depthwise_to_dense, to_canonical, to_dense)
+from fcmae.export.exporter import export, main
+from fcmae.weights_file import CheckpointError, load_state_dict_file, save_state_dict
 
 from conftest import canonical_to_minkowski, rel_err
 
@@ -140,7 +140,7 @@ def test_bad_inputs_get_clear_errors(tmp_path, capsys):
 
 def test_export_verification_catches_a_wrong_file(tmp_path, monkeypatch):
     """The self-check must fail when the written weights differ from the source."""
-    import fcmae.convert as cv
+    import fcmae.export.convert as cv
     model = create_fcmae("convnextv2_atto")
     torch.save(model.state_dict(), tmp_path / "ck.pt")
     real = cv.canonical_to_timm
@@ -166,7 +166,6 @@ def test_from_official_accepts_both_official_layouts_and_refuses_others(tmp_path
         printed = capsys.readouterr().out
         assert "verified" in printed and ("minkowski" in printed or "official" in printed)
         dense = timm.create_model("convnextv2_atto", num_classes=0)
-        from fcmae.convert import load_state_dict_file
         dense.load_state_dict({k: v for k, v in load_state_dict_file(out).items() if not k.startswith("head.fc")},
                               strict=False)
         imgs = torch.randn(1, 3, 64, 64)

@@ -10,9 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers", reason="--format hf needs pip install 'fcmae[hf]' (CI installs it)")
 
 from fcmae import create_fcmae  # noqa: E402
-from fcmae.convert import CheckpointError, save_state_dict, to_canonical  # noqa: E402
-from fcmae.export import export  # noqa: E402
-from fcmae.export import main as export_main  # noqa: E402
+from fcmae.export.convert import to_canonical  # noqa: E402
+from fcmae.export.exporter import export  # noqa: E402
+from fcmae.export.exporter import main as export_main  # noqa: E402
+from fcmae.weights_file import CheckpointError, save_state_dict  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 
@@ -72,7 +73,7 @@ def test_hf_export_from_every_layout(pretrained, tmp_path):
 
 def test_the_hf_check_can_fail_and_leaves_nothing(pretrained, tmp_path, monkeypatch):
     _, path = pretrained
-    import fcmae.export_hf as export_hf
+    import fcmae.export.hf as export_hf
     real = export_hf.canonical_to_hf
 
     def swapped_grn(canonical, dims):  # a converter bug: GRN gamma and beta exchanged

@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from fcmae import create_fcmae
 from fcmae.checkpoint import load_checkpoint
-from fcmae.convert import CheckpointError
+from fcmae.weights_file import CheckpointError
 from fcmae.evaluation import knn_accuracy, linear_probe_accuracy
-from fcmae.export import export
+from fcmae.export.exporter import export
 from fcmae.finetune import build_classifier, load_pretrained
 from fcmae.finetune import run as finetune
 from fcmae.pretrain import CONFIG_PATH
@@ -88,7 +88,8 @@ def test_pretrain_eval_scores_equal_an_independent_recomputation(tmp_path):
     """The k-NN / linear-probe scores logged during pretraining equal the same scorers run on
     features from another path: the run's checkpoint exported to timm, pooled forward_features."""
     import timm
-    from fcmae.data import eval_transform, labelled_source
+    from fcmae.data.transforms import eval_transform
+    from fcmae.data.sources import labelled_source
     cfg = compose_cfg("pretrain", *PRE_TINY, "trainer.max_steps=2", "eval=knn+linear",
                       "eval.synthetic_train_images=32", "eval.synthetic_val_images=16", "eval.num_workers=0",
                       "eval.linear_steps=20")

@@ -1,5 +1,5 @@
-"""data.decode=gpu (fcmae/gpu_decode.py) on the CPU: workers read bytes and draw the crop, the main
-process decodes the batch. Checked against the CPU pipeline (fcmae/data.py) sample by sample: the
+"""data.decode=gpu (fcmae/data/device_decode.py) on the CPU: workers read bytes and draw the crop, the main
+process decodes the batch. Checked against the CPU pipeline (fcmae/data/samples.py) sample by sample: the
 same crop geometry on real JPEGs, the per-sample fallback, a corrupt JPEG, exact resume."""
 import io
 import logging
@@ -14,11 +14,14 @@ from torchvision import transforms
 
 from fcmae.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
-from fcmae.data import DataError, PretrainSamples, pretrain_transform, scan_folder, seeded_rngs
-from fcmae.gpu_decode import (DeviceDecoder, EncodedPretrainSamples, collate_encoded, read_jpeg,
-                              resolve_decode)
+from fcmae.data.image_io import DataError
+from fcmae.data.samples import PretrainSamples, seeded_rngs
+from fcmae.data.transforms import pretrain_transform
+from fcmae.data.sources import scan_folder
+from fcmae.data.device_decode import (DeviceDecoder, EncodedPretrainSamples, collate_encoded, read_jpeg,
+                                      resolve_decode)
 from fcmae.pretrain import run
-from fcmae.pretrain_loader import build_pretrain_loader
+from fcmae.data.loaders import build_pretrain_loader
 
 from test_pretrain import assert_resume_is_bit_identical, make_cfg
 
@@ -85,7 +88,7 @@ def test_geometry_follows_the_seed_not_the_path(tmp_path):
     RandomResizedCrop + RandomHorizontalFlip draw under that seed."""
     folder = jpeg_folder(tmp_path / "imgs", [(375, 500), (200, 210)])
     _, enc, _ = both_paths(folder, scale=(0.08, 1.0))
-    from fcmae.data import sample_seed
+    from fcmae.data.samples import sample_seed
     for key in range(8):
         _, geometry, *_ = enc[key]
         epoch, index = divmod(key, 2)
@@ -171,8 +174,8 @@ def test_decode_gpu_run_resumes_bit_identically(tmp_path):
 
 def test_a_device_that_cannot_decode_falls_back_under_auto_and_fails_clearly_under_gpu(tmp_path, monkeypatch,
                                                                                       caplog):
-    import fcmae.gpu_decode as gpu_decode
-    from fcmae.gpu_decode import DeviceBatches, device_decode_error
+    import fcmae.data.device_decode as gpu_decode
+    from fcmae.data.device_decode import DeviceBatches, device_decode_error
     assert device_decode_error(torch.device("cpu")) is None  # the self-test passes where decoding works
     monkeypatch.setattr(gpu_decode, "device_decode_error", lambda device, decoder="auto": "no nvJPEG in this build")
     folder = jpeg_folder(tmp_path / "imgs", [(150, 200)] * 8)

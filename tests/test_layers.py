@@ -1,4 +1,4 @@
-"""The module layers point one way: models <- sparse ops <- converter <- engine <- apps.
+"""The module layers point one way: models <- sparse ops <- {data, export, engine} <- runner <- apps.
 
 Checked twice: statically (every import in fcmae/, deferred ones included, forms no cycle) and
 by importing a module alone in a fresh interpreter and looking at what it pulled in.
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fcmae"
-APPS = {"fcmae.pretrain", "fcmae.finetune", "fcmae.export"}
+APPS = {"fcmae.pretrain", "fcmae.finetune", "fcmae.export.exporter"}
+PACKAGES = ("fcmae", "fcmae.models", "fcmae.sparse", "fcmae.data", "fcmae.engine", "fcmae.export")
 BACKENDS = {"fcmae.sparse.compact", "fcmae.sparse.masked_dense", "fcmae.sparse.minkowski"}
 
 
@@ -72,10 +73,10 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = _import_graph()
-    assert "fcmae.sparse.me_kernels" in graph["fcmae.convert"]  # the parser sees relative imports
+    assert "fcmae.sparse.me_kernels" in graph["fcmae.export.convert"]  # the parser sees relative imports
     # the package's __init__ files re-export their children; a child importing a sibling through
     # the package is not a cycle of the layers, so those edges are left out
-    layered = {m: {t for t in ts if not (m.startswith(t + ".") and t in ("fcmae", "fcmae.models", "fcmae.sparse"))}
+    layered = {m: {t for t in ts if not (m.startswith(t + ".") and t in PACKAGES)}
                for m, ts in graph.items()}
     assert _cycle(layered) is None, " -> ".join(_cycle(layered))
 
@@ -83,7 +84,9 @@ def test_the_import_graph_has_no_cycle():
 def test_no_app_imports_another_app_and_lower_layers_import_no_app():
     graph = _import_graph()
     for module, targets in graph.items():
-        assert not (targets & APPS), f"{module} imports the app(s) {targets & APPS}"
+        # fcmae.export's __init__ (lazily) and __main__ are the app's own doors, not callers of it
+        apps = {a for a in targets & APPS if not (module == a.rpartition(".")[0] or module == a.rpartition(".")[0] + ".__main__")}
+        assert not apps, f"{module} imports the app(s) {apps}"
 
 
 def _pulled_in(module: str) -> set[str]:
@@ -92,13 +95,61 @@ def _pulled_in(module: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+ENGINE = {"fcmae.engine", "fcmae.runner", "fcmae.checkpoint"}
+
+
 @pytest.mark.parametrize("module, must_not", [
-    ("fcmae.convert", BACKENDS | APPS | {"fcmae.engine", "fcmae.checkpoint"}),
-    ("fcmae.engine", APPS | {"fcmae.visualize", "fcmae.data"}),
-    ("fcmae.finetune", {"fcmae.pretrain", "fcmae.export", "fcmae.visualize"}),
-    ("fcmae.export", BACKENDS | {"fcmae.pretrain", "fcmae.finetune", "fcmae.engine"}),
+    ("fcmae.export.convert", BACKENDS | APPS | ENGINE),
+    ("fcmae.engine", APPS | {"fcmae.visualize", "fcmae.data", "fcmae.export"}),
+    ("fcmae.data", APPS | ENGINE | {"fcmae.export", "fcmae.evaluation", "fcmae.visualize"}),
+    ("fcmae.finetune", {"fcmae.pretrain", "fcmae.export.exporter", "fcmae.visualize"}),
+    ("fcmae.export.exporter", BACKENDS | {"fcmae.pretrain", "fcmae.finetune", "fcmae.engine", "fcmae.data"}),
 ])
 def test_a_module_imported_alone_pulls_in_only_lower_layers(module, must_not):
     pulled = _pulled_in(module)
     assert module in pulled
     assert not (pulled & must_not), f"importing {module} imported {sorted(pulled & must_not)}"
+
+
+def _package(module: str) -> str:
+    """The room a module lives in: its subpackage (``fcmae.data``), or the module itself on the top floor."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+# room -> the rooms it must never import from (anywhere in its source, deferred imports included)
+FORBIDDEN = {
+    "fcmae.models": {"fcmae.data", "fcmae.export", "fcmae.engine", "fcmae.runner", "fcmae.checkpoint",
+                     "fcmae.pretrain", "fcmae.finetune", "fcmae.config"},
+    "fcmae.sparse": {"fcmae.data", "fcmae.export", "fcmae.engine", "fcmae.runner", "fcmae.checkpoint",
+                     "fcmae.pretrain", "fcmae.finetune", "fcmae.config"},
+    "fcmae.data": {"fcmae.engine", "fcmae.runner", "fcmae.checkpoint", "fcmae.export", "fcmae.evaluation",
+                   "fcmae.pretrain", "fcmae.finetune"},
+    "fcmae.export": {"fcmae.data", "fcmae.engine", "fcmae.runner", "fcmae.pretrain", "fcmae.finetune"},
+    "fcmae.engine": {"fcmae.data", "fcmae.export", "fcmae.runner", "fcmae.evaluation", "fcmae.visualize",
+                     "fcmae.pretrain", "fcmae.finetune"},
+    "fcmae.runner": {"fcmae.pretrain", "fcmae.finetune", "fcmae.export"},
+}
+
+
+def test_the_package_arrows_point_one_way():
+    """models <- sparse; data; export; engine <- runner <- apps: no room imports from a room above it."""
+    graph = _import_graph()
+    wrong = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
+                   if _package(t) in FORBIDDEN.get(_package(m), ()))
+    assert not wrong, "imports against the arrows:\n  " + "\n  ".join(wrong)
+    # and the rooms exist as packages (a module moved back to the top floor would make this vacuous)
+    assert {"fcmae.data.sources", "fcmae.data.loaders", "fcmae.engine.loop", "fcmae.export.convert"} <= set(graph)
+
+
+def test_old_import_paths_keep_working():
+    """What user code may hold from before the layout: the converter's old module, the package's
+    model factory, ``fcmae.export.export``."""
+    import fcmae
+    import fcmae.convert
+    import fcmae.export
+    from fcmae.export import convert, exporter
+    assert fcmae.convert.to_dense is convert.to_dense
+    assert fcmae.convert.CheckpointError is convert.CheckpointError
+    assert fcmae.export.export is exporter.export and fcmae.export.main is exporter.main
+    assert callable(fcmae.create_fcmae)

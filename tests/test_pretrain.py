@@ -13,7 +13,10 @@ from PIL import Image
 
 from fcmae.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
-from fcmae.data import PretrainSamples, ResumableSampler, SyntheticImages, pretrain_transform
+from fcmae.data.samples import PretrainSamples
+from fcmae.data.loaders import ResumableSampler
+from fcmae.data.sources import SyntheticImages
+from fcmae.data.transforms import pretrain_transform
 from fcmae.engine import NonFiniteLoss, Preempted
 from fcmae.pretrain import CONFIG_PATH, run
 
@@ -276,7 +279,8 @@ def test_multirun_sweep_one_directory_per_value(tmp_path):
 
 
 def test_batches_carry_their_checked_visible_count():
-    from fcmae.data import DataError, collate_masked
+    from fcmae.data.image_io import DataError
+    from fcmae.data.samples import collate_masked
     ds = PretrainSamples(SyntheticImages(8, size=80), pretrain_transform(64), 64, 0.5)
     batch = collate_masked([ds[i] for i in range(4)])
     assert batch[4] == 2 and torch.equal((batch[1] == 0).sum(1), torch.full((4,), 2))  # int(4 * 0.5)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from fcmae.checkpoint import capture_rng, load_checkpoint, restore_rng
-from fcmae.data import DataError, labelled_source, open_image, scan_image_folder
+from fcmae.data.image_io import DataError, open_image
+from fcmae.data.sources import labelled_source, scan_image_folder
 from fcmae.optim import cosine_lr
 from fcmae.pretrain import run
 
@@ -246,7 +247,7 @@ def test_val_classes_are_matched_by_name(tmp_path):
 # ---------------------------------------------------------------- an export check that can fail
 
 def test_export_verification_catches_a_reading_error(tmp_path, monkeypatch, capsys):
-    import fcmae.export as export_mod
+    import fcmae.export.exporter as export_mod
     from fcmae import create_fcmae
     torch.save({"model": create_fcmae("convnextv2_atto").state_dict()}, tmp_path / "ck.pt")
     assert export_mod.main([str(tmp_path / "ck.pt"), "--out", str(tmp_path / "ok.safetensors")]) == 0

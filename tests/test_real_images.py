@@ -16,8 +16,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fcmae.data import DataError, PerClassSubset, eval_transform, labelled_source
-from fcmae.fashion_mnist import DEFAULT_ROOT, FashionMNIST, FashionMNISTError
+from fcmae.data.image_io import DataError
+from fcmae.data.sources import PerClassSubset, labelled_source
+from fcmae.data.transforms import eval_transform
+from fcmae.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, FashionMNISTError
 
 HAVE_FMNIST = (Path(DEFAULT_ROOT) / "train-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(
@@ -62,7 +64,7 @@ def test_reader_errors_name_the_fix(tmp_path):
 
 
 def test_per_class_subset_is_a_fixed_balanced_draw():
-    from fcmae.data import SyntheticImages
+    from fcmae.data.sources import SyntheticImages
     src = SyntheticImages(200, 8, 32, seed=0)  # class = index % 8: 25 per class
     a, b, c = (PerClassSubset(src, 5, seed) for seed in (0, 0, 1))
     assert len(a) == 40 and np.bincount(a.labels).tolist() == [5] * 8
@@ -100,7 +102,7 @@ def test_pretraining_learns_on_fashion_mnist_then_fine_tunes(tmp_path):
     asserted here: at this budget they sit within noise of the random-init encoder (linear
     71.2 vs 71.0); that comparison is the benchmark's job (docs/results.md)."""
     from fcmae.checkpoint import load_checkpoint
-    from fcmae.export import export
+    from fcmae.export.exporter import export
     from fcmae.finetune import run as finetune
     from fcmae.models.masking import random_mask
     from fcmae.pretrain import build_model

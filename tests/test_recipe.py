@@ -13,7 +13,7 @@ from PIL import Image
 from fcmae import create_fcmae
 from fcmae.checkpoint import load_checkpoint
 from fcmae.pretrain import CONFIG_PATH
-from fcmae.data import eval_transform, finetune_transform
+from fcmae.data.transforms import eval_transform, finetune_transform
 from fcmae.finetune import build_classifier, build_optimizer
 from fcmae.finetune import run as finetune
 from fcmae.optim import param_groups, set_lr
@@ -340,7 +340,7 @@ def test_resume_with_ema_is_bit_identical_and_keeps_the_best(tmp_path):
         assert (tmp_path / "split/checkpoints" / name).exists()
     # --ema exports the average, not the raw weights
     from safetensors.torch import load_file
-    from fcmae.export import export
+    from fcmae.export.exporter import export
     out = load_file(export(tmp_path / "split", "timm", tmp_path / "ema.safetensors", log=lambda *_: None, ema=True))
     assert torch.equal(out["stages.0.blocks.0.conv_dw.weight"], b["model_ema"]["stages.0.blocks.0.conv_dw.weight"])
     assert not torch.equal(out["stages.0.blocks.0.conv_dw.weight"], b["model"]["stages.0.blocks.0.conv_dw.weight"])

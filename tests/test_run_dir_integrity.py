@@ -17,7 +17,7 @@ import torch
 import fcmae.checkpoint as ckmod
 from fcmae.checkpoint import CheckpointUnreadable, load_checkpoint, read_checkpoint
 from fcmae.config import ConfigError
-from fcmae.convert import CheckpointError
+from fcmae.weights_file import CheckpointError
 from fcmae.engine import NonFiniteLoss, Preempted
 from fcmae.files import DiskWriteError
 from fcmae.pretrain import run
@@ -411,8 +411,8 @@ def test_a_stop_signal_caught_during_a_periodic_save_stops_right_after_it(tmp_pa
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../outside.tar", "link.tar"])
 def test_a_shard_index_may_only_name_files_inside_its_folder(tmp_path, name):
-    from fcmae.image_io import DataError
-    from fcmae.shards import FORMAT, ShardImages
+    from fcmae.data.image_io import DataError
+    from fcmae.data.shards import FORMAT, ShardImages
     root = tmp_path / "shards"
     root.mkdir()
     (tmp_path / "outside.tar").write_bytes(b"")

@@ -104,7 +104,8 @@ def test_compile_auto_is_on_for_cuda_and_off_for_cpu():
 def test_finetune_reads_labelled_file_lists_and_matches_val_classes_by_name(tmp_path):
     from hydra import compose, initialize_config_dir
     from PIL import Image
-    from fcmae.data import DataError, read_labelled_list
+    from fcmae.data.image_io import DataError
+    from fcmae.data.sources import read_labelled_list
     from fcmae.finetune import run as finetune_run
     (tmp_path / "img").mkdir()
     lines = []

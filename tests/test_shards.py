@@ -11,11 +11,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from fcmae.data import DataError, PretrainSamples, ResumableSampler, pretrain_transform, scan_image_folder
+from fcmae.data.image_io import DataError
+from fcmae.data.samples import PretrainSamples
+from fcmae.data.loaders import ResumableSampler
+from fcmae.data.transforms import pretrain_transform
+from fcmae.data.sources import scan_image_folder
 from fcmae.pretrain import CONFIG_PATH
-from fcmae.shards import ShardImages
-from fcmae.shards_pack import main as shards_main
-from fcmae.shards_pack import pack
+from fcmae.data.shards import ShardImages
+from fcmae.data.shards_pack import main as shards_main
+from fcmae.data.shards_pack import pack
 
 from test_pretrain import assert_resume_is_bit_identical
 
@@ -120,7 +124,7 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     flat.mkdir()
     (flat / "a.jpg").write_bytes((src / "cat" / "0.png").read_bytes())
     pack(flat, tmp_path / "flat_shards", log=lambda *_: None)
-    from fcmae.data import labelled_source
+    from fcmae.data.sources import labelled_source
     with pytest.raises(DataError, match="packed without labels"):
         labelled_source("shards", str(tmp_path / "flat_shards"), "train", 0, 0, 64, 0)
     assert shards_main(["pack", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
@@ -129,7 +133,7 @@ def test_refusals_name_the_problem(tmp_path, capsys):
 
 def test_open_shard_handles_are_capped(tmp_path, monkeypatch):
     """Random access touches every shard; handles beyond the cap are closed, least recently used first."""
-    import fcmae.shards as shards_module
+    import fcmae.data.shards as shards_module
     monkeypatch.setattr(shards_module, "MAX_OPEN", 2)
     opened, real_open = [], shards_module._open
     monkeypatch.setattr(shards_module, "_open", lambda path, mode="rb": opened.append(real_open(path, mode)) or opened[-1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fcmae import create_fcmae
-from fcmae.convert import to_dense
+from fcmae.export import to_dense
 from fcmae.models.masking import random_mask
 from fcmae.sparse.compact import gather_from_canvas, grn_rows, scatter_to_canvas
 from fcmae.sparse.layout import SparseLayout

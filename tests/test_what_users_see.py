@@ -93,8 +93,8 @@ def test_config_errors_leave_no_directory_and_eval_only_no_training_directory(tm
 
 
 def test_a_bad_shard_member_is_named_with_the_file_it_was_packed_from(tmp_path, caplog):
-    from fcmae.shards import ShardImages
-    from fcmae.shards_pack import pack
+    from fcmae.data.shards import ShardImages
+    from fcmae.data.shards_pack import pack
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):

@@ -13,7 +13,7 @@ resume mid-epoch, per-sample seeded crops and masks (keys are indices), DDP shar
 counted. A streaming reader (WebDataset, MosaicML Streaming) would give up exact resume or
 per-sample keys, or both. Paths may be local or, with ``fsspec`` and its backend installed, any
 URL it opens (``s3://``, ``gs://``, ``https://``): documented, not tested here. The packer is
-:mod:`fcmae.shards_pack` (``fcmae-shards pack``).
+:mod:`fcmae.data.shards_pack` (``fcmae-shards pack``).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Reading one image faithfully, and the error every data problem raises. The lowest data layer:
-the sources (:mod:`fcmae.data`, :mod:`fcmae.shards`) build on it."""
+the sources (:mod:`fcmae.data.sources`, :mod:`fcmae.data.shards`) build on it."""
 from __future__ import annotations
 
 import numpy as np

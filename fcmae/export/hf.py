@@ -19,9 +19,8 @@ from typing import Mapping
 
 import torch
 
-from .files import disk_refusals
-
-from .convert import CheckpointError, save_state_dict
+from ..files import disk_refusals
+from ..weights_file import CheckpointError, save_state_dict
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 _BLOCK_KEYS = {"dwconv": "dwconv", "norm": "layernorm", "pwconv1": "pwconv1", "pwconv2": "pwconv2",

@@ -14,14 +14,14 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import read_checkpoint
-from .files import DiskWriteError
-from .run_lock import RunDirectoryUnwritable, check_writable
-from .convert import (FORMATS, CheckpointError, canonical_to_format, infer_shape, load_state_dict_file,
-                      save_state_dict, to_canonical, unwrap_state_dict, variant_of)
-from .export_hf import IMAGENET_MEAN, IMAGENET_STD
-from .models.convnextv2 import ConvNeXtV2
-from .models.variants import find_variant
+from ..checkpoint import read_checkpoint
+from ..files import DiskWriteError
+from ..models.convnextv2 import ConvNeXtV2
+from ..models.variants import find_variant
+from ..run_lock import RunDirectoryUnwritable, check_writable
+from ..weights_file import CheckpointError, load_state_dict_file, save_state_dict
+from .convert import FORMATS, canonical_to_format, infer_shape, to_canonical, unwrap_state_dict, variant_of
+from .hf import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ---------------------------------------------------------------- verification
@@ -45,7 +45,7 @@ def _check_images(img_size: int = 64, batch: int = 2) -> torch.Tensor:
 
 def _sparse_unmasked(state_dict: Mapping[str, torch.Tensor], depths, dims, imgs: torch.Tensor) -> torch.Tensor:
     """The sparse encoder (``strict`` load of ``state_dict``) on ``imgs`` with nothing masked."""
-    from .models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
+    from ..models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
     model = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
     model.load_state_dict(state_dict, strict=True)
     return model(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-1] // 32) ** 2))
@@ -182,7 +182,7 @@ def _check_writable(folder: Path, default: bool) -> None:
 
 def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, verify: bool, log) -> Path:
     """``--format hf``: a transformers folder, checked in place before it is moved to ``out``."""
-    from .export_hf import hf_features, require_transformers, write_hf
+    from .hf import hf_features, require_transformers, write_hf
     depths, dims = infer_shape(canonical)
     data = (obj.get("config") or {}).get("data") or {}  # the pretraining run's image size and normalisation
     out = Path(out) if out else src.with_name(f"{src.stem}_hf")

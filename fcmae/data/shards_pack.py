@@ -1,5 +1,5 @@
 """``fcmae-shards pack SRC OUT``: an ImageFolder, a folder or a file list into tar shards and the
-``index.json`` that :class:`fcmae.shards.ShardImages` (``data=shards``) reads.
+``index.json`` that :class:`fcmae.data.shards.ShardImages` (``data=shards``) reads.
 
     fcmae-shards pack /data/imagenet/train /data/imagenet-shards/train --shard-size 1GB
 """
@@ -14,9 +14,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .data import ImageFiles, read_file_list, read_labelled_list, scan_folder, scan_image_folder
+from .sources import ImageFiles, read_file_list, read_labelled_list, scan_folder, scan_image_folder
 from .image_io import DataError
-from .loggers import track
+from ..loggers import track
 from .shards import FORMAT, INDEX
 
 

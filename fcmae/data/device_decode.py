@@ -3,9 +3,9 @@ JPEG's bytes and draw its crop and flip; the device decodes the batch (nvjpeg, t
 torchvision) and crops, resizes, flips and normalises it.
 
 Why: a CPU worker decodes and augments ~125 ImageNet-sized JPEGs/s, so a 16-core host cannot feed
-one compiled GPU (issue #18). What stays as on the CPU path (:mod:`fcmae.data`):
+one compiled GPU (issue #18). What stays as on the CPU path (:mod:`fcmae.data.samples`):
 
-- the geometry: :func:`fcmae.data.crop_geometry` under the same per-sample seed, so a sample's
+- the geometry: :func:`fcmae.data.transforms.crop_geometry` under the same per-sample seed, so a sample's
   crop, flip and mask depend on (seed, epoch, index) only; exact resume holds and the two paths are
   interchangeable (pixels differ by the resize implementations, not by what is cropped);
 - what the GPU decoder cannot take (PNG, greyscale or CMYK JPEG, an EXIF rotation, an unreadable
@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import DataError, PretrainSamples, collate_masked, crop_geometry, sample_seed, seeded_rngs
+from .image_io import DataError
+from .samples import PretrainSamples, collate_masked, sample_seed, seeded_rngs
+from .transforms import crop_geometry
 
 log = logging.getLogger("fcmae")
 
@@ -138,7 +140,7 @@ class EncodedPretrainSamples(PretrainSamples):
 
 def collate_encoded(samples: list) -> tuple:
     """Batches ``(EncodedImages, masks, bad, keys, visible_per_sample)``, the layout of
-    :func:`fcmae.data.collate_masked` with the images not yet decoded."""
+    :func:`fcmae.data.samples.collate_masked` with the images not yet decoded."""
     jpeg_index = [i for i, sample in enumerate(samples) if sample[0] is not None]
     pixel_index = [i for i, sample in enumerate(samples) if sample[0] is None]
     pixels = (torch.stack([samples[i][1] for i in pixel_index]) if pixel_index

@@ -1,0 +1,131 @@
+"""Loaders: the resumable, rank-sharded sampler, worker setup and shutdown, the train and eval
+loaders, and :func:`build_pretrain_loader`, the one place the pretraining input pipeline is built
+(``data.decode`` picks the CPU path or :mod:`fcmae.data.device_decode`)."""
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import device_decode
+from .image_io import DataError
+from .samples import EvalImages, KeyedSamples, PretrainSamples, collate_masked
+from .sources import build_source
+from .transforms import pretrain_transform
+
+log = logging.getLogger("fcmae.data")
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (per-epoch reshuffle) that yields sample keys and can start mid-epoch.
+
+    ``set_start(n)`` skips the first ``n`` samples of this rank in the current
+    epoch, so a resumed run neither repeats nor skips samples.
+    """
+
+    def __init__(self, dataset: KeyedSamples, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self):
+        n = len(self.dataset)
+        for index in list(super().__iter__())[self.start:]:
+            yield self.epoch * n + index
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the signals that stop a run. Slurm, ``timeout``
+    and a terminal's Ctrl-C signal the whole process group; a worker that died of it would kill
+    the run before its checkpoint. The main process owns shutdown (and workers exit with it)."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a loader's persistent workers now, the polite way (a "done" message they obey). Needed
+    because they ignore SIGTERM (:func:`ignore_stop_signals`): left to interpreter exit,
+    multiprocessing would SIGTERM them and then wait for them forever."""
+    loader = getattr(loader, "loader", loader)  # device_decode.DeviceBatches wraps the DataLoader
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
+
+def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int, seed: int, rank: int = 0,
+                       world_size: int = 1, pin_memory: bool = False, persistent_workers: bool = True,
+                       collate_fn=None):
+    """``(loader, sampler)`` over keyed samples: resumable, sharded, deterministic per sample."""
+    per_rank = len(dataset) // world_size
+    if per_rank < batch_size:
+        raise DataError(
+            f"{len(dataset)} images give {per_rank} per process, fewer than data.batch_size={batch_size}; "
+            "use more images or a smaller batch"
+        )
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
+        persistent_workers=num_workers > 0 and persistent_workers,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals,
+        # Its own generator: creating an iterator (each epoch, and on resume mid-epoch)
+        # must not draw from the global RNG that drop path uses.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+def build_eval_loader(dataset: EvalImages, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1):
+    """This rank's shard (``rank::world_size``, no padding: every image counted once)."""
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world_size)))
+    # Its own generator: an iterator draws a base seed, which must not come from the global
+    # RNG (drop path's), or evaluating would change the training that follows it.
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False,
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+
+
+def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
+                          pin_memory: bool = False, device: torch.device | str = "cpu"):
+    """``(loader, sampler, dataset)`` for pretraining; batches are
+    ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`). With
+    ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.data.device_decode`) the workers only read JPEG bytes
+    and the images arrive already decoded and augmented on ``device``."""
+    d, device = data_cfg, torch.device(device)
+    choice = getattr(d, "decode", "cpu")
+    decode = device_decode.resolve_decode(choice, d.source, device)
+    if decode == "gpu" and device.type == "cuda":
+        error = device_decode.device_decode_error(device)
+        if error and choice == "auto":
+            log.warning("data.decode=auto: %s cannot decode JPEGs (%s); decoding in the loader workers instead",
+                        device, error)
+            decode = "cpu"
+        elif error:
+            raise DataError(f"data.decode=gpu: {device} cannot decode JPEGs ({error}); install "
+                                       "'fcmae[gpu]' (TorchCodec) or use data.decode=cpu")
+    source = build_source(d, seed)
+    transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
+    if decode == "gpu":
+        dataset = device_decode.EncodedPretrainSamples(source, transform, d.img_size, mask_ratio, d.crop_scale, d.hflip,
+                                                    seed)
+        collate = device_decode.collate_encoded
+    else:
+        dataset, collate = PretrainSamples(source, transform, d.img_size, mask_ratio, seed), collate_masked
+    loader, sampler = build_train_loader(dataset, d.batch_size, d.num_workers, seed, rank, world_size,
+                                         pin_memory and d.pin_memory, d.persistent_workers, collate_fn=collate)
+    if decode == "gpu":
+        decoder = device_decode.DeviceDecoder(dataset, d.img_size, d.mean, d.std, device)
+        loader = device_decode.DeviceBatches(loader, decoder)
+        if rank == 0:
+            log.info("data.decode=gpu: workers read JPEG bytes, %s decodes and augments the batch on %s",
+                     decoder.decoder_name, device)
+    return loader, sampler, dataset

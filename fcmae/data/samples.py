@@ -1,0 +1,147 @@
+"""Samples keyed by ``(epoch, index)``: every random choice for a sample (crop, flip, mask) is a
+pure function of ``(seed, epoch, index)``, so the worker count does not change a run and a resumed
+run sees exactly the samples and masks an uninterrupted one would. Also the collation of
+pretraining batches and the un-augmented evaluation samples."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from ..models.masking import PATCH_SIZE, num_visible, random_mask
+from .image_io import DataError
+from .sources import describe_sample
+
+log = logging.getLogger("fcmae.data")
+
+MAX_CONSECUTIVE_BAD = 20
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """torch, Python and numpy RNGs seeded with ``seed`` for one sample's transform (timm's
+    RandAugment and random erasing draw from all three), then restored: the global streams
+    that drop path and mixup use are untouched."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from ``(seed, epoch, index)`` (SplitMix64-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    x ^= x >> 32
+    return x & (2**63 - 1)
+
+class KeyedSamples(Dataset):
+    """Wraps a source: ``key = epoch * len(source) + index`` -> one augmented sample.
+
+    The transform runs under a seed that is a function of ``(seed, epoch, index)``.
+    An unreadable file is logged by name and the next index stands in for it,
+    so batches keep their size; ``bad`` counts the files skipped for a sample.
+    """
+
+    def __init__(self, source: Dataset, transform, seed: int = 0):
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _describe(self, index: int) -> str:
+        return describe_sample(self.source, index)
+
+    def read(self, key: int):
+        """``(image tensor, label, bad, per-sample seed)`` for ``key``."""
+        epoch, index = divmod(int(key), len(self.source))
+        s = sample_seed(self.seed, epoch, index)
+        bad, failures = 0, []
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self.source)
+            try:
+                img, label = self.source[i]
+                break
+            except Exception as exc:  # a corrupt or unreadable file: skip it, name it
+                bad += 1
+                failures.append(self._describe(i))
+                log.warning("skipping unreadable image %s (%s: %s)", self._describe(i), type(exc).__name__, exc)
+        else:
+            raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive images could not be read, e.g. {failures[:3]}")
+        with seeded_rngs(s):
+            x = self.transform(img)
+        if x.shape[-1] % PATCH_SIZE or x.shape[-2] % PATCH_SIZE:
+            raise DataError(
+                f"{self._describe(i)} became {tuple(x.shape[-2:])} after transforms; height and width must be "
+                f"multiples of {PATCH_SIZE} (set data.img_size to a multiple of 32)"
+            )
+        return x, label, bad, s
+
+
+class PretrainSamples(KeyedSamples):
+    """``key -> (image, mask, bad, key)``; the mask is also a function of the sample's seed."""
+
+    def __init__(self, source: Dataset, transform, img_size: int, mask_ratio: float, seed: int = 0):
+        super().__init__(source, transform, seed)
+        self.img_size = img_size
+        self.num_patches = (img_size // PATCH_SIZE) ** 2
+        self.keep = num_visible(self.num_patches, mask_ratio)
+
+    def mask_for(self, sample_seed: int) -> torch.Tensor:
+        """The sample's mask ``[num_patches]`` (1 = masked), a function of its seed alone."""
+        g = torch.Generator().manual_seed(sample_seed ^ 0x5DEECE66D)
+        return random_mask(1, self.num_patches, keep=self.keep, generator=g)[0]
+
+    def __getitem__(self, key: int):
+        x, _, bad, s = self.read(key)
+        return x, self.mask_for(s), bad, int(key)
+
+
+class LabelledSamples(KeyedSamples):
+    """``key -> (image, label, bad, key)`` for supervised fine-tuning."""
+
+    def __getitem__(self, key: int):
+        x, label, bad, _ = self.read(key)
+        return x, int(label), bad, int(key)
+
+def collate_masked(samples: list) -> tuple:
+    """Pretraining batches ``(imgs, masks, bad, keys, visible_per_sample)``: the masks' common
+    count of visible patches is counted here, on the CPU, once, and travels with the batch, so
+    the model's static-size fast path gets a checked count rather than a promise."""
+    imgs, masks, bad, keys = default_collate(samples)
+    visible = (masks == 0).sum(dim=1)
+    if not bool((visible == visible[0]).all()) or int(visible[0]) < 1:
+        raise DataError(f"a pretraining batch's masks keep {sorted(set(visible.tolist()))} patches per sample; "
+                        "every mask must keep the same number, at least 1")
+    return imgs, masks, bad, keys, int(visible[0])
+
+class EvalImages(Dataset):
+    """Un-augmented labelled images: ``index -> (image, label, ok)``; an unreadable file
+    gives ``ok = False`` (logged by name) and is left out of the metrics."""
+
+    def __init__(self, source: Dataset, transform, img_size: int):
+        self.source, self.transform, self.img_size = source, transform, img_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            img, label = self.source[index]
+            return self.transform(img), int(label), True
+        except Exception as exc:
+            log.warning("skipping unreadable image %s (%s: %s)", describe_sample(self.source, index),
+                        type(exc).__name__, exc)
+            return torch.zeros(3, self.img_size, self.img_size), -1, False
+

@@ -1,0 +1,251 @@
+"""The training loop shared by pretraining and fine-tuning. One optimizer step reads top to bottom
+in :meth:`TrainLoop._train_micro_batch`: fetch a micro-batch, forward and backward (accumulating
+under ``no_sync``), the optimizer step, then the step's hooks (the ranks' agreement, logging, the
+task's hook, the periodic checkpoint). The collaborators own the rest: :class:`StepSync` (signals,
+unreadable files, write failures), :class:`Checkpointing`, :class:`StepLog`.
+
+What a batch means is the business of a *task* (``fcmae.pretrain.PretrainTask``,
+``fcmae.finetune.ClassifyTask``): it turns a batch into a loss, and may act after a step
+(reconstruction images) or at an epoch's end (evaluation).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..loggers import format_metrics
+from ..optim import cosine_lr, set_lr
+from .checkpointing import Checkpointing
+from .signals import Preempted, PreemptionGuard
+from .state import LoopSettings, LoopState, NonFiniteLoss
+from .step_log import StepLog
+from .step_sync import StepSync
+from .task import RunParts, Task
+
+log = logging.getLogger("fcmae")
+
+
+class TrainLoop:
+    def __init__(self, task: Task, parts: RunParts, settings: LoopSettings, state: LoopState, metrics_file):
+        self.task = task
+        self.model, self.raw_model = parts.model, parts.raw_model
+        self.optimizer, self.scaler = parts.optimizer, parts.scaler
+        self.loader, self.sampler = parts.loader, parts.sampler
+        self.settings, self.state, self.dist = settings, state, parts.dist
+        self.ckpt, self.metrics_file, self.tracker = parts.ckpt, metrics_file, parts.tracker
+        self.config, self.run_dir = parts.config, Path(parts.run_dir)
+        self.sync = StepSync(parts.dist, settings.max_bad_fraction)
+        self.checkpoints = Checkpointing(task, parts, settings, state, self.sync)
+        self.step_log = StepLog(settings, state, parts.dist, parts.optimizer, metrics_file, parts.tracker, self.sync)
+
+    # ------------------------------------------------------------ what tasks call
+    def state_dict(self) -> dict:
+        return self.checkpoints.contents()
+
+    def save(self, name: str | None = None) -> Path | None:
+        return self.checkpoints.save(name)
+
+    def write_output(self, write: Callable[[], object]) -> None:
+        self.sync.write_output(write)
+
+    def log_metrics(self, metrics: dict) -> None:
+        self.step_log.metrics(metrics)
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> LoopState:
+        """Train from the current state to the stop step: epochs, then a final evaluation and
+        checkpoint. A preemption signal ends it with :class:`Preempted` after a checkpoint."""
+        s, st = self.settings, self.state
+        if st.step >= s.stop_step and st.finished:
+            self._say_nothing_to_do()
+            return st
+        if st.step >= s.stop_step:  # stopped by a signal in its last step: finish what it skipped
+            log.info("the run reached step %d before its final evaluation: running it now", st.step)
+            self._evaluate(final=True)
+            st.finished = True
+            self.save()
+            return st
+        self._say_where_it_continues()
+        st.finished = False
+        self._micro_per_epoch = s.steps_per_epoch * s.accum
+        self._loss_sum = torch.zeros((), device=self.dist.device)
+        self.step_log.open()
+        self.model.train()
+        try:
+            with PreemptionGuard() as guard:
+                self.sync.start(guard)
+                self._train_to_stop_step(guard)
+                # A signal from here on waits for the final evaluation and checkpoint: the run is done.
+                self._evaluate(final=True)
+                st.finished = True
+                self.save()
+                if guard.signum is not None:
+                    log.warning("caught %s during the final evaluation; the run is complete",
+                                signal.Signals(guard.signum).name)
+        finally:
+            self.step_log.close()
+        return st
+
+    def _train_to_stop_step(self, guard: PreemptionGuard) -> None:
+        st = self.state
+        while st.step < self.settings.stop_step:
+            self._run_epoch()
+            if self.sync.stop_signal is None and st.batch_in_epoch >= self._micro_per_epoch:
+                self._end_epoch()
+                self.sync.after_step(st)  # evaluation takes a while: a signal during it stops here
+            if self.sync.stop_signal is not None:
+                self._stop(self.sync.stop_signal, guard)
+
+    def _say_nothing_to_do(self) -> None:
+        s, st = self.settings, self.state
+        if s.stop_step < s.total_steps:
+            log.info("nothing to do: the run is at step %d, its trainer.max_steps; to train further, raise "
+                     "trainer.max_steps (up to %d, the end of its schedule, it continues on the same cosine; "
+                     "beyond, the cosine stretches to end there)", st.step, s.total_steps)
+        else:
+            log.info("nothing to do: the run is at step %d, the end of its schedule; to train further, raise "
+                     "trainer.max_steps (the cosine schedule then stretches to end there: a warm restart)", st.step)
+
+    def _say_where_it_continues(self) -> None:
+        s, st = self.settings, self.state
+        if st.step == 0:
+            return
+        lr = cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps)
+        if st.finished and s.stretched:  # a finished run made longer: its lr rises to the stretched curve's
+            log.info("continuing the finished run at step %d on a schedule stretched to end at step %d: a warm "
+                     "restart, the lr rises again to %.3e", st.step, s.total_steps, lr)
+        else:
+            log.info("continuing at step %d: lr %.3e on a schedule that ends at step %d", st.step, lr, s.total_steps)
+
+    def _run_epoch(self) -> None:
+        """Micro-batches from the current position to the epoch's end, the stop step, or a
+        stop signal (seen by any rank)."""
+        s, st = self.settings, self.state
+        self.sampler.set_epoch(st.epoch)
+        self.sampler.set_start(st.batch_in_epoch * s.batch_size)
+        for batch in self.loader:
+            if st.batch_in_epoch >= self._micro_per_epoch:
+                break
+            if not self._train_micro_batch(batch):
+                continue
+            if self.sync.stop_signal is not None or st.step >= s.stop_step:
+                break
+
+    def _end_epoch(self) -> None:
+        st = self.state
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        if st.step < self.settings.stop_step:
+            self._evaluate(final=False)
+            self.save()
+            self.step_log.reset_throughput()  # img/s counts training only
+
+    def _evaluate(self, final: bool) -> None:
+        metrics = self.task.evaluate(self, final)
+        if metrics:
+            self.log_metrics(metrics)
+            if self.dist.is_main:
+                log.info("eval at step %d: %s", self.state.step, format_metrics(metrics))
+
+    def _stop(self, signum: int, guard: PreemptionGuard) -> None:
+        """Every rank stops here, after a checkpoint, with :class:`Preempted`; a signal caught in
+        the last step lets the run finish instead (its final evaluation is short)."""
+        path = self.checkpoints.saved_now()
+        # Logged before the launcher's handler runs: submitit's exits the process.
+        log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
+        guard.signum = signum
+        guard.chain()
+        raise Preempted(signum, self.state.step, path)
+
+    # ------------------------------------------------------------ one optimizer step
+    def _train_micro_batch(self, batch: tuple) -> bool:
+        """Forward and backward of one micro-batch and, when it completes an accumulation,
+        the optimizer step and its hooks. Returns whether a step was taken."""
+        s, st = self.settings, self.state
+        micro = st.batch_in_epoch
+        if micro % s.accum == 0:
+            self._scheduled_lr = cosine_lr(st.step, s.base_lr, s.min_lr, s.warmup_steps, s.total_steps)
+            set_lr(self.optimizer, self._scheduled_lr)
+        completes_step = (micro + 1) % s.accum == 0
+        self._loss_sum += self._forward_backward(batch, completes_step)
+        self._count(batch)
+        st.batch_in_epoch = micro + 1
+        if not completes_step:
+            return False
+        loss, grad_norm = self._optimizer_step(self._loss_sum)
+        st.step += 1
+        self._after_step(loss, grad_norm)
+        self._loss_sum.zero_()
+        for cb in s.callbacks:
+            cb(self)
+        return True
+
+    def _count(self, batch: tuple) -> None:
+        """Images seen (all ranks) and this rank's unreadable files (agreed on after the step)."""
+        n = batch[0].shape[0] * self.dist.world_size
+        self.sync.bad_local += int(batch[2].sum())
+        self.state.seen_images += n
+        self.step_log.count_images(n)
+
+    def _autocast(self):
+        if self.settings.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.dist.device.type, dtype=dtype)
+
+    def _forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
+        """The micro-batch's loss, its gradient accumulated (all-reduced only on the step's last one)."""
+        ctx = contextlib.nullcontext() if sync_grads or not self.dist.enabled else self.model.no_sync()
+        with ctx:
+            with self._autocast():
+                loss = self.task.loss(self.model, batch, self.dist.device)
+            scaled = loss / self.settings.accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach()
+
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[float, float]:
+        """Clip, check, update. Returns the step's (summed micro-batch loss, grad norm).
+
+        One host-device sync: loss and grad norm come back together, and a non-finite loss
+        stops the run before the weights change. (Under DDP the loop's preemption check adds
+        a one-element all-reduce per step, so that every rank stops at the same step.)
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.settings.clip_grad if self.settings.clip_grad is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
+        step = self.state.step + 1
+        self.state.watch_loss(step, loss / self.settings.accum)
+        # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks
+        # stop together. With fp16 the scaler owns non-finite grads (it skips the step).
+        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            blowup = self.state.blowup_step if self.state.blowup_step is not None else step
+            raise NonFiniteLoss(f"non-finite loss ({loss / self.settings.accum}) or gradient norm ({norm}) "
+                                f"at step {step}", step, blowup)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    def _after_step(self, loss: float, grad_norm: float) -> None:
+        """The step's hooks, in order: the ranks agree (signals, unreadable files, write failures),
+        the data-quality limit, the step's report, the task's hook, the periodic checkpoint."""
+        self.sync.after_step(self.state)
+        self.sync.check_data_quality(self.state)
+        self.step_log.step(self._loss_sum, loss, grad_norm, self._scheduled_lr)
+        self.task.after_step(self)
+        if self.checkpoints.due():
+            self.save()
+        if self.state.step % self.settings.log_every == 0:
+            self.step_log.reset_throughput()
