@@ -1,0 +1,209 @@
+"""The loop's parts, each on its own (fcmae/engine/): what ranks agree on after a step, the
+checkpoint cadence and its refusal of non-finite weights, what a step reports; and the loop's
+shape (a step reads top to bottom, no method over ~50 lines). The whole loop is exercised by the
+app tests (test_pretrain, test_run_dir_integrity, ...)."""
+import ast
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fcmae.distributed import DistInfo
+from fcmae.engine import DataQualityError, LoopSettings, LoopState, NonFiniteLoss, RunParts, Task
+from fcmae.engine.checkpointing import Checkpointing
+from fcmae.engine.step_log import StepLog
+from fcmae.engine.step_sync import StepSync
+from fcmae.files import DiskWriteError
+
+
+def settings(**kw) -> LoopSettings:
+    base = dict(total_steps=20, stop_step=20, steps_per_epoch=10, accum=2, base_lr=1e-3, min_lr=0.0,
+                warmup_steps=0, batch_size=4, precision="fp32", clip_grad=None, log_every=5, ckpt_every=4,
+                max_bad_fraction=0.1, progress="log")
+    return LoopSettings(**{**base, **kw})
+
+
+# ------------------------------------------------------------------ StepSync
+
+def test_step_sync_counts_bad_files_into_the_state_and_enforces_the_limit():
+    sync, st = StepSync(DistInfo(), max_bad_fraction=0.1), LoopState(seen_images=200)
+    sync.bad_local = 20
+    sync.after_step(st)
+    assert (st.bad_images, sync.bad_local) == (20, 0)
+    sync.check_data_quality(st)  # 20 of 200 = the limit itself: allowed
+    sync.bad_local = 1
+    sync.after_step(st)
+    with pytest.raises(DataQualityError, match=r"21 of 200 images were unreadable .*data.max_bad_fraction=0.1"):
+        sync.check_data_quality(st)
+    # below 100 images seen, the limit is taken of 100 (a few bad files early do not stop a run)
+    small = LoopState(seen_images=10, bad_images=10)
+    sync.check_data_quality(small)
+
+
+def test_step_sync_agrees_on_the_caught_signal_only_while_the_loop_trains():
+    sync = StepSync(DistInfo(), 0.1)
+    sync.agree_to_stop(True)
+    assert sync.stop_signal is None  # before the loop's guard: nothing to stop
+    guard = SimpleNamespace(signum=None)
+    sync.start(guard)
+    sync.after_step(LoopState())
+    assert sync.stop_signal is None
+    guard.signum = signal.SIGUSR1
+    assert sync.signalled
+    sync.after_step(LoopState())
+    assert sync.stop_signal == signal.SIGUSR1
+    other = StepSync(DistInfo(), 0.1)
+    other.start(SimpleNamespace(signum=None))
+    other.agree_to_stop(True)  # another rank caught it: this one stops too, as if by SIGTERM
+    assert other.stop_signal == signal.SIGTERM
+
+
+def test_a_refused_write_stops_at_once_alone_and_at_the_next_collective_under_ddp():
+    def refuse():
+        raise DiskWriteError("no space left (ENOSPC)")
+
+    with pytest.raises(DiskWriteError, match="ENOSPC"):
+        StepSync(DistInfo(), 0.1).write_output(refuse)
+    ddp = StepSync(DistInfo(world_size=2), 0.1)
+    ddp.write_output(refuse)  # held until every rank meets
+    assert "ENOSPC" in str(ddp.write_failure)
+    with pytest.raises(DiskWriteError, match="ENOSPC"):
+        StepSync.raise_write_failure(ddp.write_failure)
+    with pytest.raises(DiskWriteError, match="rank 0 could not write"):
+        StepSync.raise_write_failure(None)  # what the other ranks raise
+
+
+# ------------------------------------------------------------------ Checkpointing
+
+class Saved:
+    def __init__(self):
+        self.calls = []
+
+    def save(self, state, step):
+        self.calls.append(("numbered", step, state))
+        return Path(f"checkpoint-{step:07d}.pt")
+
+    def save_as(self, state, name):
+        self.calls.append((name, state["step"], state))
+        return Path(name)
+
+
+def checkpointing(model, **kw):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    parts = RunParts(model=model, raw_model=model, optimizer=opt, scaler=None, loader=None, sampler=None,
+                     dist=DistInfo(), ckpt=Saved(), tracker=None, config={"k": 1}, run_dir=Path("."))
+    st = LoopState(**kw)
+    sync = StepSync(parts.dist, 0.1)
+    return Checkpointing(Task(), parts, settings(), st, sync), st, sync
+
+
+def test_the_checkpoint_cadence():
+    ck, st, sync = checkpointing(torch.nn.Linear(2, 2))
+    due = []
+    for step in range(1, 21):
+        st.step = step
+        due.append(ck.due())
+    # every ckpt_every=4 steps, but not at the stop step 20 (the run's end saves its own)
+    assert [s for s, d in zip(range(1, 21), due) if d] == [4, 8, 12, 16]
+    st.step = 8
+    sync.start(SimpleNamespace(signum=None))
+    sync.agree_to_stop(True)
+    assert not ck.due()  # stopping: the stop's checkpoint is the one
+
+
+def test_a_save_holds_the_position_and_a_stop_seen_while_writing_stands():
+    ck, st, sync = checkpointing(torch.nn.Linear(2, 2), step=6, epoch=1, batch_in_epoch=4, bad_images=2)
+    guard = SimpleNamespace(signum=None)
+    sync.start(guard)
+    path = ck.save()
+    kind, step, state = ck.parts.ckpt.calls[-1]
+    assert (kind, step, path) == ("numbered", 6, Path("checkpoint-0000006.pt"))
+    assert {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "bad_images", "world_size",
+                                  "effective_batch", "config")} == {
+        "step": 6, "epoch": 1, "batch_in_epoch": 4, "bad_images": 2, "world_size": 1,
+        "effective_batch": 4 * 2 * 1, "config": {"k": 1}}
+    assert sync.stop_signal is None and ck.saved_now() == path  # this step's checkpoint is not written twice
+    assert len(ck.parts.ckpt.calls) == 1
+    guard.signum = signal.SIGTERM  # caught while writing: acted on right after the write
+    ck.save("best.pt")
+    assert sync.stop_signal == signal.SIGTERM and ck.saved_step == 6
+
+
+def test_weights_that_are_not_finite_are_never_saved():
+    model = torch.nn.Linear(2, 2)
+    ck, st, _ = checkpointing(model, step=7)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"after step 7 are not finite \(weight\)") as err:
+        ck.save()
+    assert ck.parts.ckpt.calls == []
+    assert (err.value.step, err.value.blowup_step) == (8, 8)  # the weights feed step 8
+    st.blowup_step = 5  # the loss had left its range at step 5: those weights were bad already
+    with pytest.raises(NonFiniteLoss) as err:
+        ck.save()
+    assert (err.value.step, err.value.blowup_step) == (8, 5)
+
+
+# ------------------------------------------------------------------ StepLog
+
+class Lines:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(dict(record))
+
+    def log(self, record, step):
+        self.records.append({"tracker_step": step, **record})
+
+
+def test_a_log_step_writes_the_global_loss_lr_and_throughput(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD([{"params": [model.weight], "lr_scale": 0.5, "lr": 0.5},
+                           {"params": [model.bias], "lr_scale": 1.0, "lr": 1.0}], lr=1.0)
+    st, metrics, tracker = LoopState(step=5, epoch=0, bad_images=3), Lines(), Lines()
+    log = StepLog(settings(), st, DistInfo(), opt, metrics, tracker, StepSync(DistInfo(), 0.1))
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr("fcmae.engine.step_log.time.perf_counter", lambda: next(clock))
+    log.open()  # t = 100
+    log.count_images(64)
+    log.step(torch.tensor(3.0), loss=99.0, grad_norm=0.25, lr=1.0)  # t = 102; step 5 = a log step
+    log.close()
+    record = metrics.records[-1]
+    # the loss is the (one-rank) mean of the summed micro-batch losses over accum=2, not the argument
+    assert record == {"step": 5, "epoch": 0, "loss": 1.5, "lr": 1.0, "lr_min": 0.5, "lr_max": 1.0,
+                      "grad_norm": 0.25, "images_per_s": 32.0, "bad_images": 3}
+    assert tracker.records[-1]["tracker_step"] == 5 and tracker.records[-1]["train/loss"] == 1.5
+    st.step = 6  # not a log step, no bar: nothing written
+    log.step(torch.tensor(3.0), loss=1.0, grad_norm=0.1, lr=1.0)
+    assert len(metrics.records) == 1
+
+
+def test_a_plain_optimizer_reports_one_lr():
+    model = torch.nn.Linear(2, 2)
+    log = StepLog(settings(), LoopState(), DistInfo(), torch.optim.SGD(model.parameters(), lr=0.1), Lines(),
+                  Lines(), StepSync(DistInfo(), 0.1))
+    assert log.lr_metrics(0.1) == {"lr": 0.1}
+
+
+# ------------------------------------------------------------------ the loop's shape
+
+def test_the_loop_reads_in_short_methods():
+    """No method of the loop or its parts over ~50 lines, and a step's sequence is named in
+    TrainLoop._train_micro_batch (forward/backward, optimizer step, the step's hooks)."""
+    engine = Path(__file__).resolve().parents[1] / "fcmae" / "engine"
+    long = []
+    for path in engine.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 50:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not long, long
+    tree = ast.parse((engine / "loop.py").read_text())
+    step = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_train_micro_batch")
+    called = [c.func.attr for c in ast.walk(step) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)]
+    for part in ("_forward_backward", "_optimizer_step", "_after_step"):
+        assert part in called, part
