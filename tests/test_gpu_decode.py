@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fcmae.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
@@ -127,6 +128,9 @@ def test_a_corrupt_jpeg_is_skipped_named_and_counted_like_on_the_cpu_path(tmp_pa
     data = (folder / "001.jpg").read_bytes()
     (folder / "001.jpg").write_bytes(data[:600] + bytes(len(data) - 600))  # a good header, broken data
     assert read_jpeg(folder / "001.jpg") is not None  # the worker cannot tell: the decoder finds out
+    with pytest.raises(OSError):  # libjpeg's verdict (through PIL): corrupt. On CUDA, nvJPEG must agree:
+        with Image.open(folder / "001.jpg") as img:  # a garbage decode passed as good would give bad == 0
+            img.load()
     cpu, enc, decoder = both_paths(folder, decoder=decoder, device=device)
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         gpu_imgs, _, bad = decode_keys(enc, decoder, [0, 1, 2])
@@ -250,8 +254,8 @@ def test_a_very_large_downscale_goes_through_the_cpu_path_and_matches_it(tmp_pat
     folder = jpeg_folder(tmp_path / "imgs", [(3000, 4000), (300, 400)])
     cpu, enc, dec = both_paths(folder, scale=(0.9, 1.0), decoder=decoder, device=device)
     resized = []
-    real = dec.crop_resize
-    monkeypatch.setattr(dec, "crop_resize", lambda img, *g: resized.append(g) or real(img, *g))
+    real = dec.augment
+    monkeypatch.setattr(dec, "augment", lambda imgs, g: resized.extend(g.tolist()) or real(imgs, g))
     keys = [0, 1, 2, 3]
     gpu_imgs, _, bad = decode_keys(enc, dec, keys)
     assert bad == 0
@@ -261,3 +265,111 @@ def test_a_very_large_downscale_goes_through_the_cpu_path_and_matches_it(tmp_pat
             assert torch.equal(gpu_imgs[i], cpu[k][0])
         else:
             assert (gpu_imgs[i] - cpu[k][0]).abs().mean() < 0.02
+
+
+# ---------------------------------------------------------------- #30 item 2: off the critical path
+
+class CountOps(TorchDispatchMode):
+    """The ops a piece of code dispatches from the host, less views (no kernel) and the decoder's own
+    per-image calls (torchvision's ``image::`` ops, one batched call on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and not str(func).startswith("image."):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_work_per_batch_does_not_grow_with_the_batch(tmp_path):
+    """Crop, resize, flip and normalise are batched: the ops dispatched to decode and augment a batch of
+    64 are as many as for a batch of 8 (before: about 5 small ops per image from Python)."""
+    sizes = [(375, 500), (500, 375), (96, 96), (120, 300), (333, 222), (64, 200), (240, 320), (200, 150)]
+    folder = jpeg_folder(tmp_path / "imgs", sizes)
+    _, enc, dec = both_paths(folder, decoder="torchvision")
+    counts = {}
+    for batch in (8, 64):
+        images, _, _, keys, _ = collate_encoded([enc[k] for k in range(batch)])
+        with CountOps() as ops:
+            imgs, bad = dec(images, keys)
+        assert bad == 0 and imgs.shape == (batch, 3, SIZE, SIZE)
+        counts[batch] = len(ops.ops)
+    assert counts[64] == counts[8] < 120, counts
+
+
+def test_the_batched_resize_matches_torch_per_image_resize():
+    """The crop folded into the resize weights, the flip into their column order: each image equals
+    ``F.interpolate(crop, bicubic, antialias=True)`` (flipped where drawn), rounded to 8-bit levels as
+    the per-image path did, for shrinks, stretches and a 30x shrink, in one padded batch."""
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(0)
+    shapes_and_crops = [((375, 500), (10, 20, 300, 200, 0)), ((96, 96), (0, 0, 96, 96, 1)),
+                        ((500, 375), (100, 3, 40, 50, 1)), ((64, 200), (5, 7, 30, 190, 0)),
+                        ((2000, 1990), (0, 0, 1920, 1985, 1))]
+    imgs = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for (h, w), _ in shapes_and_crops]
+    geometry = torch.tensor([g for _, g in shapes_and_crops])
+    dec = DeviceDecoder.__new__(DeviceDecoder)
+    dec.size, dec.device = SIZE, torch.device("cpu")
+    dec.mean, dec.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    out = dec.augment(imgs, geometry)
+    for img, (top, left, h, w, flip), got in zip(imgs, geometry.tolist(), out):
+        ref = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(SIZE, SIZE), mode="bicubic",
+                            antialias=True, align_corners=False)[0].round().clamp(0, 255)
+        ref = ref.flip(-1) if flip else ref
+        assert (got - ref).abs().max() <= 1  # a level where float rounding lands on .5
+        assert (got != ref).float().mean() < 0.01
+
+
+def encoded_batches(tmp_path, count: int, batch: int = 4):
+    folder = jpeg_folder(tmp_path / "imgs", [(120, 160)] * (count * batch))
+    _, enc, dec = both_paths(folder, decoder="torchvision")
+    return [collate_encoded([enc[k] for k in range(i * batch, (i + 1) * batch)]) for i in range(count)], dec
+
+
+def test_batches_are_decoded_ahead_in_a_background_thread(tmp_path):
+    """While the loop holds batch 0 (its step running), the decode thread decodes batches 1 and 2; before,
+    the next batch was decoded in the loop's own thread, between its steps. Same batches either way."""
+    import threading
+    from fcmae.data.device_decode import DeviceBatches
+    batches, dec = encoded_batches(tmp_path, 5)
+    decoded_in, second_ahead = [], threading.Event()
+    real = dec.__call__
+
+    class Recording:
+        device = dec.device
+
+        def __call__(self, enc, keys):
+            out = real(enc, keys)
+            decoded_in.append(threading.current_thread().name)
+            if len(decoded_in) == 3:
+                second_ahead.set()
+            return out
+    it = iter(DeviceBatches(batches, Recording(), ahead=2))
+    first = next(it)
+    assert second_ahead.wait(timeout=30), "batches 1 and 2 were not decoded while the loop held batch 0"
+    rest = list(it)
+    assert set(decoded_in) == {"fcmae-device-decode"}
+    for got, batch in zip([first, *rest], batches):
+        want, _ = dec(batch[0], batch[3])
+        assert torch.equal(got[0], want) and torch.equal(got[3], batch[3])
+    assert len(rest) == 4
+
+
+def test_an_error_in_the_decode_thread_is_raised_in_the_loop_and_a_closed_loader_stops_the_thread(tmp_path):
+    import threading
+    from fcmae.data.device_decode import DeviceBatches
+    batches, dec = encoded_batches(tmp_path, 3)
+
+    def failing():
+        yield batches[0]
+        raise DataError("20 consecutive images could not be read, e.g. ['x.jpg']")
+    it = iter(DeviceBatches(failing(), dec))
+    next(it)
+    with pytest.raises(DataError, match="20 consecutive images"):
+        next(it)
+    it = iter(DeviceBatches(batches, dec, ahead=1))
+    next(it)
+    it.close()  # the loop broke out (stop step, signal): the thread ends with it
+    assert not [t for t in threading.enumerate() if t.name == "fcmae-device-decode"]

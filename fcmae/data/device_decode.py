@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import queue
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .image_io import DataError
@@ -35,6 +37,8 @@ log = logging.getLogger("fcmae")
 FILE_SOURCES = ("imagefolder", "folder", "filelist", "shards")  # the sources that read image files
 MAX_DEVICE_SHRINK = 32  # crops shrinking more than this (per side) are resized by the CPU path
 EXIF_ORIENTATION = 0x0112
+RESIZE_BUDGET_BYTES = 1 << 30  # the padded float images of one batched resize; a batch over it is split
+DECODE_AHEAD = 2  # batches the decode thread may have ready before the loop takes them
 
 
 def resolve_decode(choice: str, source: str, device: torch.device) -> str:
@@ -110,9 +114,10 @@ class EncodedImages:
         return len(self.jpeg_index) + len(self.pixel_index)
 
     def pin_memory(self) -> "EncodedImages":
-        # The DataLoader's pin-memory thread calls this: the fallback pixels are what gets copied.
-        return EncodedImages(self.data, self.offsets, self.jpeg_index, self.geometry, self.pixels.pin_memory(),
-                             self.pixel_index)
+        # The DataLoader's pin-memory thread calls this: what goes to the device is copied without
+        # blocking from pinned memory (the bytes stay pageable: the decoder reads them on the host).
+        return EncodedImages(self.data, self.offsets, self.jpeg_index.pin_memory(), self.geometry.pin_memory(),
+                             self.pixels.pin_memory(), self.pixel_index.pin_memory())
 
 
 class EncodedPretrainSamples(PretrainSamples):
@@ -178,6 +183,47 @@ def jpeg_decoder(name: str = "auto"):
     return decode, "torchvision"
 
 
+def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """The bicubic kernel PIL and torch's antialiased resize use (a = -0.5), support 2."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """``[m, out_size, in_size]``: row ``i`` of sample ``b`` holds the taps of output pixel ``i`` of an
+    antialiased bicubic resize of the crop ``[start[b], start[b] + length[b])`` to ``out_size`` (PIL's
+    and ``F.interpolate(..., antialias=True)``'s convention: the kernel widened by the shrink factor,
+    the window rounded as theirs, each row normalised), zero outside the crop. A batch of crops of
+    different sizes is then two batched matmuls, whatever the batch size."""
+    f64 = dict(dtype=torch.float64, device=start.device)
+    start, length = start.to(torch.float64)[:, None, None], length.to(torch.float64)[:, None, None]
+    scale = length / out_size
+    support = 2.0 * scale.clamp(min=1.0)
+    center = scale * (torch.arange(out_size, **f64)[None, :, None] + 0.5)
+    x = torch.arange(in_size, **f64)[None, None, :] - start  # input positions in crop coordinates
+    lo = torch.trunc(center - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), length)
+    w = _cubic((x - center + 0.5) / scale.clamp(min=1.0)) * ((x >= lo) & (x < hi))
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+def resize_groups(shapes: list[tuple[int, int]], budget: int = RESIZE_BUDGET_BYTES) -> list[tuple[int, int]]:
+    """``[(a, b), ...]``: consecutive runs of images whose padded float copy (``n x 3 x max H x max W``)
+    fits ``budget``; one run for a usual batch, more only when very large images would not fit."""
+    groups, a, max_h, max_w = [], 0, 0, 0
+    for i, (h, w) in enumerate(shapes):
+        nh, nw = max(max_h, h), max(max_w, w)
+        if i > a and (i - a + 1) * 3 * nh * nw * 4 > budget:
+            groups.append((a, i))
+            a, nh, nw = i, h, w
+        max_h, max_w = nh, nw
+    if shapes:
+        groups.append((a, len(shapes)))
+    return groups
+
+
 class DeviceDecoder:
     """``EncodedImages -> ([B, 3, S, S] normalised float images on device, extra bad count)``."""
 
@@ -215,71 +261,157 @@ class DeviceDecoder:
         except RuntimeError:
             return None
 
-    def crop_resize(self, img: torch.Tensor, top: int, left: int, h: int, w: int, flip: int) -> torch.Tensor:
-        """``[3, S, S]`` float in 0..255: the crop resized as the CPU path does (bicubic,
-        antialiased), rounded to 8-bit levels as a PIL image would be, then flipped if drawn."""
-        crop = img[:, top:top + h, left:left + w].unsqueeze(0).float()
-        out = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
-        out = out.round_().clamp_(0, 255)[0]
-        return out.flip(-1) if flip else out
+    def augment(self, imgs: list, geometry: torch.Tensor) -> torch.Tensor:
+        """``[m, 3, S, S]`` normalised: each decoded ``[3, H, W]`` uint8 image cropped and resized as the CPU
+        path does (bicubic, antialiased), rounded to 8-bit levels as a PIL image would be, flipped where
+        drawn, normalised. ``geometry`` ``[m, 5]`` (top, left, h, w, flip) on the device. A fixed number
+        of batched ops per group of images (:func:`resize_groups`), not a few per image: the images are
+        padded into one tensor and the crops are folded into the resize weights."""
+        outs = []
+        for a, b in resize_groups([tuple(img.shape[-2:]) for img in imgs]):
+            with warnings.catch_warnings():  # "prototype stage": used for one padding copy, nothing else
+                warnings.simplefilter("ignore", UserWarning)
+                nested = torch.nested.as_nested_tensor(imgs[a:b], dtype=torch.float32)
+            padded = nested.to_padded_tensor(0.0)
+            g = geometry[a:b]
+            wy = resize_weights(g[:, 0], g[:, 2], padded.shape[-2], self.size)
+            wx = resize_weights(g[:, 1], g[:, 3], padded.shape[-1], self.size)
+            wx = torch.where(g[:, 4].bool()[:, None, None], wx.flip(1), wx)  # a flip reverses the output columns
+            out = wy.unsqueeze(1) @ padded @ wx.transpose(1, 2).unsqueeze(1)
+            outs.append(out.round_().clamp_(0, 255))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return (out - self.mean) / self.std
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without blocking the host (pinned first where it is not)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
 
     def __call__(self, enc: EncodedImages, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
         out = torch.empty(len(enc), 3, self.size, self.size, device=self.device)
         if len(enc.pixel_index):
-            out[enc.pixel_index.to(self.device)] = enc.pixels.to(self.device, non_blocking=True)
-        extra_bad = 0
-        geometry, jpeg_rows = enc.geometry.tolist(), enc.jpeg_index.tolist()
+            out[self.to_device(enc.pixel_index)] = self.to_device(enc.pixels)
+        geometry = enc.geometry.tolist()  # host tensors: no device sync
         # A crop that shrinks by more than MAX_DEVICE_SHRINK goes through the CPU path: CUDA's antialiased
         # bicubic resize needs shared memory in proportion to the shrink and fails past ~47x (a 12 MP
         # photo at img_size=64); PIL has no such limit, and this keeps the result identical to it.
         on_device = [j for j, (_, _, h, w, _) in enumerate(geometry) if max(h, w) <= MAX_DEVICE_SHRINK * self.size]
         decoded = dict(zip(on_device, self.decode_all([enc.jpegs[j] for j in on_device]) if on_device else []))
-        crops, rows = [], []
-        for j in range(len(jpeg_rows)):
-            img = decoded.get(j)
-            if img is None:  # too large a shrink, or the device could not decode it: the CPU path reads
-                x, _, bad, _ = self.dataset.read(int(keys[jpeg_rows[j]]))  # it (or skips, names, counts it)
-                out[jpeg_rows[j]] = x.to(self.device)
-                extra_bad += bad
-                continue
-            crops.append(self.crop_resize(img, *geometry[j]))
-            rows.append(jpeg_rows[j])
-        if crops:
-            out[torch.tensor(rows, device=self.device)] = (torch.stack(crops) - self.mean) / self.std
+        ok = [j for j in range(len(geometry)) if decoded.get(j) is not None]
+        extra_bad = 0
+        for j in sorted(set(range(len(geometry))) - set(ok)):  # too large a shrink, or undecodable on the
+            row = int(enc.jpeg_index[j])  # device: the CPU path reads it (or skips, names and counts it)
+            x, _, bad, _ = self.dataset.read(int(keys[row]))
+            out[row] = x.to(self.device)
+            extra_bad += bad
+        if ok:
+            idx = torch.tensor(ok)
+            out[self.to_device(enc.jpeg_index[idx])] = self.augment([decoded[j] for j in ok],
+                                                                    self.to_device(enc.geometry[idx]))
         return out, extra_bad
 
 
-class DeviceBatches:
-    """A loader of encoded batches seen as a loader of ``(imgs on device, masks, bad, keys,
-    visible)``. On CUDA the next batch is decoded on a side stream while the current one trains."""
+class _Failure:
+    """An exception of the decode thread, carried to the loop's thread and raised there."""
 
-    def __init__(self, loader, decoder: DeviceDecoder):
-        self.loader, self.decoder = loader, decoder
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
+class DeviceBatches:
+    """A loader of encoded batches seen as a loader of ``(imgs on device, masks, bad, keys, visible)``.
+
+    The batches are decoded and augmented in a background thread, up to :data:`DECODE_AHEAD` ahead of
+    the loop, so the host work of decoding overlaps the training step instead of adding to it. On
+    CUDA the thread works on its own stream and hands each batch over with an event that the training
+    stream waits on: the host never waits for a decode to finish. An error in the thread (a
+    :class:`DataError`, a worker that died) is raised in the loop's thread, as it would have been."""
+
+    def __init__(self, loader, decoder: DeviceDecoder, ahead: int = DECODE_AHEAD):
+        self.loader, self.decoder, self.ahead = loader, decoder, ahead
+        self.decode_seconds = 0.0  # host CPU time the decode thread spent decoding (benchmarks read it)
+        self.batches_decoded = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _decode(self, batch, stream):
-        if batch is None:
-            return None
+    def _decode(self, batch):
         enc, masks, bad, keys, visible = batch
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            imgs, extra_bad = self.decoder(enc, keys)
+        imgs, extra_bad = self.decoder(enc, keys)
         if extra_bad:
             bad = bad.clone()
             bad[0] += extra_bad  # the engine sums a batch's bad counts
         return imgs, masks, bad, keys, visible
 
+    @staticmethod
+    def _put(handoff: queue.Queue, item, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, it, handoff: queue.Queue, stop: threading.Event) -> None:
+        device = self.decoder.device
+        stream = None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            stream = torch.cuda.Stream(device)
+        try:
+            for batch in it:
+                if stop.is_set():
+                    return
+                start = time.thread_time()
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    decoded = self._decode(batch)
+                    event = None
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                self.decode_seconds += time.thread_time() - start
+                self.batches_decoded += 1
+                if not self._put(handoff, (decoded, event), stop):
+                    return
+            self._put(handoff, _END, stop)
+        except BaseException as exc:  # carried to the loop's thread
+            self._put(handoff, _Failure(exc), stop)
+
+    @staticmethod
+    def _take(handoff: queue.Queue, thread: threading.Thread):
+        while True:
+            try:
+                return handoff.get(timeout=1.0)
+            except queue.Empty:
+                if not thread.is_alive() and handoff.empty():
+                    raise RuntimeError("the device-decode thread stopped without handing over a batch or an error")
+
     def __iter__(self):
         device = self.decoder.device
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        it = iter(self.loader)
-        pending = self._decode(next(it, None), stream)
-        while pending is not None:
-            if stream is not None:
-                torch.cuda.current_stream(device).wait_stream(stream)
-                pending[0].record_stream(torch.cuda.current_stream(device))
-            current = pending
-            pending = self._decode(next(it, None), stream)  # overlaps with the step on `current`
-            yield current
-
+        it = iter(self.loader)  # in this thread: the sampler's epoch and start are set here
+        handoff: queue.Queue = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(it, handoff, stop), name="fcmae-device-decode",
+                                  daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = self._take(handoff, thread)
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                batch, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(device)
+                    current.wait_event(event)  # the training stream waits; the host does not
+                    batch[0].record_stream(current)
+                yield batch
+        finally:
+            stop.set()
+            thread.join()
