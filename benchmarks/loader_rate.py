@@ -9,7 +9,10 @@ flip, normalise, per-sample masks, collate), then drops the first ``workers x pr
 batches (worker start-up and the prefetch buffer, which would otherwise inflate the rate) and
 times the next ``--batches``. The JSON is rewritten after each configuration, so a run that is
 cut off keeps what it measured. Pipelines (``--decode``): ``cpu`` (workers decode and augment) and
-``gpu`` (workers read bytes; ``--device`` decodes and augments the batch, timed to the last kernel).
+``gpu`` (workers read bytes; ``--device`` decodes and augments the batch in a background thread,
+timed to the last kernel). Besides img/s it prints the main process's host CPU time per batch (all
+its threads: what competes with the training step for the host), the loop thread's own share, and
+the decode thread's.
 """
 from __future__ import annotations
 
@@ -72,14 +75,23 @@ def measure(root: Path, workers: int, batch: int, img_size: int, batches: int, d
     for _ in range(warmup):
         next(it)
     sync(device)
-    start = time.perf_counter()
+    decode_before = getattr(loader, "decode_seconds", 0.0)
+    start, cpu_start, loop_start = time.perf_counter(), time.process_time(), time.thread_time()
     for _ in range(batches):
         imgs = next(it)[0]
         imgs.to(device, non_blocking=True)  # the cpu pipeline's batches still have to reach the device
     sync(device)
     elapsed = time.perf_counter() - start
+    # Host CPU time of the main process (every thread of it: the loop's, the decode thread, the pin
+    # thread, torch's intra-op threads), the part that competes with the training step, and of the
+    # loop's own thread; the workers are other processes and count in neither.
+    main_ms = (time.process_time() - cpu_start) * 1e3 / batches
+    loop_ms = (time.thread_time() - loop_start) * 1e3 / batches
+    decode_ms = (getattr(loader, "decode_seconds", 0.0) - decode_before) * 1e3 / batches
     return {"source": source, "pipeline": decode, "device": str(device), "workers": workers, "batch": batch, "img_size": img_size,
-            "batches": batches, "warmup_batches": warmup, "seconds": elapsed, "images_per_s": batches * batch / elapsed}
+            "batches": batches, "warmup_batches": warmup, "seconds": elapsed, "images_per_s": batches * batch / elapsed,
+            "main_process_cpu_ms_per_batch": main_ms, "loop_thread_cpu_ms_per_batch": loop_ms,
+            "decode_thread_cpu_ms_per_batch": decode_ms}
 
 
 def main(argv=None) -> int:
@@ -103,7 +115,8 @@ def main(argv=None) -> int:
         p.error("give --root DIR or --make-jpegs N")
     root = args.root or make_jpegs(args.cache, args.make_jpegs)
     results = []
-    print(f"{'source':>7} {'pipeline':>8} {'device':>6} {'workers':>7} {'batch':>5} {'img/s':>9}")
+    print(f"{'source':>7} {'pipeline':>8} {'device':>6} {'workers':>7} {'batch':>5} {'img/s':>9} "
+          f"{'main ms/b':>9} {'loop ms/b':>9} {'decode ms/b':>11}")
     for source in args.sources.split(","):
         where = root
         if source == "shards":
@@ -115,7 +128,9 @@ def main(argv=None) -> int:
                 r = measure(where, workers, args.batch, args.img_size, args.batches, decode, args.device, source)
                 results.append(r)
                 print(f"{source:>7} {decode:>8} {r['device']:>6} {workers:>7} {args.batch:>5} "
-                      f"{r['images_per_s']:>9.1f}", flush=True)
+                      f"{r['images_per_s']:>9.1f} {r['main_process_cpu_ms_per_batch']:>9.1f} "
+                      f"{r['loop_thread_cpu_ms_per_batch']:>9.1f} {r['decode_thread_cpu_ms_per_batch']:>11.1f}",
+                      flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     if len(results) > 1:
