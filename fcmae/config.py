@@ -41,6 +41,7 @@ class ModelConfig:
     mask_ratio: float = 0.6
     norm_pix_loss: bool = True
     drop_path_rate: float = 0.0
+    in_chans: int = 3  # input bands: 3 for RGB, 1 for data.channels=grey, N for data.channels=all
 
 
 @dataclass
@@ -64,8 +65,15 @@ class DataConfig:
     synthetic_classes: int = 8
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # one value per band (model.in_chans), in the units the data is read in (integers / their type's max);
+    # mean=auto: computed at start over data.stats_images images (fcmae-stats SOURCE prints them)
+    mean: Any = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: Any = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    stats_images: int = 1000
+    # how a file becomes the input: rgb (8-bit RGB) | grey (one band) | all (every band of the file, in order)
+    channels: str = "rgb"
+    bands: Optional[list[int]] = None  # with channels=all: keep these bands, in this order
+    npy_layout: str = "hwc"  # .npy arrays: hwc (H, W, C) | chw (C, H, W)
     max_bad_fraction: float = 0.01  # unreadable images tolerated before the run fails
     # where JPEGs are decoded and augmented: cpu (loader workers) | gpu (the training device, batched;
     # workers only read bytes) | auto (gpu when training on CUDA from image files)
@@ -166,6 +174,11 @@ class EvalConfig:
 
 
 @dataclass
+class VisConfig:
+    bands: Optional[list[int]] = None  # the bands shown as red, green, blue (N-band data; default: the first three)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -176,6 +189,7 @@ class PretrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    vis: VisConfig = field(default_factory=VisConfig)
     run_name: str = MISSING
     resume: str = "auto"  # auto (continue the run directory's last checkpoint) | never | PATH
     init_from: Optional[str] = None  # encoder weights (any converter layout), fresh decoder
@@ -190,6 +204,7 @@ class ClassifierConfig:
     num_classes: Optional[int] = None  # from the data when null
     drop_path_rate: float = 0.1
     head_init_scale: float = 0.001
+    in_chans: int = 3  # input bands (see data.channels); an RGB init_from is adapted to them
     init_from: Optional[str] = None  # fcmae-export file, pretraining checkpoint or run dir; null = random init
 
 
@@ -223,6 +238,9 @@ class FinetuneDataConfig:
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, centre crop (plain resize at >= 384)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    channels: str = "rgb"  # rgb | grey | all (as pretraining's data.channels)
+    bands: Optional[list[int]] = None
+    npy_layout: str = "hwc"
     max_bad_fraction: float = 0.01
 
 
@@ -286,6 +304,7 @@ UNTRAINED_KEYS = frozenset({
 })
 PRETRAIN_UNTRAINED_KEYS = UNTRAINED_KEYS | {
     "data.decode", "encoder.dwconv",  # the same arithmetic, another pipeline or kernel
+    "vis.bands",
     "eval.name", "eval.source", "eval.train_root", "eval.val_root", "eval.labels_per_class", "eval.val_per_class",
     "eval.synthetic_train_images", "eval.synthetic_val_images", "eval.img_size", "eval.crop_pct", "eval.batch_size",
     "eval.num_workers", "eval.every_epochs", "eval.k", "eval.temperature", "eval.linear_steps", "eval.linear_lr",
@@ -416,6 +435,11 @@ def validate(cfg: Any) -> None:
           "eval_only=true scores a run with an evaluation: add eval=knn, eval=linear or eval=knn+linear")
     check(d.source != "synthetic" or d.synthetic_images >= d.batch_size,
           "data.synthetic_images must be at least data.batch_size")
+    _check_channels(d, m.in_chans, check, auto_stats=True)
+    check(d.stats_images >= 1, f"data.stats_images={d.stats_images} must be >= 1")
+    vb = cfg.vis.bands
+    check(vb is None or (len(vb) in (1, 3) and all(0 <= b < m.in_chans for b in vb)),
+          f"vis.bands={vb}: one or three band indices below model.in_chans={m.in_chans}")
     _check_eval(cfg.eval, check)
     _check_training(cfg, check)
     known = {f"convnextv2_{k}" for k in VARIANTS}
@@ -426,6 +450,40 @@ def validate(cfg: Any) -> None:
               f"model.depths/dims do not match {m.name}; select the size with model={m.name} "
               "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
     _raise(errors)
+
+
+def auto_band_stats(data_cfg) -> bool:
+    """``data.mean=auto`` (or ``data.std=auto``): both are computed at start."""
+    return "auto" in (data_cfg.mean, data_cfg.std)
+
+
+def _check_channels(d, in_chans: int, check, auto_stats: bool = False) -> None:
+    """data.channels / data.bands / data.mean / data.std against model.in_chans: one line per problem."""
+    from .data.image_io import CHANNEL_MODES, NPY_LAYOUTS
+    check(d.channels in CHANNEL_MODES, f"data.channels={d.channels!r}; use rgb, grey or all")
+    check(d.npy_layout in NPY_LAYOUTS, f"data.npy_layout={d.npy_layout!r}; use hwc or chw")
+    check(in_chans >= 1, f"model.in_chans={in_chans} must be >= 1")
+    if d.bands is not None:
+        check(d.channels == "all", f"data.bands={list(d.bands)} picks bands of data.channels=all (not {d.channels})")
+        check(len(d.bands) == in_chans and min(d.bands, default=0) >= 0,
+              f"data.bands={list(d.bands)} keeps {len(d.bands)} bands; model.in_chans={in_chans} must match")
+    elif d.channels == "rgb":
+        check(in_chans == 3, f"model.in_chans={in_chans} with data.channels=rgb (3 bands); for one band use "
+                             "data.channels=grey, for every band of the files data.channels=all")
+    elif d.channels == "grey":
+        check(in_chans == 1, f"model.in_chans={in_chans} with data.channels=grey (1 band): set model.in_chans=1")
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if auto_stats and auto_band_stats(d):
+            continue
+        ok = isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+        ok = ok and all(isinstance(v, (int, float)) for v in value)
+        fix = "; or data.mean=auto to compute them at start" if auto_stats else ""
+        check(ok and len(value) == in_chans,
+              f"data.{key}={value if not ok else list(value)} needs {in_chans} numbers, one per band (model.in_chans); "
+              f"`fcmae-stats SOURCE` prints them{fix}")
+        if ok and key == "std":
+            check(all(v > 0 for v in value), f"data.std={list(value)} must be > 0")
 
 
 def _collector():
@@ -544,9 +602,10 @@ def validate_finetune(cfg: Any) -> None:
     check(d.interpolation in ("bicubic", "bilinear", "nearest", "random"),
           f"data.interpolation={d.interpolation!r}; use bicubic, bilinear, nearest or random")
     check(d.color_jitter is None or d.color_jitter >= 0, "data.color_jitter must be >= 0 (or null)")
+    _check_channels(d, m.in_chans, check)
     if not errors:  # timm's transform factory judges the augmentation keys (e.g. a bad RandAugment string)
         try:
-            from .data import finetune_transform
+            from .data.transforms import finetune_transform
             finetune_transform(d)
         except Exception as exc:
             errors.append(f"the training transform cannot be built from data.* ({type(exc).__name__}: {exc}); "

@@ -12,7 +12,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .data import EvalImages, build_eval_loader, class_names_of, eval_transform, labelled_source, num_classes_of
+from .data import (EvalImages, build_eval_loader, channels_of, class_names_of, eval_transform, labelled_source,
+                   num_classes_of)
 from .distributed import DistInfo, all_gather_objects
 from .loggers import track
 
@@ -126,19 +127,20 @@ class FeatureEvaluator:
         return {f"eval/{k}": v for k, v in out.items()}
 
 
-def build_evaluator(eval_cfg, data_cfg, seed: int, info: DistInfo) -> FeatureEvaluator | None:
+def build_evaluator(eval_cfg, data_cfg, seed: int, info: DistInfo, in_chans: int = 3) -> FeatureEvaluator | None:
     """None for ``eval=none``; otherwise the labelled sets are scanned now, so a bad
     folder fails before training starts."""
     if eval_cfg.name == "none":
         return None
     size = eval_cfg.img_size or data_cfg.img_size
     transform = eval_transform(size, eval_cfg.crop_pct, data_cfg.mean, data_cfg.std)
-    e = eval_cfg
+    e, channels = eval_cfg, channels_of(data_cfg, in_chans)  # the sets are read as the pretraining data
     train = labelled_source(e.source, e.train_root, "train", e.synthetic_train_images, data_cfg.synthetic_classes,
-                            size, seed, e.labels_per_class, seed)
+                            size, seed, e.labels_per_class, seed, channels=channels)
     val = labelled_source(e.source, e.val_root, "val", e.synthetic_val_images, data_cfg.synthetic_classes, size,
-                          seed, e.val_per_class, seed, class_names=class_names_of(train))  # labels by class name
-    train_loader, val_loader = [build_eval_loader(EvalImages(src, transform, size), eval_cfg.batch_size,
+                          seed, e.val_per_class, seed, class_names=class_names_of(train),  # labels by class name
+                          channels=channels)
+    train_loader, val_loader = [build_eval_loader(EvalImages(src, transform, size, in_chans), eval_cfg.batch_size,
                                                   eval_cfg.num_workers, info.rank, info.world_size)
                                 for src in (train, val)]
     return FeatureEvaluator(eval_cfg, train_loader, val_loader, num_classes_of(train), info.device, seed)

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import read_checkpoint
 from .config import CONFIG_PATH, ROOTED_LABELLED, register_configs, validate_finetune
-from .export.convert import canonical_to_format, infer_shape, to_canonical, variant_of
+from .export.convert import adapt_stem, canonical_to_format, infer_shape, to_canonical, variant_of
 from .weights_file import CheckpointError
-from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, class_names_of,
-                   eval_transform, finetune_transform, labelled_source, num_classes_of)
+from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
+                   class_names_of, eval_transform, finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task
 from .evaluation import inference
@@ -37,10 +37,11 @@ log = logging.getLogger("fcmae")
 _RESUME_MUST_MATCH = ("model", "data.img_size", "data.source", "data.labels_per_class", "data.labels_seed", "ema")
 
 
-def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_init_scale: float) -> nn.Module:
+def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_init_scale: float,
+                     in_chans: int = 3) -> nn.Module:
     import timm
     return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                             head_init_scale=head_init_scale)
+                             head_init_scale=head_init_scale, in_chans=in_chans)
 
 
 def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInfo | None = None) -> str:
@@ -54,6 +55,10 @@ def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInf
     if found_name != name:
         raise CheckpointError(f"model.init_from={src} holds {found_name} weights but model.name={name}; "
                               f"set model.name={found_name}")
+    canonical, adapted = adapt_stem(canonical, model.stem[0].in_channels, f"model.init_from={src}")
+    if adapted:
+        log.warning("model.init_from=%s holds RGB weights; model.in_chans=%d: the stem starts from %s", src,
+                    model.stem[0].in_channels, adapted)
     sd = {k: v for k, v in canonical_to_format(canonical, "timm").items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
@@ -179,9 +184,11 @@ def build_val_loader(cfg, info: DistInfo, seed: int, class_names=None):
     ``class_names`` (the training set's) match an image folder's labels by name."""
     d = cfg.data
     val_src = labelled_source(d.source, d.val_root, "val", d.synthetic_val_images, d.synthetic_classes,
-                              d.img_size, seed, d.val_per_class, 0, class_names=class_names)
+                              d.img_size, seed, d.val_per_class, 0, class_names=class_names,
+                              channels=channels_of(d, cfg.model.in_chans))
     transform = eval_transform(d.img_size, d.crop_pct, d.mean, d.std)
-    return val_src, build_eval_loader(EvalImages(val_src, transform, d.img_size), d.batch_size, d.num_workers,
+    return val_src, build_eval_loader(EvalImages(val_src, transform, d.img_size, cfg.model.in_chans), d.batch_size,
+                                      d.num_workers,
                                       info.rank, info.world_size)
 
 
@@ -208,7 +215,7 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
         raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, {src} classifies {num_classes}")
     out = {}
     for prefix, sd in weights.items():
-        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0)
+        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0, cfg.model.in_chans)
         try:
             model.load_state_dict(sd)
         except RuntimeError as exc:
@@ -225,8 +232,10 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = N
     setup = prepare_run(cfg, run_dir, info, lock)
 
     # Data first: bad folders fail before a model is built.
+    channels = channels_of(d, cfg.model.in_chans)
     train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
-                                d.img_size, t.seed, d.labels_per_class, d.labels_seed)
+                                d.img_size, t.seed, d.labels_per_class, d.labels_seed, channels=channels)
+    check_bands(train_src, channels, "data.train_root")
     class_names = class_names_of(train_src)
     val_src, val_loader = build_val_loader(cfg, info, t.seed, class_names)
     num_classes = cfg.model.num_classes or num_classes_of(train_src)
@@ -243,7 +252,7 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = N
 
     seed_everything(t.seed)
     model = build_classifier(cfg.model.name, num_classes, cfg.model.drop_path_rate,
-                             cfg.model.head_init_scale).to(info.device)
+                             cfg.model.head_init_scale, cfg.model.in_chans).to(info.device)
     if cfg.model.init_from and setup.resume_path is None:
         load_pretrained(model, cfg.model.name, cfg.model.init_from, info)
     elif setup.resume_path is None:

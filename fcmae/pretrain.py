@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import torch
 
-from .config import CONFIG_PATH, ConfigError, register_configs, validate
+from .config import CONFIG_PATH, ConfigError, auto_band_stats, register_configs, validate
 from .checkpoint import read_checkpoint
 from .files import append_line
-from .export.convert import to_canonical
+from .export.convert import adapt_stem, to_canonical
 from .weights_file import CheckpointError
-from .data import build_pretrain_loader
-from .distributed import DistInfo, cleanup, init_distributed
+from .data import band_stats, build_pretrain_loader, build_source, channels_of, check_bands
+from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .engine import LoopState, RunParts, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
@@ -43,8 +43,8 @@ _RESUME_MUST_MATCH = ("model", "encoder.backend", "encoder.grn_stats", "data.img
 class PretrainTask(Task):
     """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
 
-    def __init__(self, norm_pix: bool, mean, std, vis_every: int, image_every: int, evaluator=None):
-        self.norm_pix, self.mean, self.std = norm_pix, tuple(mean), tuple(std)
+    def __init__(self, norm_pix: bool, mean, std, vis_every: int, image_every: int, evaluator=None, vis_bands=None):
+        self.norm_pix, self.mean, self.std, self.vis_bands = norm_pix, tuple(mean), tuple(std), vis_bands
         self.vis_every, self.image_every = vis_every, image_every
         self.evaluator = evaluator
         self.last_batch = None
@@ -62,7 +62,8 @@ class PretrainTask(Task):
         imgs, pred, mask = self.last_batch
         step = loop.state.step
         path = loop.run_dir / "reconstructions" / f"step-{step:07d}.png"
-        loop.write_output(lambda: save_reconstruction_grid(path, imgs, pred, mask, self.norm_pix, self.mean, self.std))
+        loop.write_output(lambda: save_reconstruction_grid(path, imgs, pred, mask, self.norm_pix, self.mean, self.std,
+                                                           bands=self.vis_bands))
         if path.is_file() and (step % self.image_every == 0 or step >= loop.settings.stop_step):
             loop.write_output(lambda: loop.tracker.log_image("reconstruction", path, step))
 
@@ -82,7 +83,7 @@ def build_model(cfg) -> FCMAE:
     return FCMAE(depths=list(m.depths), dims=list(m.dims), decoder_depth=m.decoder_depth,
                  decoder_embed_dim=m.decoder_embed_dim, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
                  drop_path_rate=m.drop_path_rate, backend=cfg.encoder.backend, grn_stats=cfg.encoder.grn_stats,
-                 dwconv=cfg.encoder.dwconv)
+                 dwconv=cfg.encoder.dwconv, in_chans=m.in_chans)
 
 
 def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> str:
@@ -109,6 +110,10 @@ def load_encoder_init(model: FCMAE, path: str, info: DistInfo | None = None) -> 
     reads that one); the decoder stays fresh."""
     src, obj = read_checkpoint_agreed(path, info) if info is not None else read_checkpoint(path)
     canonical, layout = to_canonical(obj, source=str(src))
+    canonical, adapted = adapt_stem(canonical, model.in_chans, f"init_from={path}")
+    if adapted:
+        log.warning("init_from=%s holds RGB weights; model.in_chans=%d: the stem starts from %s", path,
+                    model.in_chans, adapted)
     missing, unexpected = model.encoder.load_state_dict(canonical, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"init_from={path}: encoder shape differs from model "
@@ -137,13 +142,15 @@ def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
     """``eval_only=true``: score the run directory's newest whole checkpoint with ``eval=...``
     (the encoder, nothing masked), log the scores and append them to ``RUN_DIR/evals.jsonl``."""
     src, ck = read_checkpoint(run_dir)
+    if auto_band_stats(cfg.data):  # the statistics the run trained with
+        cfg.data.mean, cfg.data.std = ck["config"]["data"]["mean"], ck["config"]["data"]["std"]
     model = build_model(cfg)
     try:
         model.load_state_dict(ck["model"])
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{src} does not hold this run's model ({str(exc)[:200]}); evaluate with the "
                               "overrides the run was trained with") from None
-    evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info)
+    evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info, cfg.model.in_chans)
     scores = evaluator(model.encoder.to(info.device), info)
     if info.is_main:
         record = {"step": ck["step"], "checkpoint": str(src), "eval": cfg.eval.name, **scores}
@@ -153,16 +160,35 @@ def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
     return scores
 
 
+def resolve_band_stats(cfg, info: DistInfo) -> None:
+    """``data.mean=auto``: rank 0 computes the per-band mean and std over ``data.stats_images`` images
+    (a fixed draw for the seed, so a resumed run gets the same numbers), every rank takes them, and
+    they replace ``auto`` in the config the checkpoints and exports carry."""
+    stats = None
+    if info.is_main:
+        d = cfg.data
+        channels = channels_of(d, cfg.model.in_chans)
+        source = build_source(d, cfg.trainer.seed, channels)
+        check_bands(source, channels)
+        stats = band_stats(source, d.stats_images, cfg.trainer.seed, cfg.trainer.progress)
+        log.info("data.mean=auto over %d images: data.mean=[%s] data.std=[%s] (pass these to skip the pass)",
+                 min(d.stats_images, len(source)), ",".join(map(str, stats[0])), ",".join(map(str, stats[1])))
+    mean, std = broadcast_object(stats, info)
+    cfg.data.mean, cfg.data.std = mean, std
+
+
 def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = None) -> LoopState:
     t = cfg.trainer
-    config = OmegaConf.to_container(cfg, resolve=True)
     setup = prepare_run(cfg, run_dir, info, lock)
+    if auto_band_stats(cfg.data):
+        resolve_band_stats(cfg, info)
+    config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint: the stats too
 
     # Data first: a bad data.root (or eval folder) fails before a model is built.
     loader, sampler, dataset = build_pretrain_loader(
         cfg.data, cfg.model.mask_ratio, t.seed, info.rank, info.world_size, pin_memory=info.device.type == "cuda",
-        device=info.device)
-    evaluator = build_evaluator(cfg.eval, cfg.data, t.seed, info)
+        device=info.device, in_chans=cfg.model.in_chans)
+    evaluator = build_evaluator(cfg.eval, cfg.data, t.seed, info, cfg.model.in_chans)
     s = loop_settings(cfg, len(sampler) // cfg.data.batch_size, setup.accum, setup.base_lr, setup.precision,
                       cfg.data.max_bad_fraction, callbacks)
 
@@ -182,7 +208,8 @@ def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = N
                  info.world_size, info.device, setup.precision, setup.effective_batch, cfg.data.batch_size,
                  setup.accum, info.world_size, setup.base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
 
-    task = PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator)
+    task = PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator,
+                        cfg.vis.bands)
     parts = RunParts(train_model, model, optimizer, scaler, loader, sampler, info, setup.ckpt, tracker, config, run_dir)
     final = train(task, parts, s, state)
     if info.is_main:

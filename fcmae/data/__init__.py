@@ -9,15 +9,17 @@
 - ``loaders``: the resumable sampler, worker setup, the train / eval loaders and
   :func:`build_pretrain_loader`, the one place the pretraining pipeline is built
 - ``shards_pack``: ``fcmae-shards pack`` (writes what ``shards`` reads)
+- ``stats``: per-band mean and std (``fcmae-stats``, ``data.mean=auto``)
 
 The apps use the names below; everything else is reached through its module.
 """
-from .image_io import DataError
+from .image_io import Channels, DataError, channels_of
 from .loaders import build_eval_loader, build_pretrain_loader, build_train_loader, shutdown_workers
 from .samples import EvalImages, LabelledSamples
-from .sources import class_names_of, labelled_source, num_classes_of
+from .sources import build_source, check_bands, class_names_of, labelled_source, num_classes_of
+from .stats import band_stats
 from .transforms import eval_transform, finetune_transform
 
-__all__ = ["DataError", "EvalImages", "LabelledSamples", "build_eval_loader", "build_pretrain_loader",
-           "build_train_loader", "class_names_of", "eval_transform", "finetune_transform", "labelled_source",
-           "num_classes_of", "shutdown_workers"]
+__all__ = ["Channels", "DataError", "EvalImages", "LabelledSamples", "band_stats", "build_eval_loader",
+           "build_pretrain_loader", "build_source", "build_train_loader", "channels_of", "check_bands", "class_names_of",
+           "eval_transform", "finetune_transform", "labelled_source", "num_classes_of", "shutdown_workers"]

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .image_io import RGB, Channels
+
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "sudo apt-get install dataset-fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -52,9 +54,10 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 class FashionMNIST(Dataset):
-    """``split`` is ``train`` or ``test``. Returns ``(PIL RGB 28x28 image, label)``."""
+    """``split`` is ``train`` or ``test``. Returns ``(28x28 image, label)``: a PIL RGB image (the grey
+    replicated) under the default ``channels``, natively one band under ``data.channels=grey``."""
 
-    def __init__(self, root: str | Path | None = None, split: str = "train"):
+    def __init__(self, root: str | Path | None = None, split: str = "train", channels: Channels = RGB):
         if split not in _FILES:
             raise FashionMNISTError(f"split={split!r}; use train or test")
         root = Path(root or DEFAULT_ROOT)
@@ -64,7 +67,7 @@ class FashionMNIST(Dataset):
         if len(self.images) != len(self.labels):
             raise FashionMNISTError(f"{images_file} has {len(self.images)} images, {labels_file} "
                                     f"{len(self.labels)} labels")
-        self.split = split
+        self.split, self.channels = split, channels
         self.classes = len(CLASSES)
 
     def __len__(self) -> int:
@@ -74,4 +77,4 @@ class FashionMNIST(Dataset):
         return f"fashion-mnist {self.split} image #{index}"
 
     def __getitem__(self, index: int):
-        return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
+        return self.channels.convert(Image.fromarray(self.images[index])), int(self.labels[index])

@@ -2,6 +2,9 @@
 the sources (:mod:`fcmae.data.sources`, :mod:`fcmae.data.shards`) build on it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -54,3 +57,147 @@ def to_rgb8(img: Image.Image) -> Image.Image:
         grey = Image.fromarray(np.round(a * 255).astype(np.uint8), "L")
         return grey.convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# ---------------------------------------------------------------- channels: greyscale, 16-bit, multi-band
+
+CHANNEL_MODES = ("rgb", "grey", "all")
+NPY_LAYOUTS = ("hwc", "chw")
+TIFF_SUFFIXES = (".tif", ".tiff")
+# integers become floats in [0, 1] (by their type's largest value: an 8-bit and a 16-bit scan of the same
+# scene land in the same range), floats are kept as they are
+INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.int16): 32767.0,
+             np.dtype(np.int32): 2147483647.0, np.dtype(np.bool_): 1.0}
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+
+
+def pil_bands(img: Image.Image) -> np.ndarray:
+    """``[H, W, C]`` in the image's own dtype (uint8, uint16, int32, float32), EXIF orientation applied;
+    palette and CMYK/YCbCr images as RGB(A)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    elif img.mode == "1":
+        img = img.convert("L")
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        a = a.astype(np.uint16)
+    return a[..., None] if a.ndim == 2 else a
+
+
+def read_npy(file, layout: str = "hwc") -> np.ndarray:
+    """A NumPy ``.npy`` array (no pickles) as ``[H, W, C]``: ``(H, W)``, or ``(H, W, C)`` / ``(C, H, W)``
+    as ``layout`` (``data.npy_layout``) declares."""
+    a = np.load(file, allow_pickle=False)
+    if a.ndim == 2:
+        return a[..., None]
+    if a.ndim != 3:
+        raise DataError(f"an array of shape {a.shape}; images are (H, W), (H, W, C) or (C, H, W)")
+    return a if layout == "hwc" else np.moveaxis(a, 0, -1)
+
+
+def read_tiff(file) -> np.ndarray:
+    """Every band of a TIFF (multi-page, multi-sample, GeoTIFF pixel data) as ``[H, W, C]``, through
+    ``tifffile`` (``pip install 'fcmae[tiff]'``); the pages or samples become the bands, in order."""
+    try:
+        import tifffile
+    except ImportError:
+        raise DataError("reading every band of a TIFF needs tifffile: pip install 'fcmae[tiff]'") from None
+    with tifffile.TiffFile(file) as tif:
+        series = tif.series[0]
+        a, axes = series.asarray(), series.axes
+    if "Y" not in axes or "X" not in axes:
+        raise DataError(f"a TIFF with axes {axes!r}, no Y and X")
+    a = np.moveaxis(a, [axes.index("Y"), axes.index("X")], [0, 1])
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def float_bands(a: np.ndarray):
+    """``[H, W, C]`` array -> ``[C, H, W]`` float32 tensor (integers scaled by :data:`INT_SCALE`)."""
+    import torch
+    if a.dtype in INT_SCALE:
+        out = a.astype(np.float32) / INT_SCALE[a.dtype]
+    elif a.dtype.kind == "f":
+        out = a.astype(np.float32)
+    else:
+        raise DataError(f"pixels of type {a.dtype}; use uint8, uint16, int16 or float32")
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+@dataclass(frozen=True)
+class Channels:
+    """How a file becomes the model's input (``data.channels``, ``data.bands``, ``model.in_chans``):
+
+    - ``rgb``: 8-bit RGB, a PIL image, read exactly as ever (:func:`open_image`); a NumPy array with
+      1 or 3 bands becomes a float tensor of 3;
+    - ``grey``: one band (RGB by ITU-R 601-2 luma), a float tensor ``[1, H, W]``;
+    - ``all``: every band the file has, in order (TIFF pages or samples, array channels), a float tensor.
+
+    ``bands`` then keeps those bands, in that order (e.g. the 12 of 13 Sentinel-2 bands a run uses).
+    A file that does not give ``expect`` bands (None: any count) raises :class:`DataError`: the sample is skipped,
+    named and counted like an unreadable file.
+    """
+    mode: str = "rgb"
+    bands: tuple | None = None
+    expect: int | None = 3
+    npy_layout: str = "hwc"
+
+    @property
+    def plain_rgb(self) -> bool:
+        return self.mode == "rgb" and self.bands is None
+
+    def read(self, file, name: str | None = None):
+        """A file (a path, or a file object with ``name`` giving its suffix) -> PIL RGB image or tensor."""
+        suffix = Path(name if name is not None else str(file)).suffix.lower()
+        if suffix == ".npy":
+            return self.convert(read_npy(file, self.npy_layout))
+        if self.plain_rgb:
+            return open_image(file)
+        if suffix in TIFF_SUFFIXES:
+            return self.convert(read_tiff(file))
+        with Image.open(file) as img:
+            return self.convert(pil_bands(img))
+
+    def convert(self, item):
+        """A PIL image (any mode) or an ``[H, W, C]`` array -> what the run takes (see the class)."""
+        if isinstance(item, Image.Image):
+            if self.plain_rgb:
+                return to_rgb8(item)
+            item = pil_bands(item)
+        c = item.shape[2]
+        if self.mode == "rgb":
+            if c not in (1, 3, 4):
+                raise DataError(f"{c} bands; data.channels=rgb takes 1, 3 or 4 (use data.channels=all)")
+            item = np.repeat(item, 3, axis=2) if c == 1 else item[..., :3]
+        elif self.mode == "grey" and c != 1:
+            if c not in (3, 4):
+                raise DataError(f"{c} bands; data.channels=grey takes 1, 3 or 4 (use data.channels=all)")
+            scale = INT_SCALE.get(item.dtype, 1.0)
+            luma = (item[..., :3].astype(np.float32) / scale) @ np.asarray(GREY_WEIGHTS, dtype=np.float32)
+            item = luma[..., None]
+        if self.bands is not None:
+            if max(self.bands) >= item.shape[2]:
+                raise DataError(f"{item.shape[2]} bands, but data.bands asks for band {max(self.bands)}")
+            item = item[..., list(self.bands)]
+        if self.expect is not None and item.shape[2] != self.expect:
+            raise DataError(f"{item.shape[2]} bands; the run takes {self.expect} (model.in_chans)")
+        return float_bands(item)
+
+
+RGB = Channels()
+
+
+def channels_of(data_cfg, in_chans: int = 3) -> Channels:
+    """The :class:`Channels` of a data config (``channels``, ``bands``, ``npy_layout``; defaults when absent)."""
+    bands = getattr(data_cfg, "bands", None)
+    return Channels(getattr(data_cfg, "channels", "rgb"), tuple(bands) if bands is not None else None, in_chans,
+                    getattr(data_cfg, "npy_layout", "hwc"))
+
+
+def band_count(item) -> int:
+    """Bands of what a source returns: a PIL image (its mode's) or a ``[C, H, W]`` tensor."""
+    if isinstance(item, Image.Image):
+        return len(item.getbands())
+    return int(item.shape[0])

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import device_decode
-from .image_io import DataError
+from .image_io import DataError, channels_of
 from .samples import EvalImages, KeyedSamples, PretrainSamples, collate_masked
-from .sources import build_source
+from .sources import build_source, check_bands
 from .transforms import pretrain_transform
 
 log = logging.getLogger("fcmae.data")
@@ -95,14 +95,18 @@ def build_eval_loader(dataset: EvalImages, batch_size: int, num_workers: int, ra
 
 
 def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = False, device: torch.device | str = "cpu"):
+                          pin_memory: bool = False, device: torch.device | str = "cpu", in_chans: int = 3):
     """``(loader, sampler, dataset)`` for pretraining; batches are
     ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`). With
     ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.data.device_decode`) the workers only read JPEG bytes
     and the images arrive already decoded and augmented on ``device``."""
     d, device = data_cfg, torch.device(device)
+    channels = channels_of(d, in_chans)
     choice = getattr(d, "decode", "cpu")
-    decode = device_decode.resolve_decode(choice, d.source, device)
+    if not channels.plain_rgb and choice == "gpu":
+        raise DataError(f"data.decode=gpu decodes 8-bit RGB JPEGs; data.channels={channels.mode} reads every "
+                        "file on the CPU: use data.decode=cpu (or auto)")
+    decode = device_decode.resolve_decode(choice if channels.plain_rgb else "cpu", d.source, device)
     if decode == "gpu" and device.type == "cuda":
         error = device_decode.device_decode_error(device)
         if error and choice == "auto":
@@ -112,7 +116,8 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
         elif error:
             raise DataError(f"data.decode=gpu: {device} cannot decode JPEGs ({error}); install "
                                        "'fcmae[gpu]' (TorchCodec) or use data.decode=cpu")
-    source = build_source(d, seed)
+    source = build_source(d, seed, channels)
+    check_bands(source, channels)
     transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
     if decode == "gpu":
         dataset = device_decode.EncodedPretrainSamples(source, transform, d.img_size, mask_ratio, d.crop_scale, d.hflip,

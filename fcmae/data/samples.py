@@ -130,8 +130,8 @@ class EvalImages(Dataset):
     """Un-augmented labelled images: ``index -> (image, label, ok)``; an unreadable file
     gives ``ok = False`` (logged by name) and is left out of the metrics."""
 
-    def __init__(self, source: Dataset, transform, img_size: int):
-        self.source, self.transform, self.img_size = source, transform, img_size
+    def __init__(self, source: Dataset, transform, img_size: int, in_chans: int = 3):
+        self.source, self.transform, self.img_size, self.in_chans = source, transform, img_size, in_chans
 
     def __len__(self) -> int:
         return len(self.source)
@@ -143,5 +143,5 @@ class EvalImages(Dataset):
         except Exception as exc:
             log.warning("skipping unreadable image %s (%s: %s)", describe_sample(self.source, index),
                         type(exc).__name__, exc)
-            return torch.zeros(3, self.img_size, self.img_size), -1, False
+            return torch.zeros(self.in_chans, self.img_size, self.img_size), -1, False
 

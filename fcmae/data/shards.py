@@ -26,7 +26,7 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from .image_io import DataError, class_index, open_image
+from .image_io import RGB, Channels, DataError, class_index
 
 INDEX = "index.json"
 FORMAT = "fcmae-shards/1"
@@ -67,10 +67,11 @@ def _own_file(root: str, name) -> str:
 
 class ShardImages(Dataset):
     """The images of a shard set (the folder or URL holding ``index.json``). Returns ``(PIL RGB image,
-    label)`` (label 0 for unlabelled sets); ``classes``: the class names, where the set has them."""
+    label)`` (label 0 for unlabelled sets); ``classes``: the class names, where the set has them.
+    ``channels``: how a member becomes the run's input (:class:`fcmae.data.image_io.Channels`)."""
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None):
-        self.root = str(root)
+    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None, channels: Channels = RGB):
+        self.root, self.channels = str(root), channels
         try:
             with _open(_join(self.root, INDEX)) as f:
                 index = json.load(f)
@@ -121,7 +122,7 @@ class ShardImages(Dataset):
         return data
 
     def __getitem__(self, index: int):
-        return open_image(io.BytesIO(self.read_bytes(index))), self.labels[index]
+        return self.channels.read(io.BytesIO(self.read_bytes(index)), name=self.members[index][3]), self.labels[index]
 
     def __getstate__(self):  # open handles do not travel to loader workers
         return {**self.__dict__, "_files": OrderedDict()}

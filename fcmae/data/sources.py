@@ -1,6 +1,7 @@
 """What a dataset is: synthetic images, a flat folder, an image folder, a file list (labelled or
 not), Fashion-MNIST and shards; ``build_source`` picks the pretraining source from the config,
-``labelled_source`` the fine-tuning and evaluation sets. Items are ``(PIL RGB image, label)``."""
+``labelled_source`` the fine-tuning and evaluation sets. Items are ``(image, label)``: a PIL RGB image, or
+a ``[C, H, W]`` float tensor under other ``data.channels`` (:class:`fcmae.data.image_io.Channels`)."""
 from __future__ import annotations
 
 import math
@@ -13,10 +14,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST, FashionMNISTError
-from .image_io import DataError, class_index, open_image
+from .image_io import RGB, Channels, DataError, class_index
 from .shards import ShardImages
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif", ".npy")
 
 
 class SyntheticImages(Dataset):
@@ -32,8 +33,9 @@ class SyntheticImages(Dataset):
     reached 88%, and the demo's pretrained features scored below random ones in k-NN.
     """
 
-    def __init__(self, num_images: int, classes: int = 8, size: int = 256, seed: int = 0):
+    def __init__(self, num_images: int, classes: int = 8, size: int = 256, seed: int = 0, channels: Channels = RGB):
         self.num_images, self.classes, self.size, self.seed = num_images, classes, size, seed
+        self.channels = channels
 
     def __len__(self) -> int:
         return self.num_images
@@ -57,14 +59,15 @@ class SyntheticImages(Dataset):
             inside = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
         img[inside] = rng.uniform(0.0, 1.0, 3)
         img += rng.normal(0.0, 0.02, img.shape).astype(np.float32)
-        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), c
+        return self.channels.convert(Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))), c
 
 
 class ImageFiles(Dataset):
-    """Images from a list of paths. Returns ``(PIL RGB image, label)``; unreadable files raise."""
+    """Images from a list of paths. Returns ``(image, label)``: a PIL RGB image, or a ``[C, H, W]`` tensor
+    for other ``channels`` (:class:`fcmae.data.image_io.Channels`); unreadable files raise."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None = None):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None = None, channels: Channels = RGB):
+        self.paths, self.channels = list(paths), channels
         self.labels = list(labels) if labels is not None else [0] * len(self.paths)
         self.classes: list[str] | None = None  # class names by label, where the source has them
 
@@ -75,24 +78,25 @@ class ImageFiles(Dataset):
         return str(self.paths[index])
 
     def __getitem__(self, index: int):
-        return open_image(self.paths[index]), self.labels[index]
+        return self.channels.read(self.paths[index]), self.labels[index]
 
 
 def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def labelled_files(entries: Sequence[tuple[Path, str]], classes: Sequence[str] | None, where) -> ImageFiles:
+def labelled_files(entries: Sequence[tuple[Path, str]], classes: Sequence[str] | None, where,
+                   channels: Channels = RGB) -> ImageFiles:
     """``(path, class name)`` pairs -> :class:`ImageFiles` whose labels index ``classes`` (a
     training set's, so another set is matched by name) or, without it, the sorted names found.
     A class not among ``classes`` is an error naming it and ``where`` it was found."""
     classes, index = class_index((c for _, c in entries), classes, where)
-    out = ImageFiles([p for p, _ in entries], [index[c] for _, c in entries])
+    out = ImageFiles([p for p, _ in entries], [index[c] for _, c in entries], channels)
     out.classes = classes
     return out
 
 
-def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFiles:
+def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None, channels: Channels = RGB) -> ImageFiles:
     """``root/<class>/**/<image>``; labels are class indices. ``classes``: the class names
     the labels index (a train set's), so a val set with a subset of the folders, or folders in
     another order, gets the train set's indices; a folder not among them is an error. Without
@@ -111,20 +115,20 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
             "for a flat folder use data=folder"
         )
     # every class folder counts, an empty one too (as torchvision's ImageFolder): indices stay put
-    return labelled_files(entries, folders if classes is None else classes, root)
+    return labelled_files(entries, folders if classes is None else classes, root, channels)
 
 
-def scan_folder(root: str | Path) -> ImageFiles:
+def scan_folder(root: str | Path, channels: Channels = RGB) -> ImageFiles:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={root} is not a directory")
     paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files if _is_image(Path(f)))
     if not paths:
         raise DataError(f"no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return ImageFiles(paths)
+    return ImageFiles(paths, channels=channels)
 
 
-def read_file_list(list_file: str | Path) -> ImageFiles:
+def read_file_list(list_file: str | Path, channels: Channels = RGB) -> ImageFiles:
     """One path per line; blank lines and ``#`` comments ignored; relative to the list's folder."""
     list_file = Path(list_file)
     if not list_file.is_file():
@@ -138,10 +142,11 @@ def read_file_list(list_file: str | Path) -> ImageFiles:
             paths.append(p if p.is_absolute() else base / p)
     if not paths:
         raise DataError(f"{list_file} lists no images")
-    return ImageFiles(paths)
+    return ImageFiles(paths, channels=channels)
 
 
-def read_labelled_list(list_file: str | Path, classes: Sequence[str] | None = None) -> ImageFiles:
+def read_labelled_list(list_file: str | Path, classes: Sequence[str] | None = None,
+                       channels: Channels = RGB) -> ImageFiles:
     """A labelled file list: one ``path class_name`` per line (the class is the last
     whitespace-separated field; paths relative to the list's folder; blank lines and ``#``
     comments ignored). Labels index the sorted class names, or ``classes`` (a training set's),
@@ -161,7 +166,7 @@ def read_labelled_list(list_file: str | Path, classes: Sequence[str] | None = No
         entries.append((p if p.is_absolute() else list_file.parent / p, parts[1]))
     if not entries:
         raise DataError(f"{list_file} lists no images")
-    return labelled_files(entries, classes, list_file)
+    return labelled_files(entries, classes, list_file, channels)
 
 
 def synthetic_size(img_size: int) -> int:
@@ -169,28 +174,47 @@ def synthetic_size(img_size: int) -> int:
     return int(round(img_size * 8 / 7))
 
 
-def build_source(data_cfg, seed: int = 0) -> Dataset:
+def build_source(data_cfg, seed: int = 0, channels: Channels = RGB) -> Dataset:
     src = data_cfg.source
     if src == "synthetic":
         return SyntheticImages(data_cfg.synthetic_images, data_cfg.synthetic_classes,
-                               synthetic_size(data_cfg.img_size), seed)
+                               synthetic_size(data_cfg.img_size), seed, channels)
     if src == "imagefolder":
-        return scan_image_folder(data_cfg.root)
+        return scan_image_folder(data_cfg.root, channels=channels)
     if src == "folder":
-        return scan_folder(data_cfg.root)
+        return scan_folder(data_cfg.root, channels)
     if src == "filelist":
-        return read_file_list(data_cfg.root)
+        return read_file_list(data_cfg.root, channels)
     if src == "fashion_mnist":
-        return fashion_mnist(data_cfg.root, "train")
+        return fashion_mnist(data_cfg.root, "train", channels)
     if src == "shards":
-        return ShardImages(data_cfg.root)
+        return ShardImages(data_cfg.root, channels=channels)
     raise DataError(f"data.source={src!r}; use synthetic, imagefolder, folder, filelist, shards or fashion_mnist")
 
 
-def fashion_mnist(root: str | None, split: str) -> FashionMNIST:
+def check_bands(source: Dataset, channels: Channels, where: str = "data") -> None:
+    """At start: the first readable sample must give the bands the model takes (``model.in_chans``),
+    or the run stops here with the fix, instead of skipping every file as unreadable later."""
+    failures = []
+    for index in range(min(len(source), 5)):
+        try:
+            source[index]
+            return
+        except DataError as exc:
+            if "model.in_chans" in str(exc) or "data.bands" in str(exc):
+                bands = "data.bands" if channels.bands is not None else "model.in_chans"
+                raise DataError(f"{where}: {describe_sample(source, index)} has {exc}; set {bands} to match the "
+                                f"data (data.channels={channels.mode}{', data.bands=' + str(list(channels.bands)) if channels.bands else ''}, "
+                                f"model.in_chans={channels.expect})") from None
+            failures.append(exc)
+        except Exception as exc:  # unreadable: the loader skips and counts those
+            failures.append(exc)
+
+
+def fashion_mnist(root: str | None, split: str, channels: Channels = RGB) -> FashionMNIST:
     """Fashion-MNIST's ``train`` or ``test`` split; a missing file is a :class:`DataError`."""
     try:
-        return FashionMNIST(root, split)
+        return FashionMNIST(root, split, channels)
     except FashionMNISTError as exc:
         raise DataError(str(exc)) from None
 
@@ -202,7 +226,7 @@ def describe_sample(source: Dataset, index: int) -> str:
 
 def labelled_source(source: str, root: str | None, split: str, num_images: int, classes: int, img_size: int,
                     seed: int, per_class: int | None = None, subset_seed: int = 0,
-                    class_names: Sequence[str] | None = None) -> Dataset:
+                    class_names: Sequence[str] | None = None, channels: Channels = RGB) -> Dataset:
     """A labelled set: ``imagefolder`` at ``root``; Fashion-MNIST (``train`` -> its train split,
     ``val`` -> its test split; ``root`` null = the Debian path); or synthetic images (``split``
     picks a disjoint seed, so train and val images differ but share the class structure).
@@ -210,22 +234,22 @@ def labelled_source(source: str, root: str | None, split: str, num_images: int, 
     ``class_names``: the training set's classes (:func:`class_names_of`), so an image folder's
     labels are matched by name, not by position."""
     if source == "fashion_mnist":
-        full = fashion_mnist(root, {"train": "train", "val": "test"}[split])
+        full = fashion_mnist(root, {"train": "train", "val": "test"}[split], channels)
     elif source == "synthetic":
         offset = {"train": 1, "val": 2}[split]
-        full = SyntheticImages(num_images, classes, synthetic_size(img_size), seed + 7919 * offset)
+        full = SyntheticImages(num_images, classes, synthetic_size(img_size), seed + 7919 * offset, channels)
     elif source == "imagefolder":
         if not root:
             raise DataError(f"the {split} set needs a folder: set its root (root/<class>/<image>)")
-        full = scan_image_folder(root, class_names)
+        full = scan_image_folder(root, class_names, channels)
     elif source == "filelist":
         if not root:
             raise DataError(f"the {split} set needs a list file: set its root (one 'path class_name' per line)")
-        full = read_labelled_list(root, class_names)
+        full = read_labelled_list(root, class_names, channels)
     elif source == "shards":
         if not root:
             raise DataError(f"the {split} set needs a shard set: set its root (a folder packed by fcmae-shards pack)")
-        full = ShardImages(root, class_names)
+        full = ShardImages(root, class_names, channels)
         if full.classes is None:
             raise DataError(f"{root} was packed without labels (from a folder or a plain file list); pack an "
                             "ImageFolder or a labelled file list for fine-tuning and evaluation")

@@ -2,9 +2,13 @@
 CPU pretraining, fine-tuning (timm's ``create_transform``) and evaluation transforms."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
+
+log = logging.getLogger("fcmae.data")
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range
 
@@ -20,33 +24,51 @@ def crop_geometry(height: int, width: int, scale, hflip: bool) -> tuple[int, int
     return top, left, h, w, flip
 
 
+def image_size(img) -> tuple[int, int]:
+    """``(height, width)`` of a PIL image or a ``[C, H, W]`` tensor."""
+    return (img.height, img.width) if isinstance(img, Image.Image) else tuple(img.shape[-2:])
+
+
 class RandomCropFlip:
-    """RandomResizedCrop (bicubic, antialiased) + horizontal flip on a PIL image, geometry from
-    :func:`crop_geometry`; the same pixels as torchvision's two transforms in a row."""
+    """RandomResizedCrop (bicubic, antialiased) + horizontal flip on a PIL image or a ``[C, H, W]``
+    tensor (greyscale, 16-bit, multi-band data), geometry from :func:`crop_geometry`: the same crop and
+    flip for a sample whatever its bands, and the same pixels as torchvision's two transforms in a row."""
 
     def __init__(self, img_size: int, scale, hflip: bool):
         self.img_size, self.scale, self.hflip = img_size, tuple(scale), hflip
 
-    def __call__(self, img: Image.Image) -> Image.Image:
-        top, left, h, w, flip = crop_geometry(img.height, img.width, self.scale, self.hflip)
+    def __call__(self, img):
+        top, left, h, w, flip = crop_geometry(*image_size(img), self.scale, self.hflip)
         img = transforms.functional.resized_crop(img, top, left, h, w, [self.img_size, self.img_size],
                                                  transforms.InterpolationMode.BICUBIC, antialias=True)
         return transforms.functional.hflip(img) if flip else img
 
 
+class AsTensor:
+    """``ToTensor`` for PIL images; a tensor (already float, in its own units) passes as it is."""
+
+    def __call__(self, img) -> torch.Tensor:
+        return transforms.functional.to_tensor(img) if isinstance(img, Image.Image) else img
+
+
 def pretrain_transform(img_size: int, crop_scale=(0.2, 1.0), hflip: bool = True,
                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, as the paper."""
-    return transforms.Compose([RandomCropFlip(img_size, crop_scale, hflip), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
+    """RandomResizedCrop (bicubic) + horizontal flip + normalisation (one mean/std per band), as the paper."""
+    return transforms.Compose([RandomCropFlip(img_size, crop_scale, hflip), AsTensor(),
+                               transforms.Normalize(list(mean), list(std))])
 
 
 def finetune_transform(data_cfg):
     """The official fine-tuning transform, built by timm's ``create_transform``: random resized
     crop, flip, RandAugment (``data.auto_augment``), colour jitter (``data.color_jitter``,
-    ignored under RandAugment), normalisation, random erasing (``data.re_prob/re_mode/re_count``)."""
+    ignored under RandAugment), normalisation, random erasing (``data.re_prob/re_mode/re_count``).
+    Data that is not 8-bit RGB (``data.channels`` grey or all) gets the same crop and flip on its
+    tensors, normalisation and random erasing; RandAugment and colour jitter, whose colour ops mean
+    nothing for such bands, are left out (said once, at start)."""
     from timm.data import create_transform
     d = data_cfg
+    if getattr(d, "channels", "rgb") != "rgb" or getattr(d, "bands", None) is not None:
+        return band_finetune_transform(d)
     transform = create_transform(d.img_size, is_training=True, scale=tuple(d.crop_scale),
                                  hflip=0.5 if d.hflip else 0.0, color_jitter=d.color_jitter,
                                  auto_augment=d.auto_augment, interpolation=d.interpolation, re_prob=d.re_prob,
@@ -56,6 +78,17 @@ def finetune_transform(data_cfg):
             if op.name.startswith("Posterize"):
                 op.aug_fn = posterize_any_bits
     return transform
+
+
+def band_finetune_transform(d):
+    from timm.data.random_erasing import RandomErasing
+    if d.auto_augment or d.color_jitter:
+        log.warning("data.channels=%s: RandAugment / colour jitter are for RGB images and are left out; the "
+                    "crop, flip, normalisation and random erasing apply to every band", d.channels)
+    steps = [RandomCropFlip(d.img_size, d.crop_scale, d.hflip), AsTensor(), transforms.Normalize(list(d.mean), list(d.std))]
+    if d.re_prob > 0:
+        steps.append(RandomErasing(d.re_prob, mode=d.re_mode, max_count=d.re_count, device="cpu"))
+    return transforms.Compose(steps)
 
 
 def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -78,5 +111,5 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, mean=(0.485, 0.456, 0
         resize = [transforms.Resize((img_size, img_size), interpolation=bicubic)]
     else:
         resize = [transforms.Resize(int(img_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(img_size)]
-    return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return transforms.Compose([*resize, AsTensor(), transforms.Normalize(list(mean), list(std))])
 

@@ -151,6 +151,37 @@ def infer_shape(sd: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[
     return tuple(depths[i] for i in range(4)), tuple(dims)
 
 
+def in_chans_of(sd: Mapping[str, torch.Tensor]) -> int:
+    """Input bands of a canonical state dict: the stem conv's input channels (3 for RGB)."""
+    stem = sd.get(STEM)
+    return int(stem.shape[1]) if stem is not None and stem.dim() == 4 else 3
+
+
+STEM = "downsample_layers.0.0.weight"
+
+
+def adapt_stem(canonical: Mapping[str, torch.Tensor], in_chans: int, source: str = "init") -> tuple[dict, str | None]:
+    """RGB weights for a model of ``in_chans`` bands: the stem's filters over the 3 colours become
+    filters over ``in_chans`` bands, scaled so a band image shaped like a grey one (every band alike)
+    gives the stem the response the RGB filters gave it: one band takes the mean of the three filters
+    times 3 (their sum); N bands repeat R, G, B, R, ... and scale by 3/N. Returns ``(state dict, what was
+    done or None)``; weights with another band count than 3 are an error (nothing sensible to adapt)."""
+    w = canonical[STEM]
+    have = w.shape[1]
+    if have == in_chans:
+        return dict(canonical), None
+    if have != 3:
+        raise CheckpointError(f"{source}: the stem takes {have} bands, the model {in_chans} (model.in_chans); only "
+                              "RGB (3-band) weights are adapted to another band count")
+    if in_chans == 1:
+        adapted = w.mean(dim=1, keepdim=True) * 3.0
+        how = "the mean of the RGB stem filters x3 (their sum) for 1 band"
+    else:
+        adapted = w.repeat(1, (in_chans + 2) // 3, 1, 1)[:, :in_chans] * (3.0 / in_chans)
+        how = f"the RGB stem filters repeated over {in_chans} bands and scaled by 3/{in_chans}"
+    return {**canonical, STEM: adapted.contiguous()}, how
+
+
 def expected_shapes(depths, dims, in_chans: int = 3) -> dict[str, torch.Size]:
     """Key -> shape of the canonical encoder (built on the meta device: no memory)."""
     with torch.device("meta"):
@@ -175,7 +206,7 @@ def to_canonical(obj: Mapping, source: str = "checkpoint") -> tuple[dict[str, to
     sd = _normalize_official(sd)
     sd = {k: v for k, v in sd.items() if not k.startswith(_DROPPED_PREFIXES)}
     depths, dims = infer_shape(sd)
-    want = expected_shapes(depths, dims)
+    want = expected_shapes(depths, dims, in_chans_of(sd))
     for k, shape in want.items():
         if k not in sd:
             raise CheckpointError(f"{source}: missing key {k!r} (expected shape {tuple(shape)})")

@@ -20,33 +20,34 @@ from ..models.convnextv2 import ConvNeXtV2
 from ..models.variants import find_variant
 from ..run_lock import RunDirectoryUnwritable, check_writable
 from ..weights_file import CheckpointError, load_state_dict_file, save_state_dict
-from .convert import FORMATS, canonical_to_format, infer_shape, to_canonical, unwrap_state_dict, variant_of
+from .convert import (FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
+                      variant_of)
 from .hf import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ---------------------------------------------------------------- verification
 
-def build_dense_model(format: str, depths, dims):
+def build_dense_model(format: str, depths, dims, in_chans: int = 3):
     """The dense model an export of ``format`` is meant to load into (no classifier)."""
     if format == "timm":
         import timm
         variant = find_variant(depths, dims)
-        return timm.create_model(f"convnextv2_{variant.name}", pretrained=False, num_classes=0)
-    return ConvNeXtV2(depths, dims, num_classes=0)
+        return timm.create_model(f"convnextv2_{variant.name}", pretrained=False, num_classes=0, in_chans=in_chans)
+    return ConvNeXtV2(depths, dims, in_chans=in_chans, num_classes=0)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
-def _check_images(img_size: int = 64, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+def _check_images(in_chans: int = 3, img_size: int = 64, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
 
 
 def _sparse_unmasked(state_dict: Mapping[str, torch.Tensor], depths, dims, imgs: torch.Tensor) -> torch.Tensor:
     """The sparse encoder (``strict`` load of ``state_dict``) on ``imgs`` with nothing masked."""
     from ..models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
-    model = SparseConvNeXtV2Encoder(depths, dims, backend="sparse").eval()
+    model = SparseConvNeXtV2Encoder(depths, dims, imgs.shape[1], backend="sparse").eval()
     model.load_state_dict(state_dict, strict=True)
     return model(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-1] // 32) ** 2))
 
@@ -70,7 +71,7 @@ def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tens
         except RuntimeError:
             return None  # stored in another shape (e.g. a GRN of another rank): only the converter reads it
     if layout == "timm":
-        model = build_dense_model("timm", depths, dims).eval()
+        model = build_dense_model("timm", depths, dims, imgs.shape[1]).eval()
         body = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("head.")}
         missing, unexpected = model.load_state_dict(body, strict=False)
         if missing or unexpected:
@@ -101,7 +102,7 @@ def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, 
     returned description says so. Returns ``(relative error, what was compared)``; raises
     :class:`CheckpointError` if the error is not below ``tol``."""
     depths, dims = infer_shape(canonical)
-    dense = build_dense_model(format, depths, dims).eval()
+    dense = build_dense_model(format, depths, dims, in_chans_of(canonical)).eval()
     written = load_state_dict_file(path)
     if format == "timm":
         dense.load_state_dict(written, strict=True)
@@ -109,7 +110,7 @@ def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, 
         missing, unexpected = dense.load_state_dict(written, strict=False)
         if unexpected or any(not k.startswith("norm.") for k in missing):
             raise CheckpointError(f"{path}: does not load into ConvNeXtV2 (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    imgs = _check_images()
+    imgs = _check_images(in_chans_of(canonical))
     ref, independent = reference_features(source, layout, canonical, depths, dims, imgs)
     if independent:
         what = (f"the written file in {'timm' if format == 'timm' else 'the official dense ConvNeXtV2'} equals the "
@@ -191,7 +192,7 @@ def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, 
     @torch.no_grad()
     def check(folder: Path) -> None:
         require_transformers()
-        imgs = _check_images()
+        imgs = _check_images(in_chans_of(canonical))
         ref, independent = reference_features(obj, layout, canonical, depths, dims, imgs)
         what = (f"the source checkpoint read without the converter ({layout} keys)" if independent else
                 f"the converter's reading of the source (the reading of {layout} keys is NOT independently verified)")
