@@ -4,6 +4,7 @@ NumPy, the stem adaptation against a hand computation, N-band exports loading st
 transformers, reconstruction images, and a 12-band learning test."""
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,17 @@ def test_twelve_bands_learn_what_three_rgb_bands_cannot(tmp_path):
         top1[name] = [m for m in metrics(tmp_path / f"ft-{name}") if "val/top1" in m][-1]["val/top1"]
     print("top-1", top1)
     assert top1["all12"] >= 80 and top1["rgb3"] <= 50, top1
+
+
+def test_fashion_mnist_is_natively_one_band_under_grey():
+    """data.channels=grey reads Fashion-MNIST as the 1-band images it is (the default replicates them
+    to 3 channels); the pixels are the IDX bytes / 255."""
+    from fcmae.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
+    if not (Path(DEFAULT_ROOT) / "t10k-images-idx3-ubyte.gz").is_file() and not os.environ.get("FCMAE_REQUIRE_FMNIST"):
+        pytest.skip("Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist)")
+    grey = FashionMNIST(split="test", channels=Channels("grey", None, 1))
+    x, label = grey[7]
+    assert x.shape == (1, 28, 28) and label == int(grey.labels[7])
+    assert torch.equal(x[0], torch.tensor(grey.images[7], dtype=torch.float32) / 255)
+    rgb, _ = FashionMNIST(split="test")[7]
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 0], grey.images[7])
