@@ -53,12 +53,12 @@ def jpeg_folder(folder: Path, sizes) -> Path:
     return folder
 
 
-def both_paths(folder: Path, scale=(0.2, 1.0), hflip=True, seed=3, decoder="auto", device="cpu"):
+def both_paths(folder: Path, scale=(0.2, 1.0), hflip=True, seed=3, decoder="auto", device="cpu", resize="auto"):
     source = scan_folder(folder)
     transform = pretrain_transform(SIZE, scale, hflip, MEAN, STD)
     cpu = PretrainSamples(source, transform, SIZE, 0.5, seed)
     enc = EncodedPretrainSamples(source, transform, SIZE, 0.5, scale, hflip, seed)
-    return cpu, enc, DeviceDecoder(enc, SIZE, MEAN, STD, torch.device(device), decoder)
+    return cpu, enc, DeviceDecoder(enc, SIZE, MEAN, STD, torch.device(device), decoder, resize)
 
 
 def decode_keys(enc, decoder, keys):
@@ -67,10 +67,11 @@ def decode_keys(enc, decoder, keys):
     return imgs.cpu(), masks, bad.sum().item() + extra_bad
 
 
+@pytest.mark.parametrize("resize", ["auto", "batched"])  # on a CPU device auto resizes per image
 @pytest.mark.parametrize("decoder,device", DECODE_ON)
-def test_both_paths_crop_the_same_region_of_real_jpegs(tmp_path, decoder, device):
+def test_both_paths_crop_the_same_region_of_real_jpegs(tmp_path, decoder, device, resize):
     folder = jpeg_folder(tmp_path / "imgs", [(375, 500), (500, 375), (96, 96), (120, 300), (64, 200), (333, 222)])
-    cpu, enc, decoder = both_paths(folder, decoder=decoder, device=device)
+    cpu, enc, decoder = both_paths(folder, decoder=decoder, device=device, resize=resize)
     keys = list(range(6 * 4))  # four epochs of each image: different crops and flips
     gpu_imgs, gpu_masks, bad = decode_keys(enc, decoder, keys)
     assert bad == 0
@@ -288,7 +289,7 @@ def test_the_host_work_per_batch_does_not_grow_with_the_batch(tmp_path):
     64 are as many as for a batch of 8 (before: about 5 small ops per image from Python)."""
     sizes = [(375, 500), (500, 375), (96, 96), (120, 300), (333, 222), (64, 200), (240, 320), (200, 150)]
     folder = jpeg_folder(tmp_path / "imgs", sizes)
-    _, enc, dec = both_paths(folder, decoder="torchvision")
+    _, enc, dec = both_paths(folder, decoder="torchvision", resize="batched")  # what CUDA runs
     counts = {}
     for batch in (8, 64):
         images, _, _, keys, _ = collate_encoded([enc[k] for k in range(batch)])
@@ -311,7 +312,7 @@ def test_the_batched_resize_matches_torch_per_image_resize():
     imgs = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for (h, w), _ in shapes_and_crops]
     geometry = torch.tensor([g for _, g in shapes_and_crops])
     dec = DeviceDecoder.__new__(DeviceDecoder)
-    dec.size, dec.device = SIZE, torch.device("cpu")
+    dec.size, dec.device, dec.batched = SIZE, torch.device("cpu"), True
     dec.mean, dec.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     out = dec.augment(imgs, geometry)
     for img, (top, left, h, w, flip), got in zip(imgs, geometry.tolist(), out):
