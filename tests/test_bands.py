@@ -254,3 +254,27 @@ def test_fashion_mnist_is_natively_one_band_under_grey():
     assert torch.equal(x[0], torch.tensor(grey.images[7], dtype=torch.float32) / 255)
     rgb, _ = FashionMNIST(split="test")[7]
     assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 0], grey.images[7])
+
+
+def test_rgb_weights_start_a_one_band_model_in_both_apps(tmp_path, caplog):
+    """init_from (pretraining) and model.init_from (fine-tuning) with RGB weights and model.in_chans=1:
+    the stem starts from the sum of the RGB filters, with a warning; the rest loads unchanged."""
+    import timm
+    from fcmae import create_fcmae
+    from fcmae.export.convert import to_dense
+    from fcmae.finetune import build_classifier, load_pretrained
+    from fcmae.pretrain import load_encoder_init
+    from fcmae.weights_file import save_state_dict
+    rgb = create_fcmae("convnextv2_atto").state_dict()
+    save_state_dict(to_dense(rgb, "timm"), tmp_path / "rgb.safetensors")
+    stem = rgb["encoder.downsample_layers.0.0.weight"]
+    grey_mae = create_fcmae("convnextv2_atto", in_chans=1)
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        load_encoder_init(grey_mae, str(tmp_path / "rgb.safetensors"))
+    assert torch.allclose(grey_mae.encoder.downsample_layers[0][0].weight, stem.sum(1, keepdim=True), atol=1e-6)
+    assert torch.equal(grey_mae.encoder.stages[3][1].pwconv2.weight, rgb["encoder.stages.3.1.pwconv2.weight"])
+    assert "holds RGB weights; model.in_chans=1" in caplog.text
+    classifier = build_classifier("convnextv2_atto", 10, 0.0, 1.0, in_chans=1)
+    load_pretrained(classifier, "convnextv2_atto", str(tmp_path / "rgb.safetensors"))
+    assert torch.allclose(classifier.stem[0].weight, stem.sum(1, keepdim=True), atol=1e-6)
+    assert isinstance(classifier, timm.models.ConvNeXt)
