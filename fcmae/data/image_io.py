@@ -71,6 +71,15 @@ INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(n
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 
 
+class BandCountError(DataError):
+    """A file's bands do not fit the run's ``data.channels`` / ``data.bands`` / ``model.in_chans``;
+    ``fix`` says which key to change (the start-of-run check prints it)."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
 def pil_bands(img: Image.Image) -> np.ndarray:
     """``[H, W, C]`` in the image's own dtype (uint8, uint16, int32, float32), EXIF orientation applied;
     palette and CMYK/YCbCr images as RGB(A)."""
@@ -169,20 +178,25 @@ class Channels:
         c = item.shape[2]
         if self.mode == "rgb":
             if c not in (1, 3, 4):
-                raise DataError(f"{c} bands; data.channels=rgb takes 1, 3 or 4 (use data.channels=all)")
+                raise BandCountError(f"{c} bands; data.channels=rgb takes 1, 3 or 4 (use data.channels=all)",
+                                     f"set data.channels=all model.in_chans={c}")
             item = np.repeat(item, 3, axis=2) if c == 1 else item[..., :3]
         elif self.mode == "grey" and c != 1:
             if c not in (3, 4):
-                raise DataError(f"{c} bands; data.channels=grey takes 1, 3 or 4 (use data.channels=all)")
+                raise BandCountError(f"{c} bands; data.channels=grey takes 1, 3 or 4 (use data.channels=all)",
+                                     f"set data.channels=all model.in_chans={c}")
             scale = INT_SCALE.get(item.dtype, 1.0)
             luma = (item[..., :3].astype(np.float32) / scale) @ np.asarray(GREY_WEIGHTS, dtype=np.float32)
             item = luma[..., None]
         if self.bands is not None:
             if max(self.bands) >= item.shape[2]:
-                raise DataError(f"{item.shape[2]} bands, but data.bands asks for band {max(self.bands)}")
+                raise BandCountError(f"{item.shape[2]} bands, but data.bands asks for band {max(self.bands)}",
+                                     f"pick bands below {item.shape[2]} in data.bands")
             item = item[..., list(self.bands)]
         if self.expect is not None and item.shape[2] != self.expect:
-            raise DataError(f"{item.shape[2]} bands; the run takes {self.expect} (model.in_chans)")
+            fix = (f"set model.in_chans={item.shape[2]} to match the data" if self.bands is None else
+                   f"keep {self.expect} bands in data.bands, or set model.in_chans={item.shape[2]}")
+            raise BandCountError(f"{item.shape[2]} bands; the run takes {self.expect} (model.in_chans)", fix)
         return float_bands(item)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST, FashionMNISTError
-from .image_io import RGB, Channels, DataError, class_index
+from .image_io import RGB, BandCountError, Channels, DataError, class_index
 from .shards import ShardImages
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif", ".npy")
@@ -194,21 +194,16 @@ def build_source(data_cfg, seed: int = 0, channels: Channels = RGB) -> Dataset:
 
 def check_bands(source: Dataset, channels: Channels, where: str = "data") -> None:
     """At start: the first readable sample must give the bands the model takes (``model.in_chans``),
-    or the run stops here with the fix, instead of skipping every file as unreadable later."""
-    failures = []
+    or the run stops here with the fix, instead of skipping every file as unreadable later. Files
+    that cannot be read at all are the loader's business (skipped, named, counted): up to five are tried."""
     for index in range(min(len(source), 5)):
         try:
             source[index]
             return
-        except DataError as exc:
-            if "model.in_chans" in str(exc) or "data.bands" in str(exc):
-                bands = "data.bands" if channels.bands is not None else "model.in_chans"
-                raise DataError(f"{where}: {describe_sample(source, index)} has {exc}; set {bands} to match the "
-                                f"data (data.channels={channels.mode}{', data.bands=' + str(list(channels.bands)) if channels.bands else ''}, "
-                                f"model.in_chans={channels.expect})") from None
-            failures.append(exc)
-        except Exception as exc:  # unreadable: the loader skips and counts those
-            failures.append(exc)
+        except BandCountError as exc:
+            raise DataError(f"{where}: {describe_sample(source, index)} has {exc}; {exc.fix}") from None
+        except Exception:  # unreadable: the next file may tell
+            continue
 
 
 def fashion_mnist(root: str | None, split: str, channels: Channels = RGB) -> FashionMNIST:
