@@ -207,3 +207,76 @@ def test_the_loop_reads_in_short_methods():
     called = [c.func.attr for c in ast.walk(step) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)]
     for part in ("_forward_backward", "_optimizer_step", "_after_step"):
         assert part in called, part
+
+
+# ------------------------------------------------------------------ reading a step's values one step late
+
+def test_step_readback_reads_all_but_the_newest_step_in_order():
+    from fcmae.engine.readback import StepReadback
+    seen = []
+    rb = StepReadback(torch.device("cpu"))
+    for step in (1, 2, 3):
+        rb.put(step, torch.tensor([step * 1.5, -step]), lambda s, v: seen.append((s, v)))
+    rb.ready()
+    assert seen == [(1, [1.5, -1.0]), (2, [3.0, -2.0])]  # step 3 (just queued) is not waited for
+    rb.drain()
+    assert seen[-1] == (3, [4.5, -3.0]) and not rb.pending
+
+
+def _pretrain_cfg(*overrides):
+    from hydra import compose, initialize_config_dir
+    from fcmae.pretrain import CONFIG_PATH
+    tiny = ["data.img_size=64", "data.batch_size=4", "data.num_workers=0", "data.synthetic_images=32",
+            "model.decoder_embed_dim=32", "schedule.warmup_steps=0", "optim.lr=1e-3", "trainer.progress=log",
+            "model.mask_ratio=0.5", "trainer.max_steps=9", "trainer.ckpt_every=100"]
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
+        return compose("pretrain", overrides=[*tiny, *overrides])
+
+
+def _metrics(run_dir):
+    import json
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_loop_reads_a_step_only_after_queuing_the_next_unless_it_logs_or_saves(tmp_path, monkeypatch):
+    """The host waits for a step's values (on a GPU: for the step to finish) only once the next
+    step is queued, except at a log step, a checkpoint and the run's end; the numbers it logs
+    are the same as when it reads every step at once (log_every=1)."""
+    from fcmae.engine.readback import StepReadback
+    from fcmae.pretrain import run
+    reads, read = [], StepReadback._read
+
+    def spy(item):
+        reads.append((item.step, item.on_ready.__self__.state.step))  # (step read, step queued by then)
+        read(item)
+
+    monkeypatch.setattr(StepReadback, "_read", staticmethod(spy))
+    run(_pretrain_cfg("trainer.log_every=4", "trainer.ckpt_every=6"), tmp_path / "lagged")
+    assert [s for s, _ in reads] == list(range(1, 10))  # every step checked, in order
+    at_once = {queued for s, queued in reads if s == queued}
+    assert at_once == {4, 6, 8, 9}  # log steps 4 and 8, the checkpoint of step 6, the stop step 9
+    assert all(queued == s + 1 for s, queued in reads if queued not in at_once)
+    monkeypatch.undo()
+    run(_pretrain_cfg("trainer.log_every=1", "trainer.ckpt_every=6"), tmp_path / "every")
+    every = {m["step"]: m for m in _metrics(tmp_path / "every") if "loss" in m}
+    lagged = [m for m in _metrics(tmp_path / "lagged") if "loss" in m]
+    assert [m["step"] for m in lagged] == [4, 8, 9]
+    for m in lagged:
+        assert (m["loss"], m["grad_norm"]) == (every[m["step"]]["loss"], every[m["step"]]["grad_norm"])
+
+
+def test_a_non_finite_loss_between_log_steps_is_caught_a_step_late_and_never_checkpointed(tmp_path):
+    from fcmae.checkpoint import load_checkpoint
+    from fcmae.pretrain import run
+
+    def poison_after_5(loop):  # step 6's loss is NaN; step 6 neither logs nor saves
+        if loop.state.step == 5:
+            with torch.no_grad():
+                loop.raw_model.pred.bias.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLoss, match=r"at step 6\b.*last good checkpoint is .*checkpoint-0000004") as err:
+        run(_pretrain_cfg("trainer.log_every=10", "trainer.ckpt_every=4"), tmp_path, callbacks=[poison_after_5])
+    assert err.value.step == 6
+    ck = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*.pt")) == ["checkpoint-0000004.pt"]

@@ -2,7 +2,12 @@
 in :meth:`TrainLoop._train_micro_batch`: fetch a micro-batch, forward and backward (accumulating
 under ``no_sync``), the optimizer step, then the step's hooks (the ranks' agreement, logging, the
 task's hook, the periodic checkpoint). The collaborators own the rest: :class:`StepSync` (signals,
-unreadable files, write failures), :class:`Checkpointing`, :class:`StepLog`.
+unreadable files, write failures), :class:`Checkpointing`, :class:`StepLog`, :class:`StepReadback`.
+
+The host does not wait for a step it has just queued: the step's loss, gradient norm and (DDP) the
+ranks' flags are read one step later, and at once only where a value is needed (a log step, a
+checkpoint, the end of the run). So a non-finite loss is caught one step late between log steps;
+no checkpoint is written before the steps it holds have been checked.
 
 What a batch means is the business of a *task* (``fcmae.pretrain.PretrainTask``,
 ``fcmae.finetune.ClassifyTask``): it turns a batch into a loss, and may act after a step
@@ -22,6 +27,7 @@ import torch
 from ..loggers import format_metrics
 from ..optim import cosine_lr, set_lr
 from .checkpointing import Checkpointing
+from .readback import StepReadback
 from .signals import Preempted, PreemptionGuard
 from .state import LoopSettings, LoopState, NonFiniteLoss
 from .step_log import StepLog
@@ -43,12 +49,15 @@ class TrainLoop:
         self.sync = StepSync(parts.dist, settings.max_bad_fraction)
         self.checkpoints = Checkpointing(task, parts, settings, state, self.sync)
         self.step_log = StepLog(settings, state, parts.dist, parts.optimizer, metrics_file, parts.tracker, self.sync)
+        self.readback = StepReadback(parts.dist.device)
+        self._last_read: tuple[float, float] | None = None  # the newest (loss, grad norm) read
 
     # ------------------------------------------------------------ what tasks call
     def state_dict(self) -> dict:
         return self.checkpoints.contents()
 
     def save(self, name: str | None = None) -> Path | None:
+        self.readback.drain()  # the steps a checkpoint holds are checked before it is written
         return self.checkpoints.save(name)
 
     def write_output(self, write: Callable[[], object]) -> None:
@@ -89,6 +98,7 @@ class TrainLoop:
                     log.warning("caught %s during the final evaluation; the run is complete",
                                 signal.Signals(guard.signum).name)
         finally:
+            self.readback.clear()
             self.step_log.close()
         return st
 
@@ -96,6 +106,7 @@ class TrainLoop:
         st = self.state
         while st.step < self.settings.stop_step:
             self._run_epoch()
+            self.readback.drain()  # an epoch's end, a stop or the stop step: every step checked
             if self.sync.stop_signal is None and st.batch_in_epoch >= self._micro_per_epoch:
                 self._end_epoch()
                 self.sync.after_step(st)  # evaluation takes a while: a signal during it stops here
@@ -156,6 +167,7 @@ class TrainLoop:
     def _stop(self, signum: int, guard: PreemptionGuard) -> None:
         """Every rank stops here, after a checkpoint, with :class:`Preempted`; a signal caught in
         the last step lets the run finish instead (its final evaluation is short)."""
+        self.readback.drain()
         path = self.checkpoints.saved_now()
         # Logged before the launcher's handler runs: submitit's exits the process.
         log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
@@ -178,9 +190,9 @@ class TrainLoop:
         st.batch_in_epoch = micro + 1
         if not completes_step:
             return False
-        loss, grad_norm = self._optimizer_step(self._loss_sum)
+        grad_norm = self._optimizer_step()
         st.step += 1
-        self._after_step(loss, grad_norm)
+        self._after_step(grad_norm)
         self._loss_sum.zero_()
         for cb in s.callbacks:
             cb(self)
@@ -209,43 +221,61 @@ class TrainLoop:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
 
-    def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[float, float]:
-        """Clip, check, update. Returns the step's (summed micro-batch loss, grad norm).
-
-        One host-device sync: loss and grad norm come back together, and a non-finite loss
-        stops the run before the weights change. (Under DDP the loop's preemption check adds
-        a one-element all-reduce per step, so that every rank stops at the same step.)
-        """
+    def _optimizer_step(self) -> torch.Tensor:
+        """Unscale, clip, update. Returns the gradient norm, on the device: it is read a step later
+        with the loss (:meth:`_check_step`), so the host does not wait here. (With fp16 the
+        GradScaler reads its overflow flag every step: that wait is its own.)"""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.settings.clip_grad if self.settings.clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
-        step = self.state.step + 1
-        self.state.watch_loss(step, loss / self.settings.accum)
-        # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks
-        # stop together. With fp16 the scaler owns non-finite grads (it skips the step).
-        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            blowup = self.state.blowup_step if self.state.blowup_step is not None else step
-            raise NonFiniteLoss(f"non-finite loss ({loss / self.settings.accum}) or gradient norm ({norm}) "
-                                f"at step {step}", step, blowup)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm
+        return grad_norm
 
-    def _after_step(self, loss: float, grad_norm: float) -> None:
-        """The step's hooks, in order: the ranks agree (signals, unreadable files, write failures),
-        the data-quality limit, the step's report, the task's hook, the periodic checkpoint."""
-        self.sync.after_step(self.state)
-        self.sync.check_data_quality(self.state)
-        self.step_log.step(self._loss_sum, loss, grad_norm, self._scheduled_lr)
+    def _after_step(self, grad_norm: torch.Tensor) -> None:
+        """The step's hooks, in order: its values queued for the host (read now where the step is
+        logged or checkpointed, else a step later), the ranks' agreement, the step's report, the
+        task's hook, the periodic checkpoint."""
+        st, s = self.state, self.settings
+        values = torch.stack([self._loss_sum.float(), grad_norm.float().to(self._loss_sum.device)])
+        flags = self.sync.reduced_flags()  # DDP: read with the values
+        if flags is not None:
+            values = torch.cat([values, flags.to(values.device)])
+        self.readback.put(st.step, values, self._check_step)
+        if flags is None:  # one process: the flags are host values already
+            self.sync.after_step(st)
+            self.sync.check_data_quality(st)
+        log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
+        save_now = self.checkpoints.due()
+        if log_now or save_now:
+            self.readback.drain()
+        else:
+            self.readback.ready()  # the previous step's values: the device has run (or is running) it
+        loss, norm = self._last_read if self._last_read is not None else (None, None)
+        self.step_log.step(self._loss_sum, loss, norm, self._scheduled_lr)
         self.task.after_step(self)
-        if self.checkpoints.due():
+        if save_now:
             self.save()
-        if self.state.step % self.settings.log_every == 0:
+        if st.step % s.log_every == 0:
             self.step_log.reset_throughput()
+
+    def _check_step(self, step: int, values: list[float]) -> None:
+        """A step's values, read on the host: its loss (summed over micro-batches) and gradient
+        norm, then (DDP) the ranks' flags. A non-finite loss stops the run; with fp16 the scaler
+        owns non-finite gradients (it skips the step)."""
+        loss, norm = values[0], values[1]
+        self.state.watch_loss(step, loss / self.settings.accum)
+        # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks stop together.
+        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
+            blowup = self.state.blowup_step if self.state.blowup_step is not None else step
+            raise NonFiniteLoss(f"non-finite loss ({loss / self.settings.accum}) or gradient norm ({norm}) "
+                                f"at step {step}", step, blowup)
+        self._last_read = (loss, norm)
+        if len(values) > 2:
+            self.sync.apply(self.state, *values[2:])
+            self.sync.check_data_quality(self.state)

@@ -36,15 +36,16 @@ class StepLog:
     def count_images(self, n: int) -> None:
         self.images_since += n
 
-    def step(self, loss_sum: torch.Tensor, loss: float, grad_norm: float, lr: float) -> None:
-        """Report a step. ``loss`` is this rank's summed micro-batch loss; at log steps (which every
-        rank agrees on, so a collective is safe) the global batch's mean replaces it. The bar between
-        log steps shows this rank's own loss."""
+    def step(self, loss_sum: torch.Tensor, loss: float | None, grad_norm: float | None, lr: float) -> None:
+        """Report a step. ``loss`` and ``grad_norm`` are the newest this rank has read (this step's at
+        log steps, else the previous step's: the loop reads a step late; None before the first);
+        ``loss`` is the summed micro-batch loss. At log steps (which every rank agrees on, so a
+        collective is safe) the global batch's mean replaces it."""
         s, st = self.settings, self.state
         log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
         if log_now:
             loss = all_reduce_mean(loss_sum, self.dist)
-        if not (log_now or self.progress.bar is not None):
+        if not (log_now or self.progress.bar is not None) or loss is None:
             return
         elapsed = max(time.perf_counter() - self.t_last, 1e-9)
         metrics = {

@@ -1,7 +1,7 @@
 """What every rank must agree on after a step: the unreadable files of all ranks (so the count,
 the limit and the stop are global), whether any rank caught a stop signal, and whether rank 0
 failed to write (a refused write stops every rank together, none left waiting in a collective).
-Under DDP that is one small all-reduce per step."""
+Under DDP that is one small all-reduce per step, which the loop reads a step later (no host wait)."""
 from __future__ import annotations
 
 import signal
@@ -63,16 +63,31 @@ class StepSync:
                                         "rank stops here")
 
     def after_step(self, state: LoopState) -> None:
-        """The step's all-reduce (under DDP): bad files into ``state.bad_images``, a stop agreed on,
-        a write failure raised on every rank."""
-        bad, stop, failed = self.bad_local, self.signalled, self.write_failure is not None
-        if self.dist.enabled:
-            flags = torch.tensor([float(bad), float(stop), float(failed)], device=self.dist.device)
-            bad, stop, failed = all_reduce_sum(flags, self.dist).tolist()
+        """The step's agreement, read now (under DDP an all-reduce the host waits for): bad files
+        into ``state.bad_images``, a stop agreed on, a write failure raised on every rank."""
+        flags = self.reduced_flags()
+        self.apply(state, *(flags.tolist() if flags is not None else self.take_local()))
+
+    def take_local(self) -> tuple[int, bool, bool]:
+        """This rank's flags since the last call: unreadable files, a caught signal, a write failure."""
+        flags = self.bad_local, self.signalled, self.write_failure is not None
+        self.bad_local = 0
+        return flags
+
+    def reduced_flags(self) -> torch.Tensor | None:
+        """Under DDP, the ranks' flags summed (on the device, not read: the loop reads them a step
+        later, :class:`StepReadback`); None in one process, where :meth:`take_local` is all there is."""
+        if not self.dist.enabled:
+            return None
+        bad, stop, failed = self.take_local()
+        flags = torch.tensor([float(bad), float(stop), float(failed)], device=self.dist.device)
+        return all_reduce_sum(flags, self.dist)
+
+    def apply(self, state: LoopState, bad: float, stop: float, failed: float) -> None:
+        """Act on (agreed) flags: every rank holds the same values, so every rank acts alike."""
         if failed:
             self.raise_write_failure(self.write_failure)
         state.bad_images += int(bad)
-        self.bad_local = 0
         self.agree_to_stop(bool(stop))
 
     def check_data_quality(self, state: LoopState) -> None:
