@@ -6,6 +6,7 @@
 - ``task``: the contract with the apps (:class:`Task`, :class:`RunParts`)
 - ``step_sync``: what every rank agrees on after a step (signals, unreadable files, write failures)
 - ``checkpointing``, ``step_log``: what the loop saves and when; what a step reports
+- ``readback``: a step's loss, gradient norm and flags read on the host one step late
 - ``loop``: :class:`TrainLoop`, which runs a step top to bottom and calls the parts
 """
 from .loop import TrainLoop
