@@ -159,6 +159,52 @@ def test_ddp_bad_images_are_counted_globally_and_every_rank_stops_with_one_rank(
     assert got == {0: expected, 1: expected}
 
 
+def _ddp_signal_worker(rank, world, port, run_dir, overrides, results):
+    from fcmae.engine import Preempted
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+    def signal_rank_1(loop):
+        if rank == 1 and loop.state.step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    try:
+        run(make_cfg(*overrides), run_dir, callbacks=[signal_rank_1])
+        results.put((rank, "finished"))
+    except Preempted as exc:
+        results.put((rank, f"Preempted at step {exc.step}"))
+    except Exception as exc:
+        results.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_signal_read_a_step_late(tmp_path):
+    """Between log steps the ranks' flags are read a step late (no host wait per step): a signal
+    one rank catches after step 1 is in step 2's all-reduce, read once step 3 is queued, so every
+    rank stops after step 3, with one checkpoint of it."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = ["trainer.device=cpu", "data.batch_size=2", "trainer.max_steps=8", "trainer.log_every=10",
+                 "trainer.ckpt_every=100"]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_signal_worker, args=(r, 2, port, tmp_path / "ddp", overrides, results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    got = dict(results.get(timeout=5) for _ in procs)
+    assert got == {0: "Preempted at step 3", 1: "Preempted at step 3"}
+    ckpts = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").glob("checkpoint-*.pt"))
+    assert ckpts == ["checkpoint-0000003.pt"]
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "checkpoint-0000003.pt")
+    assert (state["step"], state["world_size"]) == (3, 2)
+
+
 # ---------------------------------------------------------------- longer runs, RNG streams, the logged lr
 
 def test_larger_max_steps_makes_a_finished_run_longer(tmp_path, caplog):
