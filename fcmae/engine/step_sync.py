@@ -80,7 +80,9 @@ class StepSync:
         if not self.dist.enabled:
             return None
         bad, stop, failed = self.take_local()
-        flags = torch.tensor([float(bad), float(stop), float(failed)], device=self.dist.device)
+        flags = torch.tensor([float(bad), float(stop), float(failed)])
+        if self.dist.device.type == "cuda":  # a pageable copy to the GPU would wait for its stream
+            flags = flags.pin_memory().to(self.dist.device, non_blocking=True)
         return all_reduce_sum(flags, self.dist)
 
     def apply(self, state: LoopState, bad: float, stop: float, failed: float) -> None:
