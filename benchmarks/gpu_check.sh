@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device run for issues #18, #19, #29 and #30, sized for one call of the `device` tool (~9 minutes
+# The prepared device run for issues #18, #19, #29 and #30, sized for one call of the `device` tool (~10 minutes
 # on an H100/H200; each step has its own time limit): the CUDA paths checked against their references
 # first, then the measurements, each writing its JSON as it goes, so a cut-off run keeps what it
 # measured. Results land in $OUT.
@@ -29,3 +29,6 @@ timeout 100 python benchmarks/loader_rate.py --make-jpegs 12000 --cache "$OUT/jp
     --decode cpu,gpu --batch 128 --batches 20 --json "$OUT/loader.json" 2>&1 | tail -10 | tee "$OUT/loader.txt"
 timeout 150 python benchmarks/pretrain_rate.py --root "$OUT/jpegs" --out "$OUT/runs" --model tiny --batch 128 \
     --workers 4 --decode cpu,gpu --compile --step-only --json "$OUT/e2e_tiny.json" 2>&1 | tail -8 | tee "$OUT/e2e.txt"
+# 4. #30: host-device syncs per training step (the loop reads a step's values a step late; none between log steps)
+timeout 90 python benchmarks/host_syncs.py --model tiny --batch 64 --steps 24 --log-every 8 \
+    --json "$OUT/host_syncs.json" 2>&1 | tail -26 | tee "$OUT/host_syncs.txt"
