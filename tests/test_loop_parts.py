@@ -224,18 +224,8 @@ def test_step_readback_reads_all_but_the_newest_step_in_order():
 
 
 def _pretrain_cfg(*overrides):
-    from hydra import compose, initialize_config_dir
-    from fcmae.pretrain import CONFIG_PATH
-    tiny = ["data.img_size=64", "data.batch_size=4", "data.num_workers=0", "data.synthetic_images=32",
-            "model.decoder_embed_dim=32", "schedule.warmup_steps=0", "optim.lr=1e-3", "trainer.progress=log",
-            "model.mask_ratio=0.5", "trainer.max_steps=9", "trainer.ckpt_every=100"]
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
-        return compose("pretrain", overrides=[*tiny, *overrides])
-
-
-def _metrics(run_dir):
-    import json
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    from test_pretrain import make_cfg
+    return make_cfg("trainer.max_steps=9", "trainer.ckpt_every=100", *overrides)
 
 
 def test_the_loop_reads_a_step_only_after_queuing_the_next_unless_it_logs_or_saves(tmp_path, monkeypatch):
@@ -258,8 +248,9 @@ def test_the_loop_reads_a_step_only_after_queuing_the_next_unless_it_logs_or_sav
     assert all(queued == s + 1 for s, queued in reads if queued not in at_once)
     monkeypatch.undo()
     run(_pretrain_cfg("trainer.log_every=1", "trainer.ckpt_every=6"), tmp_path / "every")
-    every = {m["step"]: m for m in _metrics(tmp_path / "every") if "loss" in m}
-    lagged = [m for m in _metrics(tmp_path / "lagged") if "loss" in m]
+    from test_pretrain import metrics
+    every = {m["step"]: m for m in metrics(tmp_path / "every") if "loss" in m}
+    lagged = [m for m in metrics(tmp_path / "lagged") if "loss" in m]
     assert [m["step"] for m in lagged] == [4, 8, 9]
     for m in lagged:
         assert (m["loss"], m["grad_norm"]) == (every[m["step"]]["loss"], every[m["step"]]["grad_norm"])

@@ -120,53 +120,16 @@ def test_a_signal_during_setup_is_not_lost(tmp_path):
 
 # ---------------------------------------------------------------- DDP accounting
 
-def _ddp_quality_worker(rank, world, port, run_dir, overrides, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        run(make_cfg(*overrides), run_dir)
-        results.put((rank, "finished"))
-    except Exception as exc:
-        results.put((rank, f"{type(exc).__name__}: {exc}"))
-
-
-@pytest.mark.slow
-def test_ddp_bad_images_are_counted_globally_and_every_rank_stops_with_one_rank(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    _image_folder(tmp_path / "imgs", good=28, bad=4)
-    common = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.max_bad_fraction=0.03", "trainer.max_steps=4",
-              "trainer.device=cpu", "data.num_workers=0"]
-    with pytest.raises(Exception) as single:
-        run(make_cfg(*common, "data.batch_size=8"), tmp_path / "single")
-    assert type(single.value).__name__ == "DataQualityError"
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_quality_worker,
-                         args=(r, 2, port, tmp_path / "ddp", [*common, "data.batch_size=4"], results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    got = dict(results.get(timeout=5) for _ in procs)
-    # the same global batches, so the same step and the same global count on both ranks
-    expected = f"DataQualityError: {single.value}"
-    assert got == {0: expected, 1: expected}
-
-
-def _ddp_signal_worker(rank, world, port, run_dir, overrides, results):
+def _ddp_worker(rank, world, port, run_dir, overrides, results, signal_rank_1_after=None):
+    """One rank of a 2-process gloo run; puts ``(rank, outcome)``. ``signal_rank_1_after``: the step
+    after which rank 1 alone sends itself SIGUSR1."""
     from fcmae.engine import Preempted
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
 
     def signal_rank_1(loop):
-        if rank == 1 and loop.state.step == 1:
+        if rank == 1 and loop.state.step == signal_rank_1_after:
             os.kill(os.getpid(), signal.SIGUSR1)
     try:
         run(make_cfg(*overrides), run_dir, callbacks=[signal_rank_1])
@@ -177,27 +140,46 @@ def _ddp_signal_worker(rank, world, port, run_dir, overrides, results):
         results.put((rank, f"{type(exc).__name__}: {exc}"))
 
 
-@pytest.mark.slow
-def test_ddp_ranks_agree_on_a_signal_read_a_step_late(tmp_path):
-    """Between log steps the ranks' flags are read a step late (no host wait per step): a signal
-    one rank catches after step 1 is in step 2's all-reduce, read once step 3 is queued, so every
-    rank stops after step 3, with one checkpoint of it."""
+def _run_two_ranks(run_dir, overrides, **kw) -> dict:
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    overrides = ["trainer.device=cpu", "data.batch_size=2", "trainer.max_steps=8", "trainer.log_every=10",
-                 "trainer.ckpt_every=100"]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_signal_worker, args=(r, 2, port, tmp_path / "ddp", overrides, results))
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, run_dir, overrides, results), kwargs=kw)
              for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    got = dict(results.get(timeout=5) for _ in procs)
+    return dict(results.get(timeout=5) for _ in procs)
+
+
+@pytest.mark.slow
+def test_ddp_bad_images_are_counted_globally_and_every_rank_stops_with_one_rank(tmp_path):
+    _image_folder(tmp_path / "imgs", good=28, bad=4)
+    common = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.max_bad_fraction=0.03", "trainer.max_steps=4",
+              "trainer.device=cpu", "data.num_workers=0"]
+    with pytest.raises(Exception) as single:
+        run(make_cfg(*common, "data.batch_size=8"), tmp_path / "single")
+    assert type(single.value).__name__ == "DataQualityError"
+
+    got = _run_two_ranks(tmp_path / "ddp", [*common, "data.batch_size=4"])
+    # the same global batches, so the same step and the same global count on both ranks
+    expected = f"DataQualityError: {single.value}"
+    assert got == {0: expected, 1: expected}
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_signal_read_a_step_late(tmp_path):
+    """Between log steps the ranks' flags are read a step late (no host wait per step): a signal
+    one rank catches after step 1 is in step 2's all-reduce, read once step 3 is queued, so every
+    rank stops after step 3, with one checkpoint of it."""
+    overrides = ["trainer.device=cpu", "data.batch_size=2", "trainer.max_steps=8", "trainer.log_every=10",
+                 "trainer.ckpt_every=100"]
+    got = _run_two_ranks(tmp_path / "ddp", overrides, signal_rank_1_after=1)
     assert got == {0: "Preempted at step 3", 1: "Preempted at step 3"}
     ckpts = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").glob("checkpoint-*.pt"))
     assert ckpts == ["checkpoint-0000003.pt"]

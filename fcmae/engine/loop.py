@@ -166,8 +166,8 @@ class TrainLoop:
 
     def _stop(self, signum: int, guard: PreemptionGuard) -> None:
         """Every rank stops here, after a checkpoint, with :class:`Preempted`; a signal caught in
-        the last step lets the run finish instead (its final evaluation is short)."""
-        self.readback.drain()
+        the last step lets the run finish instead (its final evaluation is short). Every step has
+        been read by now (:meth:`_train_to_stop_step` drains before it stops)."""
         path = self.checkpoints.saved_now()
         # Logged before the launcher's handler runs: submitit's exits the process.
         log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
@@ -245,7 +245,7 @@ class TrainLoop:
         values = torch.stack([self._loss_sum.float(), grad_norm.float().to(self._loss_sum.device)])
         flags = self.sync.reduced_flags()  # DDP: read with the values
         if flags is not None:
-            values = torch.cat([values, flags.to(values.device)])
+            values = torch.cat([values, flags])
         self.readback.put(st.step, values, self._check_step)
         if flags is None:  # one process: the flags are host values already
             self.sync.after_step(st)
