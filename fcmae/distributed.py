@@ -24,6 +24,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without the host waiting: to a GPU through pinned memory with a
+    non-blocking copy (a copy from pageable memory waits for the stream's queued work)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def _export_submitit_env() -> None:
     """Under a submitit Slurm job, set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for env:// from
     the job's tasks. A job with several tasks that cannot set them up fails here, loudly:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..distributed import host_to_device
 from .image_io import DataError
 from .samples import PretrainSamples, collate_masked, sample_seed, seeded_rngs
 from .transforms import crop_geometry
@@ -297,16 +298,10 @@ class DeviceDecoder:
         out = out.round_().clamp_(0, 255)[0]
         return out.flip(-1) if flip else out
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device without blocking the host (pinned first where it is not)."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
-
     def __call__(self, enc: EncodedImages, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
         out = torch.empty(len(enc), 3, self.size, self.size, device=self.device)
         if len(enc.pixel_index):
-            out[self.to_device(enc.pixel_index)] = self.to_device(enc.pixels)
+            out[host_to_device(enc.pixel_index, self.device)] = host_to_device(enc.pixels, self.device)
         geometry = enc.geometry.tolist()  # host tensors: no device sync
         # A crop that shrinks by more than MAX_DEVICE_SHRINK goes through the CPU path: CUDA's antialiased
         # bicubic resize needs shared memory in proportion to the shrink and fails past ~47x (a 12 MP
@@ -322,8 +317,8 @@ class DeviceDecoder:
             extra_bad += bad
         if ok:
             idx = torch.tensor(ok)
-            out[self.to_device(enc.jpeg_index[idx])] = self.augment([decoded[j] for j in ok],
-                                                                    self.to_device(enc.geometry[idx]))
+            rows = host_to_device(enc.jpeg_index[idx], self.device)
+            out[rows] = self.augment([decoded[j] for j in ok], host_to_device(enc.geometry[idx], self.device))
         return out, extra_bad
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..distributed import DistInfo, all_reduce_sum
+from ..distributed import DistInfo, all_reduce_sum, host_to_device
 from ..files import DiskWriteError
 from .signals import PreemptionGuard
 from .state import LoopState
@@ -80,9 +80,7 @@ class StepSync:
         if not self.dist.enabled:
             return None
         bad, stop, failed = self.take_local()
-        flags = torch.tensor([float(bad), float(stop), float(failed)])
-        if self.dist.device.type == "cuda":  # a pageable copy to the GPU would wait for its stream
-            flags = flags.pin_memory().to(self.dist.device, non_blocking=True)
+        flags = host_to_device(torch.tensor([float(bad), float(stop), float(failed)]), self.dist.device)
         return all_reduce_sum(flags, self.dist)
 
     def apply(self, state: LoopState, bad: float, stop: float, failed: float) -> None:
