@@ -94,7 +94,7 @@ def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> 
     from .sparse.dwconv_choice import resolve_dwconv
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     try:
-        kernel, why = resolve_dwconv(encoder_cfg.dwconv, info.device, dtype)
+        kernel, why = resolve_dwconv(encoder_cfg.dwconv, info.device, dtype, dims=tuple(model.encoder.dims))
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
     if kernel == "canvas" and encoder_cfg.dwconv == "auto" and "self-test" in why:

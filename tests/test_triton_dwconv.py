@@ -95,19 +95,21 @@ def test_the_kernel_sees_neighbours_a_tile_away():
     assert y.flatten().tolist() == [24.0, 22.0]  # y[patch 0] reads itself: the centre tap 3*7+3
 
 
+@pytest.mark.slow  # torch.compile
 def test_the_custom_op_traces_under_compile_and_passes_opcheck():
     mask = torch.tensor([[0, 1, 0, 0]], device=DEVICE)
     layout = SparseLayout.from_mask(mask, (2, 2), 4, None)
     tiles = layout.tiles(3)
     x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
     weight = torch.randn(49, 4, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(dwconv_tiles, (x, weight, tiles.neighbours, tiles.tile, tiles.reach))
+    bias = torch.randn(4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(dwconv_tiles, (x, weight, bias, tiles.neighbours, tiles.tile, tiles.reach))
     # a transposed (non-contiguous) input: the fake must give the real op's contiguous strides
     xt = torch.randn(4, 3, device=DEVICE).t().requires_grad_()
-    torch.library.opcheck(dwconv_tiles, (xt, weight, tiles.neighbours, tiles.tile, tiles.reach))
+    torch.library.opcheck(dwconv_tiles, (xt, weight, None, tiles.neighbours, tiles.tile, tiles.reach))
 
     def f(x, weight):
-        return (dwconv_tiles(x.relu(), weight, tiles.neighbours, tiles.tile, tiles.reach) * 2).sum()
+        return (dwconv_tiles(x.relu(), weight, None, tiles.neighbours, tiles.tile, tiles.reach) * 2).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # no graph break at the op
     eager_grads = torch.autograd.grad(f(x, weight), [x, weight])
@@ -140,38 +142,106 @@ def test_mismatched_shapes_are_refused_before_the_kernel_runs():
     tiles = layout.tiles(3)
     weight = torch.randn(49, 4, device=DEVICE)
     with pytest.raises(RuntimeError, match="x has 4 rows, the tiles 3 x 1"):
-        dwconv_tiles(torch.randn(4, 4, device=DEVICE), weight, tiles.neighbours, tiles.tile, tiles.reach)
+        dwconv_tiles(torch.randn(4, 4, device=DEVICE), weight, None, tiles.neighbours, tiles.tile, tiles.reach)
     with pytest.raises(RuntimeError, match="weight has 5 channels"):
-        dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(49, 5, device=DEVICE), tiles.neighbours,
+        dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(49, 5, device=DEVICE), None, tiles.neighbours,
                      tiles.tile, tiles.reach)
 
 
-def test_the_self_test_passes_on_the_real_kernel():
+# A small self-test for the fast tier (the interpreter is slow): every stage, widths that are and are
+# not multiples of 16, one visible patch; the default (a 224-px grid, atto's widths) runs in the full set.
+SMALL = dict(dims=(16, 24, 32, 48), grid=(1, 2), mask_ratio=0.5, images=1)
+
+
+def _small_check(device, dtype):
     from fcmae.sparse.dwconv_choice import tiles_self_test_error
-    assert tiles_self_test_error(DEVICE, torch.float32, stages=(3,), channels=8) is None
+    return tiles_self_test_error(device, dtype, **SMALL)
 
 
-def _resolve(choice, check):
+def _resolve(choice, check, dtype=torch.float32):
     from fcmae.sparse.dwconv_choice import resolve_dwconv
-    return resolve_dwconv(choice, DEVICE, torch.float32, on_accelerator=True, check=check)
+    return resolve_dwconv(choice, DEVICE, dtype, on_accelerator=True, check=check)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_picks_the_tile_kernel_in_the_run_dtype(dtype):
+    """Under autocast with fp32 inputs and parameters, as training runs (before, bf16 always fell back:
+    the reference refused the self-test's own mixed types)."""
+    kernel, why = _resolve("auto", _small_check, dtype)
+    assert kernel == "tiles", why
+
+
+def test_the_default_self_test_has_images_enough_for_every_loop():
+    """At a 224-px grid and mask 0.6 (19 of 49 patches visible), the app's self-test takes enough images
+    that the weight grad runs all its chunks with at least two tiles each, at the coarsest stage too."""
+    import fcmae.sparse.triton_dwconv as tk
+    from fcmae.sparse.dwconv_choice import self_test_images
+    assert self_test_images((7, 7), 0.6) * 19 >= 2 * tk.WGRAD_CHUNKS + 1
+
+
+@pytest.mark.slow
+def test_the_self_test_at_atto_widths_runs_every_loop_and_passes(monkeypatch):
+    """bf16 under autocast at atto's widths (40 ... 320: not multiples of 16, wide channel blocks), with
+    the weight grad running several chunks of several tiles at every stage. Under the interpreter a
+    3x3 grid and 2 chunks stand in for the app's 7x7 grid and 64 chunks (the same loops, far fewer
+    programs); the GPU check runs the app's own."""
+    import fcmae.sparse.triton_dwconv as tk
+    from fcmae.sparse.dwconv_choice import ATTO_DIMS, tiles_self_test_error
+    grid, chunks = ((3, 3), 2) if INTERPRET else ((7, 7), tk.WGRAD_CHUNKS)
+    monkeypatch.setattr(tk, "WGRAD_CHUNKS", chunks)
+    seen = []
+    real = tk.dwconv_tiles_wgrad
+
+    def recording(x, grad, neighbours, tile, reach, taps):
+        seen.append((tile, neighbours.shape[0]))
+        return real(x, grad, neighbours, tile, reach, taps)
+    monkeypatch.setattr(tk, "dwconv_tiles_wgrad", recording)
+    assert tiles_self_test_error(DEVICE, torch.bfloat16, ATTO_DIMS, grid=grid, mask_ratio=0.5) is None
+    assert [t for t, _ in seen] == [8, 4, 2, 1] and all(n >= 2 * chunks for _, n in seen), seen
+
+
+def _perturb_one(t: torch.Tensor) -> torch.Tensor:
+    """One element moved by a tenth of the tensor's largest magnitude."""
+    out = t.clone()
+    out.view(-1)[t.numel() // 3] += 0.1 * t.abs().max()
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_self_test_fails_on_one_wrong_element_of_the_output(monkeypatch, stage):
+    import fcmae.sparse.triton_dwconv as tk
+    real = tk.depthwise_conv_tiles
+
+    def wrong(x, conv, tiles):
+        y = real(x, conv, tiles)
+        return _perturb_one(y) if conv.in_channels == SMALL["dims"][stage] else y
+    monkeypatch.setattr(tk, "depthwise_conv_tiles", wrong)
+    error = _small_check(DEVICE, torch.float32)
+    assert error is not None and f"output at stage {stage}" in error and "Mismatched elements: 1 /" in error, error
+
+
+def test_the_self_test_fails_on_one_wrong_element_of_the_weight_grad(monkeypatch):
+    import fcmae.sparse.triton_dwconv as tk
+    real = tk.dwconv_tiles_wgrad
+    monkeypatch.setattr(tk, "dwconv_tiles_wgrad", lambda *a: _perturb_one(real(*a)) if a[3] == 2 else real(*a))
+    error = _small_check(DEVICE, torch.bfloat16)
+    assert error is not None and "weight grad at stage 2" in error and "Mismatched elements: 1 /" in error, error
 
 
 def test_auto_falls_back_to_the_canvas_on_an_injected_mismatch_or_exception(monkeypatch):
     import fcmae.sparse.triton_dwconv as tk
-    from fcmae.sparse.dwconv_choice import tiles_self_test_error
-    check = lambda device, dtype: tiles_self_test_error(device, dtype, stages=(3,), channels=8)  # noqa: E731
     real = tk.depthwise_conv_tiles
     monkeypatch.setattr(tk, "depthwise_conv_tiles", lambda x, conv, tiles: real(x, conv, tiles) * 1.01)
-    kernel, why = _resolve("auto", check)
-    assert kernel == "canvas" and "output at stage 3 differs from the canvas reference" in why
+    kernel, why = _resolve("auto", _small_check)
+    assert kernel == "canvas" and "output at stage 0" in why and "differs from the canvas reference" in why
     with pytest.raises(RuntimeError, match="encoder.dwconv=tiles: the tile kernel's output .*use encoder.dwconv=canvas"):
-        _resolve("tiles", check)
+        _resolve("tiles", _small_check)
 
     def broken(x, conv, tiles):
         raise RuntimeError("PTX JIT compilation failed")  # e.g. a driver too old for the kernel
     monkeypatch.setattr(tk, "depthwise_conv_tiles", broken)
-    kernel, why = _resolve("auto", check)
+    kernel, why = _resolve("auto", _small_check)
     assert kernel == "canvas" and "RuntimeError: PTX JIT compilation failed" in why
     monkeypatch.undo()
-    assert _resolve("auto", check)[0] == "tiles"
-    assert _resolve("canvas", check)[0] == "canvas"
+    assert _resolve("auto", _small_check)[0] == "tiles"
+    assert _resolve("canvas", _small_check)[0] == "canvas"

@@ -62,8 +62,8 @@ def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
     ptr = f"*{cfg.dtype}"
     if cfg.kernel == "forward":
         fn = k._dwconv_tiles_kernel
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "nbr_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
-        consts = {}
+        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "nbr_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
+        consts = {"HAS_BIAS": True}  # the encoder's depthwise convs have a bias; the input grad has none
     else:
         fn = k._dwconv_tiles_wgrad_kernel
         sig = {"x_ptr": ptr, "g_ptr": ptr, "nbr_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",

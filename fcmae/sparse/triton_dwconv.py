@@ -11,6 +11,8 @@ before this module is imported.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -54,8 +56,8 @@ def _neighbour_rows(nbr_ptr, p, ly, lx, dy, dx, TILE: tl.constexpr, LOG2T: tl.co
 
 
 @triton.jit
-def _dwconv_tiles_kernel(x_ptr, w_ptr, nbr_ptr, y_ptr, C, TILE: tl.constexpr, LOG2T: tl.constexpr,
-                         REACH: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dwconv_tiles_kernel(x_ptr, w_ptr, b_ptr, nbr_ptr, y_ptr, C, TILE: tl.constexpr, LOG2T: tl.constexpr,
+                         REACH: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
     p = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -71,6 +73,9 @@ def _dwconv_tiles_kernel(x_ptr, w_ptr, nbr_ptr, y_ptr, C, TILE: tl.constexpr, LO
             xv = tl.load(x_ptr + rows[:, None] * C + c[None, :], mask=active[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + (ky * K + kx) * C + c, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:  # added before the one rounding to the output dtype, as cuDNN does (two roundings
+        # differ from it by a whole unit of the conv's value where the bias cancels it)
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     out_rows = p.to(tl.int64) * (TILE * TILE) + s
     tl.store(y_ptr + out_rows[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=c_ok[None, :])
 
@@ -120,11 +125,12 @@ def _wgrad_block_c(channels: int) -> int:
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles", mutates_args=())
-def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor, tile: int,
-                 reach: int) -> torch.Tensor:
-    """``(R, C)`` active rows -> ``(R, C)``: the ``k x k`` depthwise conv (no bias) at the active
-    sites, inactive inputs as zero. ``weight``: ``(k * k, C)``, taps row-major."""
+def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], neighbours: torch.Tensor,
+                 tile: int, reach: int) -> torch.Tensor:
+    """``(R, C)`` active rows -> ``(R, C)``: the ``k x k`` depthwise conv plus ``bias`` (``(C,)`` or None)
+    at the active sites, inactive inputs as zero. ``weight``: ``(k * k, C)``, taps row-major."""
     _check_shapes(x, weight, neighbours, tile, reach)
+    torch._check(bias is None or bias.shape == (x.shape[1],), lambda: f"bias {tuple(bias.shape)} for {x.shape[1]} channels")
     x, weight = x.contiguous(), weight.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
@@ -132,8 +138,10 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor
     channels, sites = x.shape[1], tile * tile
     block_c = _block_c(channels, sites)
     grid = (neighbours.shape[0], triton.cdiv(channels, block_c))
-    _dwconv_tiles_kernel[grid](x, weight, neighbours, y, channels, TILE=tile, LOG2T=tile.bit_length() - 1,
-                               REACH=reach, K=int(round(weight.shape[0] ** 0.5)), BLOCK_C=block_c,
+    has_bias = bias is not None
+    _dwconv_tiles_kernel[grid](x, weight, bias.contiguous() if has_bias else weight, neighbours, y, channels,
+                               TILE=tile, LOG2T=tile.bit_length() - 1, REACH=reach,
+                               K=int(round(weight.shape[0] ** 0.5)), BLOCK_C=block_c, HAS_BIAS=has_bias,
                                num_warps=NUM_WARPS)
     return y
 
@@ -153,7 +161,7 @@ def _check_shapes(x, weight, neighbours, tile: int, reach: int) -> None:
 
 
 @dwconv_tiles.register_fake
-def _dwconv_tiles_fake(x, weight, neighbours, tile, reach):
+def _dwconv_tiles_fake(x, weight, bias, neighbours, tile, reach):
     _check_shapes(x, weight, neighbours, tile, reach)
     return torch.empty_like(x, memory_format=torch.contiguous_format)  # as the real op: contiguous
 
@@ -185,20 +193,23 @@ def _dwconv_tiles_wgrad_fake(x, grad, neighbours, tile, reach, taps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, neighbours, tile, reach = inputs
+    x, weight, bias, neighbours, tile, reach = inputs
     ctx.save_for_backward(x, weight, neighbours)
     ctx.tile, ctx.reach = tile, reach
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
     x, weight, neighbours = ctx.saved_tensors
-    grad_x = grad_w = None
+    grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         # the transpose of a submanifold conv on one site set is the conv with the taps reversed
-        grad_x = dwconv_tiles(grad, weight.flip(0), neighbours, ctx.tile, ctx.reach)
+        grad_x = dwconv_tiles(grad, weight.flip(0), None, neighbours, ctx.tile, ctx.reach)
     if ctx.needs_input_grad[1]:
         grad_w = dwconv_tiles_wgrad(x, grad, neighbours, ctx.tile, ctx.reach, weight.shape[0]).to(weight.dtype)
-    return grad_x, grad_w, None, None, None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 dwconv_tiles.register_autograd(_backward, setup_context=_setup_context)
@@ -218,8 +229,8 @@ def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTil
     if x.is_floating_point() and _autocast_dtype(x.device.type) is not None:
         x = x.to(_autocast_dtype(x.device.type))
     weight = conv.weight.view(c, k * k).t().to(x.dtype)
-    y = dwconv_tiles(x, weight, tiles.neighbours, tiles.tile, tiles.reach)
-    return y if conv.bias is None else y + conv.bias.to(y.dtype)
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return dwconv_tiles(x, weight, bias, tiles.neighbours, tiles.tile, tiles.reach)
 
 
 def _autocast_dtype(device_type: str):
