@@ -374,3 +374,29 @@ def test_an_error_in_the_decode_thread_is_raised_in_the_loop_and_a_closed_loader
     next(it)
     it.close()  # the loop broke out (stop step, signal): the thread ends with it
     assert not [t for t in threading.enumerate() if t.name == "fcmae-device-decode"]
+
+
+def test_a_decode_thread_that_cannot_set_up_its_device_says_why(monkeypatch):
+    """The thread's CUDA setup (set_device, its stream) fails in the thread: the loop gets that error
+    with its cause, not "stopped without handing over a batch"; an unindexed device is not set."""
+    from fcmae.data.device_decode import DeviceBatches
+    calls = []
+
+    def set_device(device):
+        calls.append(device)
+        raise ValueError(f"cannot set {device}")
+
+    class NoStream:
+        def __init__(self, device):
+            raise RuntimeError(f"no CUDA stream on {device} here")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "Stream", NoStream)
+
+    class Decoder:
+        device = torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="cannot set cuda:1"):
+        next(iter(DeviceBatches([None], Decoder())))
+    Decoder.device = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="no CUDA stream on cuda"):
+        next(iter(DeviceBatches([None], Decoder())))
+    assert calls == [torch.device("cuda", 1)]

@@ -41,6 +41,7 @@ MAX_DEVICE_SHRINK = 32  # crops shrinking more than this (per side) are resized 
 EXIF_ORIENTATION = 0x0112
 RESIZE_BUDGET_BYTES = 1 << 30  # the padded float images of one batched resize; a batch over it is split
 DECODE_AHEAD = 2  # batches the decode thread may have ready before the loop takes them
+JOIN_TIMEOUT_S = 10.0  # how long the loop waits for the decode thread to stop at the end of an epoch
 
 
 def resolve_decode(choice: str, source: str, device: torch.device) -> str:
@@ -370,10 +371,11 @@ class DeviceBatches:
     def _produce(self, it, handoff: queue.Queue, stop: threading.Event) -> None:
         device = self.decoder.device
         stream = None
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            stream = torch.cuda.Stream(device)
-        try:
+        try:  # everything, the stream's setup too: any failure reaches the loop with its cause
+            if device.type == "cuda":
+                if device.index is not None:  # a bare "cuda" is the current device already
+                    torch.cuda.set_device(device)
+                stream = torch.cuda.Stream(device)
             for batch in it:
                 if stop.is_set():
                     return
@@ -424,4 +426,7 @@ class DeviceBatches:
                 yield batch
         finally:
             stop.set()
-            thread.join()
+            thread.join(timeout=JOIN_TIMEOUT_S)
+            if thread.is_alive():  # blocked in the loader (a read that does not return): a daemon, left behind
+                log.warning("the device-decode thread did not stop within %.0f s (blocked reading a batch?); "
+                            "leaving it behind", JOIN_TIMEOUT_S)
