@@ -57,6 +57,10 @@ export PATH="$WORK/buildtools/bin:$PATH"
   "MinkowskiEngine==$VERSION"
 tar -xzf "$WORK"/MinkowskiEngine-$VERSION.tar.gz -C "$WORK"
 cd "$WORK/MinkowskiEngine-$VERSION"
+# No debug info (Python's own CFLAGS carry -g): the same -O3 code, a ~27% shorter build and a wheel
+# ~40x smaller. ME's flags come last on each compile line, so its -g0 wins.
+sed -i 's/CC_FLAGS += \["-O3"\]/CC_FLAGS += ["-O3", "-g0"]/' setup.py
+grep -q '"-O3", "-g0"' setup.py || { echo "error: could not set -g0 in MinkowskiEngine's setup.py" >&2; exit 1; }
 FLAGS=(--blas=openblas)
 [[ "$MODE" == cpu ]] && FLAGS+=(--cpu_only)
 echo "building MinkowskiEngine $VERSION ($MODE) in $WORK; this takes several minutes"
