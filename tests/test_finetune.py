@@ -139,18 +139,19 @@ def test_finetune_refuses_a_different_init_in_the_same_run(tmp_path):
         finetune(compose_cfg("finetune", *FT_TINY, "trainer.max_steps=2"), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_the_fine_tune_demo_config_learns(tmp_path):
-    """The demo's own settings (conf/finetune.yaml, no experiment) from random init, cut at step 96
-    of its 160: its 8 synthetic classes must leave chance (12.5%) far behind (about 75% here;
-    with the official augmentation it stayed at chance for the whole schedule)."""
+    """The demo's own settings (conf/finetune.yaml, no experiment) from random init, cut at step 64
+    of its 160: its 8 synthetic classes must leave chance (12.5%) far behind (about 80% there, the
+    README's curve; with the official augmentation it stayed at chance for the whole schedule)."""
     from fcmae.finetune import run as finetune_run
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
-        cfg = compose("finetune", overrides=["trainer.max_steps=96", "data.num_workers=0", "trainer.progress=log",
+        cfg = compose("finetune", overrides=["trainer.max_steps=64", "data.num_workers=0", "trainer.progress=log",
                                              "eval_every=100"])
     finetune_run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if "val/top1" in r][-1]
-    assert final["step"] == 96 and final["val/top1"] >= 40.0, final
+    assert final["step"] == 64 and final["val/top1"] >= 40.0, final
 
 
 @pytest.mark.slow
@@ -158,15 +159,16 @@ def test_the_fine_tune_demo_learns_from_the_pretraining_demo(tmp_path):
     """The README's chain at half length: the pretraining demo on half its images (96 steps, same
     schedule shape), exported, then the fine-tune demo from that export cut at step 96. The
     synthetic classes once buried their cue under colour noise and this stayed at chance (15.6%
-    after the full 160 steps) while random init learned; the full chain reaches ~91% at step 96."""
+    after the full 160 steps) while random init learned; the full chain reaches ~82% at step 64 (the
+    README's curve), where this cuts the fine-tuning."""
     from fcmae.finetune import run as finetune_run
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
         pre_cfg = compose("pretrain", overrides=["data.synthetic_images=768", "data.num_workers=0",
                                                  "trainer.progress=log"])
         pretrain(pre_cfg, tmp_path / "pretrain")
         export(tmp_path / "pretrain", "timm", tmp_path / "atto.safetensors")
-        ft_cfg = compose("finetune", overrides=["trainer.max_steps=96", "data.num_workers=0", "trainer.progress=log",
+        ft_cfg = compose("finetune", overrides=["trainer.max_steps=64", "data.num_workers=0", "trainer.progress=log",
                                                 f"model.init_from={tmp_path / 'atto.safetensors'}"])
     finetune_run(ft_cfg, tmp_path / "finetune")
     final = [r for r in metrics(tmp_path / "finetune") if "val/top1" in r][-1]
-    assert final["step"] == 96 and final["val/top1"] >= 40.0, final
+    assert final["step"] == 64 and final["val/top1"] >= 40.0, final
