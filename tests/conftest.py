@@ -13,6 +13,8 @@ import torch
 
 from fcmae.sparse.me_kernels import dense_conv_to_me, dense_depthwise_to_me
 
+pytest_plugins = ["tiers", "pytester"]  # tiers: the fast tier and the full set, time limits, the budget
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||b|| (0 when both are zero)."""

@@ -76,6 +76,7 @@ def test_shorten_replaces_or_appends():
     assert shorten("fcmae-export x --out y", "trainer.max_steps=3") == "fcmae-export x --out y"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page,blocks", CASES, ids=[p.name for p, _ in CASES])
 def test_documented_commands_run_as_written(page, blocks, tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

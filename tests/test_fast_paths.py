@@ -43,6 +43,7 @@ def test_sparse_grads_have_the_parameters_strides():
         assert p.grad.stride() == p.stride(), n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grn_stats", ["sample", "batch"])
 def test_fullgraph_trace_has_no_graph_break_and_matches_eager(grn_stats):
     """fullgraph=True fails on any graph break, e.g. ``.item()`` or a data-dependent
@@ -101,6 +102,7 @@ def test_benchmark_script_reports_every_variant_with_ratios(tmp_path):
     assert {r["variant"] for r in data["results"]} == set(by_variant)
 
 
+@pytest.mark.slow
 def test_step_time_times_the_mae_reference_with_its_flops_and_mfu(tmp_path):
     spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
     step_time = importlib.util.module_from_spec(spec)
@@ -143,6 +145,7 @@ def test_loader_rate_benchmark_measures_after_the_prefetch_buffer(tmp_path, caps
         loader_rate.main(["--root", str(tmp_path / "jpegs"), "--workers", "2", "--batch", "8", "--batches", "3"])
 
 
+@pytest.mark.slow
 def test_pretrain_rate_benchmark_times_a_real_run_after_the_prefetch_buffer(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("pretrain_rate", ROOT / "benchmarks" / "pretrain_rate.py")
     pretrain_rate = importlib.util.module_from_spec(spec)

@@ -195,6 +195,7 @@ def test_a_device_that_cannot_decode_falls_back_under_auto_and_fails_clearly_und
         build_pretrain_loader(SimpleNamespace(**vars(cfg), decode="gpu"), 0.5, seed=1, device=torch.device("cuda"))
 
 
+@pytest.mark.slow
 def test_a_large_batch_under_a_low_open_file_limit_finishes_without_bad_images(tmp_path):
     """#30 item 1: each batch's JPEG bytes travel as one tensor (one file descriptor), not one per image."""
     import subprocess

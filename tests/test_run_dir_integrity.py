@@ -367,6 +367,7 @@ def _read_only_mount(path: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_read_only_run_directory_is_one_line_for_the_app_and_for_export(tmp_path):
     disk = tmp_path / "disk"
     if not _read_only_mount(disk):

@@ -29,6 +29,7 @@ def _app(args, cwd, env=None, app="fcmae.pretrain"):
                           env=env)
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_with_no_account_key_or_settings(tmp_path):
     pytest.importorskip("wandb")
     pytest.importorskip("tensorboard")
@@ -78,6 +79,7 @@ def test_fine_tune_evaluation_shows_progress(caplog, monkeypatch):
     assert any(r.getMessage().startswith("evaluating val: 1/2 batches") for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_config_errors_leave_no_directory_and_eval_only_no_training_directory(tmp_path):
     proc = _app(["model.mask_ratio=1.0", "data.img_size=100"], tmp_path)
     assert proc.returncode == 1 and "model.mask_ratio=1.0" in proc.stderr and "data.img_size=100" in proc.stderr
@@ -125,6 +127,7 @@ def test_messages_say_what_the_run_does(tmp_path, caplog):
     assert "a warm restart, the lr rises again" in caplog.text  # the words quickstart.md promises
 
 
+@pytest.mark.slow
 def test_help_and_job_names_are_the_apps_names(tmp_path):
     from hydra import compose, initialize_config_dir
     from fcmae.config import CONFIG_PATH

@@ -1,0 +1,62 @@
+"""The two tiers (tests/tiers.py): the fast tier leaves out the full set's tests, every test gets a
+time limit, and a fast-tier test over the budget fails the session by name."""
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+SAMPLE = """
+import time
+import pytest
+
+def test_quick():
+    pass
+
+@pytest.mark.slow
+def test_end_to_end():
+    pass
+
+@pytest.mark.slurm
+def test_on_the_cluster():
+    pass
+
+def test_limits(request):
+    assert request.node.get_closest_marker("timeout").args[0] == {limit}
+
+def test_sleepy():
+    time.sleep({sleep})
+"""
+
+
+def _run(pytester, *args, sleep=0.0, budget="20", limit=300):
+    pytester.makepyfile(test_sample=SAMPLE.format(sleep=sleep, limit=limit))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(TESTS))
+        mp.setenv("FCMAE_FAST_TEST_BUDGET_S", budget)
+        return pytester.runpytest_subprocess("-p", "tiers", "-p", "no:cacheprovider", *args)
+
+
+def test_the_fast_tier_deselects_the_full_sets_tests_and_sets_limits(pytester):
+    result = _run(pytester)
+    result.assert_outcomes(passed=3, deselected=2)
+    result.stdout.fnmatch_lines(["*tiers: the fast tier*--full*"])
+    assert result.ret == 0
+
+
+def test_full_runs_everything_with_the_full_sets_limit(pytester):
+    result = _run(pytester, "--full", "-k", "not limits")
+    result.assert_outcomes(passed=4, deselected=1)
+    result = _run(pytester, "--full", "-k", "limits and not quick")
+    result.assert_outcomes(passed=1)  # test_limits is a fast-tier test: its limit stays 300 s
+
+
+def test_a_fast_tier_test_over_the_budget_fails_the_session_by_name(pytester):
+    result = _run(pytester, sleep=1.5, budget="0.05")  # 0.05 s x this machine's slowness (>= 1, < 30)
+    result.assert_outcomes(passed=3, deselected=2)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*fast-tier budget exceeded*", "*test_sample.py::test_sleepy*",
+                                 "*@pytest.mark.slow*"])
+    assert "test_quick" not in result.stdout.str().split("fast-tier budget exceeded")[1]
+    result = _run(pytester, sleep=1.5, budget="off")
+    assert result.ret == 0
