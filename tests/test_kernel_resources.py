@@ -54,3 +54,28 @@ def test_launch_configurations_cover_every_size_and_stage():
     for name, v in VARIANTS.items():
         for stage in range(4):
             assert f"{name} s{stage} ({v.dims[stage]})" in users
+
+
+@pytest.mark.slow
+def test_the_cost_model_reads_the_loops_and_floors_of_every_stage(tmp_path):
+    """benchmarks/kernel_cost.py (#38): the forward has one loop (kernel rows, 7 trips), the weight grad
+    two nested ones (taps inside tiles); the canvas path's floor is the bytes counted by hand."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_cost.py"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = json.loads(out.read_text())["stages"]
+    assert [s["channels"] for s in stages] == [128, 256, 512, 1024] and [s["tile"] for s in stages] == [8, 4, 2, 1]
+    for s in stages:
+        assert s["tiles"] == 128 * 19  # base, batch 128, 19 of 49 patches visible at mask 0.6
+        fwd, wgrad = s["forward"], s["wgrad"]
+        assert len(fwd["loop_instructions"]) == 1 and fwd["trips"] == [7]
+        inner, outer = wgrad["loop_instructions"]  # tiles of a chunk inside taps
+        assert 0 < inner < outer and wgrad["trips"][1] == 49 and wgrad["trips"][0] * wgrad["programs"] >= s["tiles"]
+        assert fwd["per_warp"] > 7 * fwd["loop_instructions"][0] and fwd["issue_s"] > 0
+        sites = (7 * s["tile"]) ** 2
+        hand = (8 * 128 * sites * s["channels"] * 2 + 8 * s["tiles"] * s["tile"] ** 2 * s["channels"] * 2) / 4.8e12
+        assert abs(s["canvas_floor_s"] - hand) < 1e-12

@@ -171,12 +171,21 @@ def test_auto_picks_the_tile_kernel_in_the_run_dtype(dtype):
     assert kernel == "tiles", why
 
 
-def test_the_default_self_test_has_images_enough_for_every_loop():
+def test_the_default_self_test_has_images_enough_for_every_loop(monkeypatch):
     """At a 224-px grid and mask 0.6 (19 of 49 patches visible), the app's self-test takes enough images
-    that the weight grad runs all its chunks with at least two tiles each, at the coarsest stage too."""
+    that the weight grad runs all its chunks with at least two tiles each, at the coarsest stage too:
+    on a GPU the chunks come from its SM count (an H200's 132 here, faked)."""
+    import types
     import fcmae.sparse.triton_dwconv as tk
-    from fcmae.sparse.dwconv_choice import self_test_images
+    from fcmae.sparse.dwconv_choice import ATTO_DIMS, self_test_images
     assert self_test_images((7, 7), 0.6) * 19 >= 2 * tk.WGRAD_CHUNKS + 1
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda", 0)
+    blocks = [-(-c // tk._wgrad_block_c(c, (8 >> stage) ** 2)) for stage, c in enumerate(ATTO_DIMS)]
+    assert blocks == [2, 1, 1, 1]  # 32, 128, 256, 512 channels a program at tiles of 64, 16, 4, 1 sites
+    chunks = [tk.wgrad_chunks(2**31, b, gpu) for b in blocks]
+    assert chunks == [264, 528, 528, 528]  # 4 programs per SM
+    assert self_test_images((7, 7), 0.6, ATTO_DIMS, gpu) * 19 >= 2 * 528 + 1
 
 
 @pytest.mark.slow

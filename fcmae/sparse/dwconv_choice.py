@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from ..models.masking import num_visible
 from .compact import _triton_installed, depthwise_rows
 from .layout import SparseLayout
 
@@ -41,12 +42,14 @@ def resolve_dwconv(choice: str, device: torch.device, dtype: torch.dtype = torch
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 1e-3), torch.float16: (2e-3, 1e-4)}
 
 
-def self_test_images(grid: tuple[int, int], mask_ratio: float) -> int:
-    """Images enough that the weight grad's every loop runs at every stage: more than one chunk, and
-    at least two tiles in each chunk at the coarsest stage (one tile per visible patch)."""
-    from .triton_dwconv import WGRAD_CHUNKS
-    visible = grid[0] * grid[1] - int(grid[0] * grid[1] * mask_ratio)
-    return -(-(2 * WGRAD_CHUNKS + 1) // visible)
+def self_test_images(grid: tuple[int, int], mask_ratio: float, dims: tuple[int, ...] = ATTO_DIMS,
+                     device: torch.device = torch.device("cpu")) -> int:
+    """Images enough that the weight grad's every loop runs at every stage on ``device``: all the chunks
+    its grid has there, with at least two tiles in each (one tile per visible patch)."""
+    from .triton_dwconv import _wgrad_block_c, wgrad_chunks
+    most = max(wgrad_chunks(2**31, -(-c // _wgrad_block_c(c, (8 >> stage) ** 2)), device)
+               for stage, c in enumerate(dims))  # tiles of 8, 4, 2, 1 sites a side
+    return -(-(2 * most + 1) // num_visible(grid[0] * grid[1], mask_ratio))
 
 
 @contextlib.contextmanager
@@ -72,10 +75,10 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
     compared element-wise with the canvas path (the reference, TF32 off). Any exception counts as a
     failure, with its text."""
     rtol, atol_share = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-    images = images or self_test_images(grid, mask_ratio)
+    images = images or self_test_images(grid, mask_ratio, dims, device)
     try:
         g = torch.Generator().manual_seed(seed)
-        keep = grid[0] * grid[1] - int(grid[0] * grid[1] * mask_ratio)
+        keep = num_visible(grid[0] * grid[1], mask_ratio)  # as the app masks
         mask = torch.ones(images, grid[0] * grid[1], dtype=torch.long)
         mask.scatter_(1, torch.rand(images, grid[0] * grid[1], generator=g).argsort(1)[:, :keep], 0)
         layout = SparseLayout.from_mask(mask.to(device), grid, len(dims), None)

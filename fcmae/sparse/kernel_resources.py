@@ -23,11 +23,12 @@ TAPS = 49
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kernel: str  # "forward" (also the input grad: the same kernel, taps reversed) or "wgrad"
+    kernel: str  # "forward" (also the input grad: the same kernel, taps reversed, no bias) or "wgrad"
     tile: int
     reach: int
     block_c: int
     dtype: str  # "bf16" | "fp32"
+    c_div16: bool = True  # the channel count divides by 16: the JIT specialises on it (16-byte loads)
 
 
 @dataclass
@@ -46,15 +47,19 @@ def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
     for name, variant in VARIANTS.items():
         for stage, ((tile, reach), channels) in enumerate(zip(STAGE_TILES, variant.dims)):
             for dtype in dtypes:
-                fwd = KernelConfig("forward", tile, reach, _block_c(channels, tile * tile), dtype)
-                wgrad = KernelConfig("wgrad", tile, reach, _wgrad_block_c(channels), dtype)
+                div16 = channels % 16 == 0
+                fwd = KernelConfig("forward", tile, reach, _block_c(channels, tile * tile), dtype, div16)
+                wgrad = KernelConfig("wgrad", tile, reach, _wgrad_block_c(channels, tile * tile), dtype, div16)
                 for cfg in (fwd, wgrad):
                     out.setdefault(cfg, []).append(f"{name} s{stage} ({channels})")
     return out
 
 
-def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
-    """Compile ``cfg`` for ``sm_<arch>`` and read ``ptxas -v``; returns the resources and the raw report."""
+def compile_kernel(cfg: KernelConfig, arch: int):
+    """Triton's compiled kernel for ``cfg`` on ``sm_<arch>``, specialised as the JIT specialises the
+    launches that run: every pointer divisible by 16 (torch's allocations are), the channel count too
+    where it divides by 16, and the weight grad's chunk count (64). Without it the table reads another
+    binary (the forward at tile 8: 170 registers unspecialised on sm_90, 123 as it runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -64,20 +69,36 @@ def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
         fn = k._dwconv_tiles_kernel
         sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "nbr_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
         consts = {"HAS_BIAS": True}  # the encoder's depthwise convs have a bias; the input grad has none
+        divisible = ["x_ptr", "w_ptr", "b_ptr", "nbr_ptr", "y_ptr"]
     else:
         fn = k._dwconv_tiles_wgrad_kernel
         sig = {"x_ptr": ptr, "g_ptr": ptr, "nbr_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",
                "CHUNKS": "i32"}
-        consts = {"KK_PAD": triton.next_power_of_2(TAPS)}
+        consts = {}
+        divisible = ["x_ptr", "g_ptr", "nbr_ptr", "out_ptr", "CHUNKS"]
+    if cfg.c_div16:
+        divisible.append("C")
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, REACH=cfg.reach, K=7, BLOCK_C=cfg.block_c)
     sig.update({name: "constexpr" for name in consts})
     try:
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     except TypeError:  # Triton releases before 3.3 called them constants
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constants=consts)
-    warps = k.NUM_WARPS if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constants=consts, attrs=attrs)
+    warps = k.forward_warps(cfg.tile * cfg.tile, cfg.block_c) if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}), warps
+
+
+def _tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
+    """Compile ``cfg`` for ``sm_<arch>`` and read ``ptxas -v``; returns the resources and the raw report."""
+    compiled, _ = compile_kernel(cfg, arch)
+    ptxas = _tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
@@ -103,3 +124,40 @@ def bytes_per_site(cfg: KernelConfig) -> dict[str, int]:
     if cfg.kernel == "forward":
         return {"read": TAPS * elem, "write": elem}
     return {"read": (TAPS + 1) * elem, "write": 0}
+
+
+@dataclass
+class Loop:
+    """A loop of the SASS: its body's instructions (label to backward branch) and its byte range."""
+    start: int
+    end: int
+    instructions: int
+
+
+def sass_loops(cubin: bytes) -> tuple[list[Loop], int]:
+    """The loops of a kernel's SASS (``nvdisasm -c``), innermost first, and the kernel's instruction
+    count. A loop is a backward branch to a label; on sm_80/sm_90 every instruction is 16 bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    labels, loops, last = {}, [], 0
+    pending = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L\w+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*)", line)
+        if not m:
+            continue
+        addr, text = int(m.group(1), 16), m.group(2)
+        for name in pending:
+            labels[name] = addr
+        pending, last = [], addr
+        b = re.search(r"BRA\s+`?\(?(\.L\w+)", text)
+        if b and b.group(1) in labels and labels[b.group(1)] < addr:
+            loops.append(Loop(labels[b.group(1)], addr, (addr - labels[b.group(1)]) // 16 + 1))
+    loops.sort(key=lambda lp: lp.instructions)
+    return loops, last // 16 + 1

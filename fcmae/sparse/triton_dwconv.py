@@ -20,7 +20,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .tiles import StageTiles
 
-WGRAD_CHUNKS = 64  # tile groups the weight grad is split over (partial sums, then one sum in torch)
+WGRAD_CHUNKS = 64  # tile groups the weight grad is split over where no GPU says better (partial sums, then one sum)
+WGRAD_PROGRAMS_PER_SM = 4  # the weight grad's grid: about this many programs for each SM, whatever the batch
 
 
 @triton.jit
@@ -82,37 +83,48 @@ def _dwconv_tiles_kernel(x_ptr, w_ptr, b_ptr, nbr_ptr, y_ptr, C, TILE: tl.conste
 
 @triton.jit
 def _dwconv_tiles_wgrad_kernel(x_ptr, g_ptr, nbr_ptr, out_ptr, P, C, CHUNKS, TILE: tl.constexpr,
-                               LOG2T: tl.constexpr, REACH: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
-    """One program per (tile chunk, channel block), every tap: each tile's grad is read once and each
-    input row once per tap that reaches it (from cache), instead of K * K programs each streaming all
-    of x and grad. Partial sums ``(CHUNKS, K * K, C)`` in fp32; the caller sums the chunks."""
+                               LOG2T: tl.constexpr, REACH: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program per (tile chunk, channel block): for each tap, ``x[o + tap] * grad[o]`` accumulates in
+    registers over every site of every tile of the chunk and is summed over sites once, at the end of
+    the tap. The tap's address arithmetic (which neighbour tile, which site in it) does not change
+    from tile to tile, so it stays out of the inner loop; only the neighbour's index is read per tile.
+    Partial sums ``(CHUNKS, K * K, C)`` in fp32; the caller sums the chunks."""
     chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     s = tl.arange(0, TILE * TILE)
     ly = _compact(s >> 1, LOG2T)
     lx = _compact(s, LOG2T)
-    taps = tl.arange(0, KK_PAD)
-    acc = tl.zeros([KK_PAD, BLOCK_C], dtype=tl.float32)
-    for p in range(chunk, P, CHUNKS):
-        g_rows = s.to(tl.int64) + p * (TILE * TILE)
-        gv = tl.load(g_ptr + g_rows[:, None] * C + c[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)
-        for tap in range(K * K):
-            rows, active = _neighbour_rows(nbr_ptr, p, ly, lx, tap // K - K // 2, tap % K - K // 2, TILE, LOG2T,
-                                           REACH)
-            xv = tl.load(x_ptr + rows[:, None] * C + c[None, :], mask=active[:, None] & c_ok[None, :], other=0.0)
-            part = tl.sum(xv.to(tl.float32) * gv, axis=0)
-            acc += tl.where(taps[:, None] == tap, part[None, :], 0.0)
-    out_rows = chunk * (K * K) + taps
-    tl.store(out_ptr + out_rows[:, None] * C + c[None, :], acc, mask=(taps[:, None] < K * K) & c_ok[None, :])
+    NB: tl.constexpr = 2 * REACH + 1
+    for tap in range(K * K):
+        iy = ly + tap // K - K // 2 + REACH * TILE  # shifted to be >= 0, so shifts floor
+        ix = lx + tap % K - K // 2 + REACH * TILE
+        ty = iy >> LOG2T
+        tx = ix >> LOG2T
+        local = (_spread(iy - (ty << LOG2T), LOG2T) << 1) | _spread(ix - (tx << LOG2T), LOG2T)
+        slot = ty * NB + tx
+        acc = tl.zeros([TILE * TILE, BLOCK_C], dtype=tl.float32)
+        for p in range(chunk, P, CHUNKS):
+            g_rows = s.to(tl.int64) + p * (TILE * TILE)
+            gv = tl.load(g_ptr + g_rows[:, None] * C + c[None, :], mask=c_ok[None, :], other=0.0)
+            nb = tl.load(nbr_ptr + p * (NB * NB) + slot)
+            rows = nb.to(tl.int64) * (TILE * TILE) + local
+            xv = tl.load(x_ptr + rows[:, None] * C + c[None, :], mask=(nb >= 0)[:, None] & c_ok[None, :], other=0.0)
+            acc += xv.to(tl.float32) * gv.to(tl.float32)
+        tl.store(out_ptr + (chunk * (K * K) + tap) * C + c, tl.sum(acc, axis=0), mask=c_ok)
 
 
 # Launch settings chosen from `ptxas -v` on sm_80 and sm_90 (benchmarks/kernel_resources.py; the
 # compile check in tests/test_kernel_resources.py keeps every configuration free of spills).
 NUM_WARPS = 8  # the forward (and input grad): 4 warps spill at tile 8 and at wide channel blocks
+SMALL_NUM_WARPS = 4  # ... but at 8 warps ptxas caps a 2,048-value accumulator at 80 registers and spills
+
+
+def forward_warps(sites: int, block_c: int) -> int:
+    """Warps of the forward: 8 for accumulators over 2,048 values, else 4 (16+ values a thread)."""
+    return NUM_WARPS if sites * block_c > 2048 else SMALL_NUM_WARPS
 WGRAD_NUM_WARPS = 4
-WGRAD_BLOCK_C = 64  # the weight grad holds a (K*K padded to 64) x BLOCK_C accumulator
+WGRAD_VALUES = 2048  # the weight grad's accumulator: sites x BLOCK_C, 16 fp32 values a thread at 4 warps
 
 
 def _block_c(channels: int, sites: int) -> int:
@@ -120,8 +132,9 @@ def _block_c(channels: int, sites: int) -> int:
     return max(16, min(triton.next_power_of_2(channels), 4096 // sites))
 
 
-def _wgrad_block_c(channels: int) -> int:
-    return min(WGRAD_BLOCK_C, triton.next_power_of_2(channels))
+def _wgrad_block_c(channels: int, sites: int) -> int:
+    # a tile of 1 site with 64 channels left half of 128 threads idle: wide channel blocks for small tiles
+    return max(16, min(triton.next_power_of_2(channels), WGRAD_VALUES // sites))
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles", mutates_args=())
@@ -142,7 +155,7 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     _dwconv_tiles_kernel[grid](x, weight, bias.contiguous() if has_bias else weight, neighbours, y, channels,
                                TILE=tile, LOG2T=tile.bit_length() - 1, REACH=reach,
                                K=int(round(weight.shape[0] ** 0.5)), BLOCK_C=block_c, HAS_BIAS=has_bias,
-                               num_warps=NUM_WARPS)
+                               num_warps=forward_warps(sites, block_c))
     return y
 
 
@@ -177,14 +190,25 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, neighbours: torch.Te
     channels, tiles = x.shape[1], neighbours.shape[0]
     if not tiles:
         return torch.zeros(taps, channels, device=x.device, dtype=torch.float32)
-    chunks = max(1, min(WGRAD_CHUNKS, tiles))
+    block_c = _wgrad_block_c(channels, tile * tile)
+    chunks = wgrad_chunks(tiles, triton.cdiv(channels, block_c), x.device)
     partial = torch.empty(chunks, taps, channels, device=x.device, dtype=torch.float32)  # every entry written
-    block_c = _wgrad_block_c(channels)
     grid = (chunks, triton.cdiv(channels, block_c))
     _dwconv_tiles_wgrad_kernel[grid](x, grad, neighbours, partial, tiles, channels, chunks, TILE=tile,
                                      LOG2T=tile.bit_length() - 1, REACH=reach, K=int(round(taps ** 0.5)),
-                                     KK_PAD=triton.next_power_of_2(taps), BLOCK_C=block_c, num_warps=WGRAD_NUM_WARPS)
+                                     BLOCK_C=block_c, num_warps=WGRAD_NUM_WARPS)
     return partial.sum(0)
+
+
+def wgrad_chunks(tiles: int, channel_blocks: int, device: torch.device) -> int:
+    """Tile chunks of the weight grad: enough programs to fill every SM a few times over (its programs
+    are independent), at most one chunk per tile. Without a GPU to ask, WGRAD_CHUNKS."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = -(-WGRAD_PROGRAMS_PER_SM * sms // channel_blocks)
+    else:
+        wanted = WGRAD_CHUNKS
+    return max(1, min(wanted, tiles))
 
 
 @dwconv_tiles_wgrad.register_fake

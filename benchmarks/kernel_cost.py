@@ -1,0 +1,142 @@
+"""A static cost model of the tile kernels, read without a GPU (#38): each launch configuration is
+compiled for sm_90 as the JIT specialises it, its SASS disassembled (the ``nvdisasm`` in Triton's
+wheel), the instructions of its hot loops counted and multiplied by their trip counts and by the
+programs of the launch, for one model at one batch. Beside that issue-bound floor: the memory-bound
+floor of the same launch (the bytes it must move at least once), and the canvas path's memory floor
+(scatter to a zero canvas, cuDNN's conv, gather back; the same for the input grad; a weight grad
+that reads two canvases).
+
+Assumed machine (state it with any number quoted): an H200 SXM (the H100's SMs), 132 SMs, 4 warp
+schedulers each issuing at most one instruction a cycle, 1.98 GHz, 64 resident warps and 64K
+registers per SM, 4.8 TB/s of HBM bandwidth. The issue floor of a launch is the larger of (a) all
+its warp-instructions spread over every scheduler and (b) one warp's own instructions, one a cycle,
+times the waves its programs need at the occupancy its registers allow. Both are floors: stalls,
+latency and the straight-line code outside the loops come on top.
+
+    TRITON_INTERPRET=0 python benchmarks/kernel_cost.py [--model base] [--batch 128] [--dtype bf16]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (read when triton is imported)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fcmae.models.masking import num_visible  # noqa: E402
+from fcmae.models.variants import get_variant  # noqa: E402
+from fcmae.sparse import triton_dwconv as k  # noqa: E402
+from fcmae.sparse.kernel_resources import (STAGE_TILES, TAPS, KernelConfig, compile_config,  # noqa: E402
+                                           compile_kernel, sass_loops)
+
+SMS, SCHEDULERS, CLOCK_HZ, HBM_BYTES_S = 132, 4, 1.98e9, 4.8e12
+MAX_WARPS_PER_SM, REGISTERS_PER_SM = 64, 65536
+
+
+def occupancy(registers: int, warps: int) -> int:
+    """Programs resident on one SM at once (registers and warp slots; shared memory is not the limit here)."""
+    by_regs = REGISTERS_PER_SM // max(1, registers * 32 * warps)
+    return max(1, min(by_regs, MAX_WARPS_PER_SM // warps))
+
+
+def issue_floor_s(per_warp: float, warps: int, programs: int, registers: int) -> float:
+    resident = occupancy(registers, warps)
+    waves = math.ceil(programs / (SMS * resident))
+    spread = per_warp * warps * programs / (SMS * SCHEDULERS * CLOCK_HZ)
+    serial = per_warp * waves / CLOCK_HZ
+    return max(spread, serial)
+
+
+def launch_cost(cfg: KernelConfig, programs: int, trips: list[int]) -> dict:
+    """``trips``: the trip counts of the loops, innermost first (forward: the kernel rows; weight grad:
+    the tiles of a chunk, then the taps)."""
+    compiled, warps = compile_kernel(cfg, 90)
+    loops, total = sass_loops(compiled.asm["cubin"])
+    resources, _ = compile_config(cfg, 90)
+    # nested loops, innermost first: loop i's own instructions (its body without loop i-1's) run once per
+    # iteration of it and of every loop around it, trips[i] * ... * trips[-1] times
+    per_warp, inside = 0.0, 0
+    for i, loop in enumerate(loops[:len(trips)]):
+        per_warp += (loop.instructions - inside) * math.prod(trips[i:])
+        inside = loop.instructions
+    per_warp += total - inside  # the straight-line code, once
+    return {"loop_instructions": [lp.instructions for lp in loops[:len(trips)]], "trips": trips,
+            "per_warp": per_warp, "warps": warps, "programs": programs, "registers": resources.registers,
+            "issue_s": issue_floor_s(per_warp, warps, programs, resources.registers)}
+
+
+def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype: str) -> list[dict]:
+    v = get_variant(f"convnextv2_{model}")
+    grid = img_size // 32
+    visible = num_visible(grid * grid, mask_ratio)  # as the app masks: 19 of 49 at 0.6
+    tiles = batch * visible
+    elem = 2 if dtype == "bf16" else 4
+    rows_out = []
+    for stage, ((tile, reach), channels, depth) in enumerate(zip(STAGE_TILES, v.dims, v.depths)):
+        rows = tiles * tile * tile
+        canvas = batch * (grid * tile) ** 2
+        div16 = channels % 16 == 0
+        fwd_cfg = KernelConfig("forward", tile, reach, k._block_c(channels, tile * tile), dtype, div16)
+        fwd = launch_cost(fwd_cfg, tiles * math.ceil(channels / fwd_cfg.block_c), [7])
+        wg_cfg = KernelConfig("wgrad", tile, reach, k._wgrad_block_c(channels, tile * tile), dtype, div16)
+        chunks = max(1, min(math.ceil(k.WGRAD_PROGRAMS_PER_SM * SMS / math.ceil(channels / wg_cfg.block_c)), tiles))
+        wgrad = launch_cost(wg_cfg, chunks * math.ceil(channels / wg_cfg.block_c), [math.ceil(tiles / chunks), TAPS])
+        row_bytes, canvas_bytes = rows * channels * elem, canvas * channels * elem
+        fwd["memory_s"] = 2 * row_bytes / HBM_BYTES_S  # read x, write y
+        wgrad["memory_s"] = (2 * row_bytes + 2 * chunks * TAPS * channels * 4) / HBM_BYTES_S  # x, grad; partials
+        tile_floor = 2 * max(fwd["issue_s"], fwd["memory_s"]) + max(wgrad["issue_s"], wgrad["memory_s"])
+        canvas_floor = (8 * canvas_bytes + 8 * row_bytes) / HBM_BYTES_S
+        rows_out.append({"stage": stage, "channels": channels, "depth": depth, "tile": tile, "tiles": tiles,
+                         "forward": fwd, "wgrad": wgrad, "tile_floor_s": tile_floor, "canvas_floor_s": canvas_floor})
+    return rows_out
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="base")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--json", help="write the numbers here too")
+    args = p.parse_args()
+    start = time.time()
+    stages = stage_costs(args.model, args.batch, args.img_size, args.mask_ratio, args.dtype)
+    print(f"{args.model}, batch {args.batch}, {args.img_size} px, mask {args.mask_ratio:g}, {args.dtype}; sm_90 at "
+          f"{CLOCK_HZ / 1e9:.2f} GHz x {SMS} SMs x {SCHEDULERS} issue/cycle, {HBM_BYTES_S / 1e12:.1f} TB/s; "
+          "one block's depthwise conv, us\n")
+    print("| stage | C | tiles | kernel | loop body (instr/warp) | trips | programs | regs | issue floor | "
+          "memory floor | issue/memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in stages:
+        for name, c in (("forward (x2: input grad)", s["forward"]), ("weight grad", s["wgrad"])):
+            print(f"| {s['stage']} | {s['channels']} | {s['tiles']} | {name} | {c['loop_instructions']} | {c['trips']} | "
+                  f"{c['programs']} | {c['registers']} | {us(c['issue_s'])} | {us(c['memory_s'])} | "
+                  f"{c['issue_s'] / c['memory_s']:.1f}x |")
+    print("\n| stage | blocks | tile path floor (fwd + input grad + weight grad) | canvas path memory floor | "
+          "tile / canvas | per step, tile path | per step, canvas |")
+    print("|---|---|---|---|---|---|---|")
+    tile_total = canvas_total = 0.0
+    for s in stages:
+        tile_total += s["tile_floor_s"] * s["depth"]
+        canvas_total += s["canvas_floor_s"] * s["depth"]
+        print(f"| {s['stage']} | {s['depth']} | {us(s['tile_floor_s'])} | {us(s['canvas_floor_s'])} | "
+              f"{s['tile_floor_s'] / s['canvas_floor_s']:.2f}x | {us(s['tile_floor_s'] * s['depth'])} | "
+              f"{us(s['canvas_floor_s'] * s['depth'])} |")
+    print(f"\nper training step, all blocks: tile path >= {tile_total * 1e3:.2f} ms, canvas path >= "
+          f"{canvas_total * 1e3:.2f} ms ({time.time() - start:.0f} s to compile and read)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "stages": stages, "tile_ms": tile_total * 1e3,
+                       "canvas_ms": canvas_total * 1e3}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
