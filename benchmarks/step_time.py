@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import platform
@@ -71,7 +72,20 @@ class Result:
     step_peak_ratio: float | None = None
     fwd_gflop_per_img: float | None = None  # the training step's forward, torch.utils.flop_counter
     mfu: float | None = None  # 3 x forward FLOPs / step time / --peak-tflops
+    dwconv: str | None = None  # the sparse backend's depthwise conv that ran: tiles | canvas
     samples: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=None)
+def dwconv_choice(device: torch.device, dtype: str, model: str) -> str:
+    """``encoder.dwconv=auto`` resolved as the app resolves it (fcmae.pretrain.choose_dwconv): the tile
+    kernel where it runs and passes its self-test at this model's widths in this dtype, else the canvas."""
+    from fcmae.sparse.dwconv_choice import resolve_dwconv
+    start = time.perf_counter()
+    kernel, why = resolve_dwconv("auto", device, DTYPES[dtype], dims=tuple(get_variant(f"convnextv2_{model}").dims))
+    print(f"  depthwise conv for {model} {dtype}: {kernel} ({why}; decided in {time.perf_counter() - start:.1f} s)",
+          flush=True)
+    return kernel
 
 
 def minkowski_available() -> bool:
@@ -108,7 +122,10 @@ class Case:
         backend = {"unmasked": "dense", "sparse-canvas": "sparse"}.get(base, base)
         self.model = copy.deepcopy(reference)
         self.model.encoder.set_backend(backend)
-        self.model.encoder.dwconv = "canvas" if base == "sparse-canvas" else "auto"
+        self.dwconv = None
+        if backend == "sparse":  # the kernel the app would pick (its start-up self-test included), or the canvas
+            self.dwconv = "canvas" if base == "sparse-canvas" else dwconv_choice(cfg["device"], cfg["dtype"], cfg["model"])
+            self.model.encoder.dwconv = self.dwconv
         self.model.to(cfg["device"]).train()
         self.unmasked = base == "unmasked"
         self.autocast = torch.autocast(cfg["device"].type, dtype=DTYPES[cfg["dtype"]],
@@ -263,6 +280,7 @@ def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log,
     results = []
     for c in cases:
         r = Result(cfg["model"], n, size, cfg["mask_ratio"], cfg["dtype"], device.type, c.variant)
+        r.dwconv = getattr(c, "dwconv", None)
         if not c.variant.startswith("minkowski"):  # MinkowskiEngine's ops are invisible to the counter
             r.fwd_gflop_per_img = c.forward_flops(imgs, masks[0]) / n / 1e9
         for kind in ("encoder", "step"):
@@ -296,7 +314,8 @@ def table(results: list[Result]) -> str:
             "step ms", "step/dense", "step img/s", "step MiB", "mem/dense", "GFLOP/img", "MFU")
     rows = [head]
     for r in results:
-        rows.append((r.model, str(r.batch), str(r.img_size), f"{r.mask_ratio:g}", r.dtype, r.device, r.variant,
+        variant = r.variant + (f" [{r.dwconv}]" if r.dwconv else "")  # the depthwise conv that ran
+        rows.append((r.model, str(r.batch), str(r.img_size), f"{r.mask_ratio:g}", r.dtype, r.device, variant,
                      fmt(r.encoder_ms, ".1f"), fmt(r.encoder_ratio, ".2f"), fmt(r.step_ms, ".1f"),
                      fmt(r.step_ratio, ".2f"), fmt(r.step_img_s, ".1f"), fmt(r.step_peak_mib, ".0f"),
                      fmt(r.step_peak_ratio, ".2f"), fmt(r.fwd_gflop_per_img, ".2f"), fmt(r.mfu, ".1%")))
