@@ -1,34 +1,168 @@
 #!/usr/bin/env bash
-# The prepared device run for issues #18, #19, #29 and #30, sized for one call of the `device` tool (~10 minutes
-# on an H100/H200; each step has its own time limit): the CUDA paths checked against their references
-# first, then the measurements, each writing its JSON as it goes, so a cut-off run keeps what it
-# measured. Results land in $OUT.
-#   OUT=$OUT bash benchmarks/gpu_check.sh
+# The prepared device run (#38): one call of the `device` tool (a command there may run 600 s, and the
+# machine's start comes out of the same ~15 minutes), most important measurement first, each stage
+# with its own limit (they add up to at most 540 s), each writing its JSON as it goes so a cut-off
+# run keeps what it measured. Data and run directories live under /tmp; $OUT gets two files (what
+# comes back from the machine is at most 8 files, 16 MiB each, two folders deep):
+#   $OUT/summary.json   every stage's status, seconds and results
+#   $OUT/log.txt        everything the stages printed
+#
+#   bash benchmarks/gpu_check.sh             # on the GPU machine, in the checkout, with .whl carried
+#   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU: every stage at toy sizes, the same rules
+#
+# Before the device call, here: bash ../shared/gpu/prepare-wheels.sh (hydra-core, omegaconf, antlr4 as
+# wheels in .whl/, which the GPU machine lacks); name .whl in the call's carry.
 set -uo pipefail
-OUT="${OUT:-outputs/gpu_check}"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# 0. #29: registers and spills of every tile-kernel launch configuration (compiled for sm_80/sm_90; no GPU needed)
-timeout 120 python benchmarks/kernel_resources.py > "$OUT/kernel_resources.md" 2>&1; tail -3 "$OUT/kernel_resources.md"
-# 1. correctness on CUDA, one time limit per file sized for a cold machine, no -x: every failure listed.
-#    The tile kernel vs the canvas (and the start-up self-test), nvJPEG decode vs the CPU path, and (#30)
-#    the corrupt JPEG on the device: libjpeg rejects it, so nvJPEG must not pass a garbage decode as good.
-for f in tests/test_triton_dwconv.py tests/test_gpu_decode.py; do
-  TRITON_INTERPRET=0 timeout 150 python -m pytest -q -rf "$f" 2>&1 | tail -20 | tee -a "$OUT/tests.txt"
-done
-# 2. #19: the step against MAE, tile kernel vs canvas, compiled, MFU against the H100 SXM bf16 peak,
-#    and the profile of each compiled variant (top kernels by self time)
-timeout 200 python benchmarks/step_time.py --device cuda --models tiny base --batch-sizes 128 --dtypes bf16 \
-    --variants sparse sparse-canvas unmasked mae --compile --only-compiled --warmup 3 --repeats 5 \
-    --peak-tflops 989 --profile 3 --json "$OUT/step_time.json" > "$OUT/step_time.txt" 2>&1
-tail -12 "$OUT/step_time.txt"
-# 3. #18/#30: loader alone by pipeline and workers (with the main process's host ms per batch), then end
-#    to end vs step-only (tiny, compiled): the decode thread must keep the loop within 5% of step-only
-timeout 100 python benchmarks/loader_rate.py --make-jpegs 12000 --cache "$OUT/jpegs" --workers 4,8,15 \
-    --decode cpu,gpu --batch 128 --batches 20 --json "$OUT/loader.json" 2>&1 | tail -10 | tee "$OUT/loader.txt"
-timeout 150 python benchmarks/pretrain_rate.py --root "$OUT/jpegs" --out "$OUT/runs" --model tiny --batch 128 \
-    --workers 4 --decode cpu,gpu --compile --step-only --json "$OUT/e2e_tiny.json" 2>&1 | tail -8 | tee "$OUT/e2e.txt"
-# 4. #30: host-device syncs per training step (the loop reads a step's values a step late; none between log steps)
-timeout 90 python benchmarks/host_syncs.py --model tiny --batch 64 --steps 24 --log-every 8 \
-    --json "$OUT/host_syncs.json" 2>&1 | tail -26 | tee "$OUT/host_syncs.txt"
+WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
+LOG="$OUT/log.txt"
+STAGES="$WORK/stages.jsonl"
+: > "$LOG"
+: > "$STAGES"
+BUDGET_S=540
+
+# name:limit of every stage, in the order they run; the sum is checked before anything runs
+LIMITS=(env:15 correctness:90 selftest:30 step_eager:60 step_compiled:200 loader:45 e2e:75 host_syncs:25)
+total=0
+for entry in "${LIMITS[@]}"; do total=$((total + ${entry#*:})); done
+if [ "$total" -gt "$BUDGET_S" ]; then
+  echo "gpu_check: the stages' limits add up to ${total} s, over the ${BUDGET_S} s budget" | tee -a "$LOG" >&2
+  exit 2
+fi
+limit() { for entry in "${LIMITS[@]}"; do [ "${entry%%:*}" = "$1" ] && echo "${entry#*:}"; done; }
+
+# The carried wheels (the GPU machine has torch, torchvision, timm, triton, pytest; not hydra/omegaconf)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 \
+    || { echo "gpu_check: installing the carried wheels failed (see $LOG)" >&2; exit 2; }
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the kernels in the interpreter, nothing on a GPU
+  DEV=cpu; DTYPE=fp32; PREC=fp32
+else
+  export TRITON_INTERPRET=0
+  DEV=cuda; DTYPE=bf16; PREC=bf16
+fi
+
+stage() {  # stage NAME COMMAND...: run under the stage's limit, log it, record status and seconds
+  local name="$1"; shift
+  local lim start rc
+  lim="$(limit "$name")"
+  start=$(date +%s.%N)
+  echo "=== $name (limit ${lim} s): $*" >> "$LOG"
+  timeout --kill-after=5 "$lim" "$@" >> "$LOG" 2>&1
+  rc=$?
+  local secs
+  secs=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+  local status=ok
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && status=timeout
+  [ "$rc" != 0 ] && [ "$status" = ok ] && status=failed
+  echo "{\"stage\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $secs, \"limit_s\": $lim}" >> "$STAGES"
+  echo "--- $name: $status in ${secs} s (rc $rc)" | tee -a "$LOG"
+}
+
+# 0. what ran where
+stage env python3 -c "
+import json, platform, torch, triton
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'python': platform.python_version(),
+                  'gpu': gpu, 'dry_run': $DRY}))"
+# 1. correctness on the device: the tile kernel against the canvas (every stage, both grads, the self-test
+#    and its failure injection) and the device decoder against the CPU path (the corrupt JPEG included)
+if [ "$DRY" = 1 ]; then
+  stage correctness python3 -m pytest -q -p no:cacheprovider tests/test_triton_dwconv.py -k "picks_the_tile_kernel"
+else
+  stage correctness python3 -m pytest -q -p no:cacheprovider --full -rf tests/test_triton_dwconv.py tests/test_gpu_decode.py
+fi
+# 2. the start-up self-test as the app runs it for base (and what it picks), timed: well under 2 s wanted
+stage selftest python3 - "$DEV" "$DTYPE" "$DRY" "$WORK/selftest.json" <<'EOF'
+import json, sys, time
+import torch
+from fcmae.models.variants import get_variant
+from fcmae.sparse.dwconv_choice import resolve_dwconv, tiles_self_test_error
+device, dtype, dry, out = torch.device(sys.argv[1]), {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[2]], sys.argv[3] == "1", sys.argv[4]
+dims = tuple(get_variant("convnextv2_base").dims)
+start = time.perf_counter()
+if dry:  # the interpreter: toy widths, one visible patch
+    error = tiles_self_test_error(device, dtype, (16, 24, 32, 48), grid=(1, 2), mask_ratio=0.5, images=1)
+    kernel, why = ("tiles" if error is None else "canvas"), error or "passed"
+else:
+    kernel, why = resolve_dwconv("auto", device, dtype, dims=dims)
+first = time.perf_counter() - start
+result = {"kernel": kernel, "why": why, "seconds_first": round(first, 3)}
+if not dry:  # again, compiled kernels cached: the cost of the test itself
+    start = time.perf_counter()
+    resolve_dwconv("auto", device, dtype, dims=dims)
+    result["seconds_cached"] = round(time.perf_counter() - start, 3)
+print(json.dumps(result))
+json.dump(result, open(out, "w"))
+sys.exit(0 if kernel == "tiles" else 1)
+EOF
+# 3. the step for base, bf16, batch 128: tile kernel vs canvas (eager: the kernels themselves), then
+#    FCMAE-B against MAE ViT-B/16 compiled (goal: FCMAE-B at least as fast per image)
+if [ "$DRY" = 1 ]; then  # aot_eager: the compiled path traced as for inductor, no C++ generated on 2 cores
+  SIZE=(--models atto --batch-sizes 2 --img-sizes 64 --dtypes fp32 --device cpu --warmup 1 --repeats 1)
+  BACKEND=aot_eager
+else
+  SIZE=(--models base --batch-sizes 128 --dtypes bf16 --device cuda --warmup 3 --repeats 5 --peak-tflops 989)
+  BACKEND=inductor
+fi
+stage step_eager python3 benchmarks/step_time.py "${SIZE[@]}" --variants sparse sparse-canvas --json "$WORK/step_eager.json"
+stage step_compiled python3 benchmarks/step_time.py "${SIZE[@]}" --variants sparse mae --compile --only-compiled \
+  --compile-backend "$BACKEND" --json "$WORK/step_compiled.json"
+# 4. the loader alone (CPU workers vs device decode), then end to end vs the step alone (tiny)
+if [ "$DRY" = 1 ]; then
+  stage loader python3 benchmarks/loader_rate.py --make-jpegs 96 --cache "$WORK/jpegs" --workers 0 --decode cpu \
+    --batch 8 --img-size 64 --batches 2 --device cpu --json "$WORK/loader.json"
+  stage e2e python3 benchmarks/pretrain_rate.py --root "$WORK/jpegs" --out "$WORK/runs" --model atto --batch 4 \
+    --img-size 64 --workers 0 --decode cpu --device cpu --warmup-steps 2 --window 3 --json "$WORK/e2e.json"
+  stage host_syncs python3 benchmarks/host_syncs.py --model atto --batch 2 --img-size 64 --steps 4 --log-every 2 \
+    --warmup 1 --precision fp32 --json "$WORK/host_syncs.json"
+else
+  stage loader python3 benchmarks/loader_rate.py --make-jpegs 2000 --cache "$WORK/jpegs" --workers 8,15 \
+    --decode cpu,gpu --batch 128 --batches 10 --device cuda:0 --json "$WORK/loader.json"
+  stage e2e python3 benchmarks/pretrain_rate.py --root "$WORK/jpegs" --out "$WORK/runs" --model tiny --batch 128 \
+    --workers 8 --decode cpu,gpu --device cuda:0 --step-only --json "$WORK/e2e.json"
+  stage host_syncs python3 benchmarks/host_syncs.py --model tiny --batch 64 --steps 24 --log-every 8 \
+    --json "$WORK/host_syncs.json"
+fi
+
+# The summary: every stage with its results, then the rules on $OUT that the device tool enforces
+python3 - "$WORK" "$OUT" "$BUDGET_S" "$DRY" <<'EOF'
+import json, os, sys
+from pathlib import Path
+work, out, budget, dry = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+stages = [json.loads(line) for line in (work / "stages.jsonl").read_text().splitlines()]
+for s in stages:
+    f = work / f"{s['stage']}.json"
+    if f.is_file():
+        try:
+            s["results"] = json.loads(f.read_text())
+        except ValueError as exc:
+            s["results_error"] = str(exc)
+summary = {"dry_run": dry, "budget_s": budget, "limits_s": sum(s["limit_s"] for s in stages), "stages": stages}
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+files = [p for p in out.rglob("*") if p.is_file()]
+problems = []
+if len(files) > 8:
+    problems.append(f"{len(files)} files in OUT (at most 8 come back)")
+problems += [f"{p} is over 16 MiB" for p in files if p.stat().st_size > 16 * 2**20]
+problems += [f"{p} is more than two folders down" for p in files if len(p.relative_to(out).parts) > 3]
+if summary["limits_s"] > budget:
+    problems.append(f"limits add up to {summary['limits_s']} s, over {budget} s")
+failed = [s["stage"] for s in stages if s["status"] != "ok"]
+print(f"gpu_check: {len(stages) - len(failed)}/{len(stages)} stages ok" + (f"; not ok: {', '.join(failed)}" if failed else "")
+      + f"; {len(files)} files in {out}; limits {summary['limits_s']} s of {budget}")
+for p in problems:
+    print(f"gpu_check: RULE BROKEN: {p}")
+sys.exit(1 if failed or problems else 0)
+EOF
+rc=$?
+rm -rf "$WORK"
+exit $rc

@@ -136,8 +136,8 @@ class Case:
         encoder_fn = self._encoder_out
         step_fn = self._loss
         if compiled:
-            encoder_fn = torch.compile(encoder_fn, dynamic=False)
-            step_fn = torch.compile(step_fn, dynamic=False)
+            encoder_fn = torch.compile(encoder_fn, dynamic=False, backend=cfg["compile_backend"])
+            step_fn = torch.compile(step_fn, dynamic=False, backend=cfg["compile_backend"])
         self.encoder_fn, self.step_fn = encoder_fn, step_fn
 
     def _encoder_out(self, imgs, mask):
@@ -185,8 +185,8 @@ class MaeCase(Case):
                                      fused=cfg["device"].type == "cuda")
         encoder_fn, step_fn = self.model.encoder, self.model.loss
         if variant.partition("+")[2]:
-            encoder_fn = torch.compile(encoder_fn, dynamic=False)
-            step_fn = torch.compile(step_fn, dynamic=False)
+            encoder_fn = torch.compile(encoder_fn, dynamic=False, backend=cfg["compile_backend"])
+            step_fn = torch.compile(step_fn, dynamic=False, backend=cfg["compile_backend"])
         self.encoder_fn, self.step_fn = encoder_fn, step_fn
         self._grad = None
 
@@ -340,6 +340,8 @@ def parse_args(argv=None):
                         "FLOPs / step time / peak")
     p.add_argument("--compile", action="store_true", help="add torch.compile'd copies of every variant")
     p.add_argument("--only-compiled", action="store_true", help="with --compile: drop the eager variants")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend (aot_eager: traced as for inductor, no code generated; for dry runs)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -374,7 +376,8 @@ def main(argv=None) -> list[Result]:
         if size % 32:
             raise SystemExit(f"--img-sizes {size}: must be a multiple of 32")
         cfg = {"model": model, "batch": batch, "img_size": size, "mask_ratio": ratio, "dtype": dtype,
-               "device": torch.device(dev), "visible": num_visible((size // 32) ** 2, ratio)}
+               "device": torch.device(dev), "visible": num_visible((size // 32) ** 2, ratio),
+               "compile_backend": args.compile_backend}
         print(f"{model} batch={batch} {size}px mask={ratio:g} {dtype} {dev}: {', '.join(variants)}", flush=True)
         results += run_config(cfg, variants, args.warmup, args.repeats, lambda s: print(s, flush=True),
                               args.peak_tflops, args.profile)
