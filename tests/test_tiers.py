@@ -14,8 +14,8 @@ def test_quick():
     pass
 
 @pytest.mark.slow
-def test_end_to_end():
-    pass
+def test_end_to_end(request):
+    assert request.node.get_closest_marker("timeout").args[0] == 900
 
 @pytest.mark.slurm
 def test_on_the_cluster():
@@ -44,11 +44,9 @@ def test_the_fast_tier_deselects_the_full_sets_tests_and_sets_limits(pytester):
     assert result.ret == 0
 
 
-def test_full_runs_everything_with_the_full_sets_limit(pytester):
-    result = _run(pytester, "--full", "-k", "not limits")
-    result.assert_outcomes(passed=4, deselected=1)
-    result = _run(pytester, "--full", "-k", "limits and not quick")
-    result.assert_outcomes(passed=1)  # test_limits is a fast-tier test: its limit stays 300 s
+def test_full_runs_everything_each_with_its_tiers_limit(pytester):
+    result = _run(pytester, "--full")  # test_limits (fast tier) asserts 300 s, test_end_to_end 900 s
+    result.assert_outcomes(passed=5)
 
 
 def test_a_fast_tier_test_over_the_budget_fails_the_session_by_name(pytester):
