@@ -93,8 +93,8 @@ def pytest_sessionfinish(session, exitstatus):
     if not over:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"fast-tier budget: {len(over)} test(s) outside the full set took longer than {budget:.0f} s "
-             f"({FAST_TEST_BUDGET_S:.0f} s on a fast day x {slowness:.2f}, this machine's slowness now):"]
+    lines = [f"fast-tier budget: {len(over)} test(s) outside the full set took longer than {budget:.3g} s "
+             f"({FAST_TEST_BUDGET_S:.3g} s on a fast day x {slowness:.2f}, this machine's slowness now):"]
     lines += [f"  {d:6.1f} s  {n}" for d, n in over]
     lines.append("make them faster, or mark them @pytest.mark.slow (full set only); see DEVELOPING.md")
     if reporter is not None:
