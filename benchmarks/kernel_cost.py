@@ -54,7 +54,7 @@ def launch_cost(cfg: KernelConfig, programs: int, trips: list[int]) -> dict:
     the tiles of a chunk, then the taps)."""
     compiled, warps = compile_kernel(cfg, 90)
     loops, total = sass_loops(compiled.asm["cubin"])
-    resources, _ = compile_config(cfg, 90)
+    resources, _ = compile_config(cfg, 90, compiled)  # the same binary, read by ptxas
     # nested loops, innermost first: loop i's own instructions (its body without loop i-1's) run once per
     # iteration of it and of every loop around it, trips[i] * ... * trips[-1] times
     per_warp, inside = 0.0, 0

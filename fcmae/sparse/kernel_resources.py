@@ -58,7 +58,8 @@ def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
 def compile_kernel(cfg: KernelConfig, arch: int):
     """Triton's compiled kernel for ``cfg`` on ``sm_<arch>``, specialised as the JIT specialises the
     launches that run: every pointer divisible by 16 (torch's allocations are), the channel count too
-    where it divides by 16, and the weight grad's chunk count (64). Without it the table reads another
+    where it divides by 16, and the weight grad's chunk count (4 programs per SM: 528 or 264 on 132
+    SMs, both divisible by 16). Without it the table reads another
     binary (the forward at tile 8: 170 registers unspecialised on sm_90, 123 as it runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -95,9 +96,11 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_config(cfg: KernelConfig, arch: int) -> tuple[Resources, str]:
-    """Compile ``cfg`` for ``sm_<arch>`` and read ``ptxas -v``; returns the resources and the raw report."""
-    compiled, _ = compile_kernel(cfg, arch)
+def compile_config(cfg: KernelConfig, arch: int, compiled=None) -> tuple[Resources, str]:
+    """Compile ``cfg`` for ``sm_<arch>`` (or take ``compiled``, its kernel from :func:`compile_kernel`)
+    and read ``ptxas -v``; returns the resources and the raw report."""
+    if compiled is None:
+        compiled, _ = compile_kernel(cfg, arch)
     ptxas = _tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
