@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+import torch
+
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (read when triton is imported)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -29,10 +31,12 @@ from fcmae.models.masking import num_visible  # noqa: E402
 from fcmae.models.variants import get_variant  # noqa: E402
 from fcmae.sparse import triton_dwconv as k  # noqa: E402
 from fcmae.sparse.kernel_resources import (STAGE_TILES, TAPS, KernelConfig, compile_config,  # noqa: E402
-                                           compile_kernel, sass_loops)
+                                           compile_kernel, sass_loops, stage_configs)
 
 SMS, SCHEDULERS, CLOCK_HZ, HBM_BYTES_S = 132, 4, 1.98e9, 4.8e12
+KERNEL_ROWS = 7  # the outer loop of both kernels: one 7x7 kernel row an iteration
 MAX_WARPS_PER_SM, REGISTERS_PER_SM = 64, 65536
+
 
 
 def occupancy(registers: int, warps: int) -> int:
@@ -77,12 +81,12 @@ def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype:
     for stage, ((tile, reach), channels, depth) in enumerate(zip(STAGE_TILES, v.dims, v.depths)):
         rows = tiles * tile * tile
         canvas = batch * (grid * tile) ** 2
-        div16 = channels % 16 == 0
-        fwd_cfg = KernelConfig("forward", tile, reach, k._block_c(channels, tile * tile), dtype, div16)
+        fwd_cfg, wg_cfg = stage_configs(tile, reach, channels, dtype)
         fwd = launch_cost(fwd_cfg, tiles * math.ceil(channels / fwd_cfg.block_c), [7])
-        wg_cfg = KernelConfig("wgrad", tile, reach, k._wgrad_block_c(channels, tile * tile), dtype, div16)
-        chunks = max(1, min(math.ceil(k.WGRAD_PROGRAMS_PER_SM * SMS / math.ceil(channels / wg_cfg.block_c)), tiles))
-        wgrad = launch_cost(wg_cfg, chunks * math.ceil(channels / wg_cfg.block_c), [math.ceil(tiles / chunks), TAPS])
+        plan = k.wgrad_plan(tiles, channels, tile, torch.device("cuda"), sms=SMS)
+        chunks = plan.chunks
+        wgrad = launch_cost(wg_cfg, chunks * math.ceil(channels / wg_cfg.block_c),
+                            [math.ceil(plan.groups / chunks), KERNEL_ROWS])
         row_bytes, canvas_bytes = rows * channels * elem, canvas * channels * elem
         fwd["memory_s"] = 2 * row_bytes / HBM_BYTES_S  # read x, write y
         wgrad["memory_s"] = (2 * row_bytes + 2 * chunks * TAPS * channels * 4) / HBM_BYTES_S  # x, grad; partials

@@ -180,3 +180,28 @@ def test_grn_stats_against_hand_references(uniform):
     for stats, ref in (("batch", ref_batch), ("sample", ref_sample)):
         dense = grn_masked(grn, canvas, stats).permute(0, 3, 1, 2)
         assert torch.allclose(gather_from_canvas(dense, layout.stages[3]), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_halo_table_lists_the_rows_a_7x7_conv_reads(stage):
+    """Brute force against the canvas: every entry of a tile's halo table (#38) is the row at that
+    site of the image, -1 where the site is masked or off the image."""
+    g = torch.Generator().manual_seed(stage)
+    mask = (torch.rand(2, 12, generator=g) < 0.5).long()
+    mask[:, 0] = 0
+    layout = SparseLayout.from_mask(mask, (3, 4))
+    sites, tiles = layout.stages[stage], layout.tiles(stage)
+    h, w = sites.size
+    rows_at = torch.full((2 * h * w,), -1, dtype=torch.long)
+    rows_at[sites.canvas_index] = torch.arange(sites.num_rows)
+    rows_at = rows_at.view(2, h, w)
+    t, side = tiles.tile, tiles.tile + 6
+    assert tiles.halo.shape == (tiles.num_tiles, side * side) and tiles.halo.dtype == torch.int32
+    for p in range(tiles.num_tiles):
+        corner = int(sites.canvas_index[p * t * t])  # the tile's first row is its top-left site
+        n, y0, x0 = corner // (h * w), corner % (h * w) // w, corner % w
+        for hy in range(side):
+            for hx in range(side):
+                y, x = y0 + hy - 3, x0 + hx - 3
+                want = int(rows_at[n, y, x]) if 0 <= y < h and 0 <= x < w else -1
+                assert int(tiles.halo[p, hy * side + hx]) == want, (p, hy, hx)

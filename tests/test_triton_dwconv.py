@@ -103,13 +103,13 @@ def test_the_custom_op_traces_under_compile_and_passes_opcheck():
     x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
     weight = torch.randn(49, 4, device=DEVICE, requires_grad=True)
     bias = torch.randn(4, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(dwconv_tiles, (x, weight, bias, tiles.neighbours, tiles.tile, tiles.reach))
+    torch.library.opcheck(dwconv_tiles, (x, weight, bias, tiles.halo, tiles.tile))
     # a transposed (non-contiguous) input: the fake must give the real op's contiguous strides
     xt = torch.randn(4, 3, device=DEVICE).t().requires_grad_()
-    torch.library.opcheck(dwconv_tiles, (xt, weight, None, tiles.neighbours, tiles.tile, tiles.reach))
+    torch.library.opcheck(dwconv_tiles, (xt, weight, None, tiles.halo, tiles.tile))
 
     def f(x, weight):
-        return (dwconv_tiles(x.relu(), weight, None, tiles.neighbours, tiles.tile, tiles.reach) * 2).sum()
+        return (dwconv_tiles(x.relu(), weight, None, tiles.halo, tiles.tile) * 2).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # no graph break at the op
     eager_grads = torch.autograd.grad(f(x, weight), [x, weight])
@@ -142,10 +142,12 @@ def test_mismatched_shapes_are_refused_before_the_kernel_runs():
     tiles = layout.tiles(3)
     weight = torch.randn(49, 4, device=DEVICE)
     with pytest.raises(RuntimeError, match="x has 4 rows, the tiles 3 x 1"):
-        dwconv_tiles(torch.randn(4, 4, device=DEVICE), weight, None, tiles.neighbours, tiles.tile, tiles.reach)
+        dwconv_tiles(torch.randn(4, 4, device=DEVICE), weight, None, tiles.halo, tiles.tile)
     with pytest.raises(RuntimeError, match="weight has 5 channels"):
-        dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(49, 5, device=DEVICE), None, tiles.neighbours,
-                     tiles.tile, tiles.reach)
+        dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(49, 5, device=DEVICE), None, tiles.halo,
+                     tiles.tile)
+    with pytest.raises(RuntimeError, match=r"halo table \(3, 49\) for 1x1 tiles and a 5x5 kernel"):
+        dwconv_tiles(torch.randn(3, 4, device=DEVICE), torch.randn(25, 4, device=DEVICE), None, tiles.halo, tiles.tile)
 
 
 # A small self-test for the fast tier (the interpreter is slow): every stage, widths that are and are
@@ -173,40 +175,63 @@ def test_auto_picks_the_tile_kernel_in_the_run_dtype(dtype):
 
 def test_the_default_self_test_has_images_enough_for_every_loop(monkeypatch):
     """At a 224-px grid and mask 0.6 (19 of 49 patches visible), the app's self-test takes enough images
-    that the weight grad runs all its chunks with at least two tiles each, at the coarsest stage too:
-    on a GPU the chunks come from its SM count (an H200's 132 here, faked)."""
+    that the weight grad runs more than one chunk of at least two tile groups at every stage, on a GPU
+    (an H200's 132 SMs, faked) as on the CPU. By hand, for atto: the coarsest stage binds, whose 1x1
+    tiles come in groups of 64 and whose chunks need 196 rows each; two chunks need 392 tiles, 21 images."""
     import types
     import fcmae.sparse.triton_dwconv as tk
     from fcmae.sparse.dwconv_choice import ATTO_DIMS, self_test_images
-    assert self_test_images((7, 7), 0.6) * 19 >= 2 * tk.WGRAD_CHUNKS + 1
+    assert self_test_images((7, 7), 0.6) == 21
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     gpu = torch.device("cuda", 0)
-    blocks = [-(-c // tk._wgrad_block_c(c, (8 >> stage) ** 2)) for stage, c in enumerate(ATTO_DIMS)]
-    assert blocks == [2, 1, 1, 1]  # 32, 128, 256, 512 channels a program at tiles of 64, 16, 4, 1 sites
-    chunks = [tk.wgrad_chunks(2**31, b, gpu) for b in blocks]
-    assert chunks == [264, 528, 528, 528]  # 4 programs per SM
-    assert self_test_images((7, 7), 0.6, ATTO_DIMS, gpu) * 19 >= 2 * 528 + 1
+    assert self_test_images((7, 7), 0.6, ATTO_DIMS, gpu) == 21
+    plans = [tk.wgrad_plan(21 * 19, c, 8 >> stage, gpu) for stage, c in enumerate(ATTO_DIMS)]
+    assert [(p.chunks, p.groups) for p in plans] == [(130, 399), (32, 100), (8, 25), (2, 7)]
+
+
+def test_the_weight_grad_keeps_its_partial_sums_small_and_every_sm_busy(monkeypatch):
+    """Base at batch 128 (19 tiles an image) on 132 SMs: at stage 3, 528 chunks of 1024 channels wrote
+    106 MB of fp32 partial sums for 10 MB of data; now 16-channel blocks (64 of them) make programs enough
+    with 9 chunks (4 programs an SM: 576), the chunks could not go past 12 (196 rows each), and the
+    partials are under a quarter of the data."""
+    import types
+    import fcmae.sparse.triton_dwconv as tk
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda", 0)
+    for stage, channels in enumerate((128, 256, 512, 1024)):
+        tile = 8 >> stage
+        plan = tk.wgrad_plan(128 * 19, channels, tile, gpu)
+        data = 2 * 128 * 19 * tile * tile * channels * 2  # x and grad in bf16
+        assert plan.chunks * 49 * channels * 4 <= data / 4, (stage, plan)
+        assert plan.chunks * -(-channels // plan.block_c) >= 2 * 132, (stage, plan)  # two programs an SM at least
+    assert tk.wgrad_plan(128 * 19, 1024, 1, gpu) == tk.WgradPlan(group=64, block_c=16, chunks=9, groups=38)
 
 
 @pytest.mark.slow
 def test_the_self_test_at_atto_widths_runs_every_loop_and_passes(monkeypatch):
     """bf16 under autocast at atto's widths (40 ... 320: not multiples of 16, wide channel blocks), with
-    the weight grad running several chunks of several tiles at every stage. Under the interpreter a
-    3x3 grid and 2 chunks stand in for the app's 7x7 grid and 64 chunks (the same loops, far fewer
-    programs); the GPU check runs the app's own."""
+    the weight grad running several chunks of several tile groups at every stage. Under the interpreter
+    a 3x3 grid, 2 chunks of at least 8 rows and groups of 8 sites stand in for the app's 7x7 grid, its
+    chunks and its 64-site groups (the same loops, tiles grouped at stages 2-3 too, far fewer programs);
+    the GPU check runs the app's own."""
     import fcmae.sparse.triton_dwconv as tk
     from fcmae.sparse.dwconv_choice import ATTO_DIMS, tiles_self_test_error
-    grid, chunks = ((3, 3), 2) if INTERPRET else ((7, 7), tk.WGRAD_CHUNKS)
-    monkeypatch.setattr(tk, "WGRAD_CHUNKS", chunks)
+    grid = (3, 3) if INTERPRET else (7, 7)
+    if INTERPRET:
+        monkeypatch.setattr(tk, "WGRAD_CHUNKS", 2)
+        monkeypatch.setattr(tk, "WGRAD_MIN_ROWS", 8)
+        monkeypatch.setattr(tk, "WGRAD_SITES", 8)
     seen = []
     real = tk.dwconv_tiles_wgrad
 
-    def recording(x, grad, neighbours, tile, reach, taps):
-        seen.append((tile, neighbours.shape[0]))
-        return real(x, grad, neighbours, tile, reach, taps)
+    def recording(x, grad, halo, tile, taps):
+        seen.append((tile, tk.wgrad_plan(halo.shape[0], x.shape[1], tile, x.device)))
+        return real(x, grad, halo, tile, taps)
     monkeypatch.setattr(tk, "dwconv_tiles_wgrad", recording)
     assert tiles_self_test_error(DEVICE, torch.bfloat16, ATTO_DIMS, grid=grid, mask_ratio=0.5) is None
-    assert [t for t, _ in seen] == [8, 4, 2, 1] and all(n >= 2 * chunks for _, n in seen), seen
+    assert [t for t, _ in seen] == [8, 4, 2, 1], seen
+    assert all(p.chunks >= 2 and p.groups >= 2 * p.chunks for _, p in seen), seen
+    assert [p.group for _, p in seen][2:] == ([2, 8] if INTERPRET else [16, 64]), seen
 
 
 def _perturb_one(t: torch.Tensor) -> torch.Tensor:

@@ -44,12 +44,15 @@ TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 1e-3), torch
 
 def self_test_images(grid: tuple[int, int], mask_ratio: float, dims: tuple[int, ...] = ATTO_DIMS,
                      device: torch.device = torch.device("cpu")) -> int:
-    """Images enough that the weight grad's every loop runs at every stage on ``device``: all the chunks
-    its grid has there, with at least two tiles in each (one tile per visible patch)."""
-    from .triton_dwconv import _wgrad_block_c, wgrad_chunks
-    most = max(wgrad_chunks(2**31, -(-c // _wgrad_block_c(c, (8 >> stage) ** 2)), device)
-               for stage, c in enumerate(dims))  # tiles of 8, 4, 2, 1 sites a side
-    return -(-(2 * most + 1) // num_visible(grid[0] * grid[1], mask_ratio))
+    """Images enough that the weight grad's every loop runs at every stage on ``device``: more than one
+    chunk, and every chunk summing at least two groups of tiles (one tile per visible patch)."""
+    from .triton_dwconv import wgrad_plan
+    visible = num_visible(grid[0] * grid[1], mask_ratio)
+    for images in range(1, 100_000):
+        plans = [wgrad_plan(images * visible, c, 8 >> stage, device) for stage, c in enumerate(dims)]
+        if all(p.chunks >= 2 and p.groups >= 2 * p.chunks for p in plans):
+            return images
+    raise ValueError(f"no batch runs every loop of the weight grad at widths {dims}")
 
 
 @contextlib.contextmanager
@@ -63,6 +66,27 @@ def _exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def _reference(conv: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, layout: SparseLayout, stage: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Output, input grad and weight grad of the canvas path in fp32 (TF32 off) on ``x``, ``grad`` and the
+    conv's parameters rounded to ``dtype``, each result rounded to ``dtype`` once: what a conv in
+    ``dtype`` with fp32 accumulation gives (cuDNN's). Not the canvas under autocast: some CPU backends
+    accumulate a bf16 conv's input grad in bf16 (0.38 off at 26 on an AMD EPYC, four roundings' worth)."""
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype).float()
+    ref = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                          groups=conv.groups, bias=conv.bias is not None).to(x.device)
+    with torch.no_grad():
+        ref.weight.copy_(rounded(conv.weight))
+        if conv.bias is not None:
+            ref.bias.copy_(rounded(conv.bias))
+    xi = rounded(x).requires_grad_()
+    with _exact_fp32():
+        y = depthwise_rows(ref, xi, layout, stage, "canvas")
+        gx, gw = torch.autograd.grad(y, [xi, ref.weight], rounded(grad))
+    return rounded(y), rounded(gx), rounded(gw)
+
+
 def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float32, dims: tuple[int, ...] = ATTO_DIMS,
                           grid: tuple[int, int] = (7, 7), mask_ratio: float = 0.6, images: int | None = None,
                           seed: int = 0) -> str | None:
@@ -72,8 +96,8 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
     every stage with its real width ``dims[k]`` (so Triton compiles the variants training runs: the
     channel block, the 16-byte loads of a width divisible by 16, each tile size), on a 224-px grid
     with enough images that every loop of both kernels runs. Output, input grad and weight grad are
-    compared element-wise with the canvas path (the reference, TF32 off). Any exception counts as a
-    failure, with its text."""
+    compared element-wise with the canvas path computed exactly in fp32 from the same rounded inputs
+    (:func:`_reference`, TF32 off). Any exception counts as a failure, with its text."""
     rtol, atol_share = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     images = images or self_test_images(grid, mask_ratio, dims, device)
     try:
@@ -92,11 +116,13 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
             grad = torch.randn(rows, channels, generator=g).to(device)
             got = {}
             for path in ("tiles", "canvas"):
-                xi = x.clone().requires_grad_()
-                with _exact_fp32() if path == "canvas" else contextlib.nullcontext(), \
-                        torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    y = depthwise_rows(conv, xi, layout, stage, path)
-                    gx, gw = torch.autograd.grad(y, [xi, conv.weight], grad.to(y.dtype))
+                if path == "tiles":  # as training runs it: fp32 in, autocast to the run's dtype
+                    xi = x.clone().requires_grad_()
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        y = depthwise_rows(conv, xi, layout, stage, path)
+                        gx, gw = torch.autograd.grad(y, [xi, conv.weight], grad.to(y.dtype))
+                else:  # the reference: exact fp32 sums of the same rounded inputs, rounded once
+                    y, gx, gw = _reference(conv, x, grad, layout, stage, dtype)
                 got[path] = [t.detach().float() for t in (y, gx, gw)]
             for name, a, b in zip(("output", "input grad", "weight grad"), got["tiles"], got["canvas"]):
                 try:

@@ -29,6 +29,7 @@ class KernelConfig:
     block_c: int
     dtype: str  # "bf16" | "fp32"
     c_div16: bool = True  # the channel count divides by 16: the JIT specialises on it (16-byte loads)
+    even_c: bool = True  # the channel count divides by the channel block: no channel mask (forward)
 
 
 @dataclass
@@ -42,25 +43,32 @@ class Resources:
 
 def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
     """Every distinct configuration the encoder launches, with the (size, stage, channels) using it."""
-    from .triton_dwconv import _block_c, _wgrad_block_c
     out: dict[KernelConfig, list[str]] = {}
     for name, variant in VARIANTS.items():
         for stage, ((tile, reach), channels) in enumerate(zip(STAGE_TILES, variant.dims)):
             for dtype in dtypes:
-                div16 = channels % 16 == 0
-                fwd = KernelConfig("forward", tile, reach, _block_c(channels, tile * tile), dtype, div16)
-                wgrad = KernelConfig("wgrad", tile, reach, _wgrad_block_c(channels, tile * tile), dtype, div16)
+                fwd, wgrad = stage_configs(tile, reach, channels, dtype)
                 for cfg in (fwd, wgrad):
                     out.setdefault(cfg, []).append(f"{name} s{stage} ({channels})")
     return out
 
 
+def stage_configs(tile: int, reach: int, channels: int, dtype: str) -> tuple[KernelConfig, KernelConfig]:
+    """The forward's and the weight grad's configurations at one stage, as the ops choose them."""
+    from .triton_dwconv import _block_c, _wgrad_block_c, wgrad_group
+    div16 = channels % 16 == 0
+    block_c = _block_c(channels, tile * tile)
+    fwd = KernelConfig("forward", tile, reach, block_c, dtype, div16, channels % block_c == 0)
+    wg_block_c = _wgrad_block_c(channels, wgrad_group(tile) * tile * tile)
+    return fwd, KernelConfig("wgrad", tile, reach, wg_block_c, dtype, div16, channels % wg_block_c == 0)
+
+
 def compile_kernel(cfg: KernelConfig, arch: int):
     """Triton's compiled kernel for ``cfg`` on ``sm_<arch>``, specialised as the JIT specialises the
     launches that run: every pointer divisible by 16 (torch's allocations are), the channel count too
-    where it divides by 16, and the weight grad's chunk count (4 programs per SM: 528 or 264 on 132
-    SMs, both divisible by 16). Without it the table reads another
-    binary (the forward at tile 8: 170 registers unspecialised on sm_90, 123 as it runs)."""
+    where it divides by 16 (the weight grad's chunk count is left unspecialised: it comes from the SM
+    count and the batch). Without it the table reads another binary (the forward at tile 8: 170
+    registers unspecialised on sm_90, 123 as it runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -68,26 +76,27 @@ def compile_kernel(cfg: KernelConfig, arch: int):
     ptr = f"*{cfg.dtype}"
     if cfg.kernel == "forward":
         fn = k._dwconv_tiles_kernel
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "nbr_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
-        consts = {"HAS_BIAS": True}  # the encoder's depthwise convs have a bias; the input grad has none
-        divisible = ["x_ptr", "w_ptr", "b_ptr", "nbr_ptr", "y_ptr"]
+        sig = {"x_ptr": ptr, "w_ptr": "*fp32", "b_ptr": ptr, "halo_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
+        # the encoder's depthwise convs have a bias; the input grad has none
+        consts = {"HAS_BIAS": True, "EVEN_C": cfg.even_c, "WIDE": False}
+        divisible = ["x_ptr", "w_ptr", "b_ptr", "halo_ptr", "y_ptr"]
     else:
         fn = k._dwconv_tiles_wgrad_kernel
-        sig = {"x_ptr": ptr, "g_ptr": ptr, "nbr_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",
+        sig = {"x_ptr": ptr, "g_ptr": ptr, "halo_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",
                "CHUNKS": "i32"}
-        consts = {}
-        divisible = ["x_ptr", "g_ptr", "nbr_ptr", "out_ptr", "CHUNKS"]
+        consts = {"GROUP": k.wgrad_group(cfg.tile), "WIDE": False}
+        divisible = ["x_ptr", "g_ptr", "halo_ptr", "out_ptr"]
     if cfg.c_div16:
         divisible.append("C")
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, REACH=cfg.reach, K=7, BLOCK_C=cfg.block_c)
+    consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, K=7, BLOCK_C=cfg.block_c)
     sig.update({name: "constexpr" for name in consts})
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     except TypeError:  # Triton releases before 3.3 called them constants
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constants=consts, attrs=attrs)
-    warps = k.forward_warps(cfg.tile * cfg.tile, cfg.block_c) if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
+    warps = k.NUM_WARPS if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}), warps
 
 
