@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from .models.variants import VARIANTS
 from .optim import LAYER_DECAY_TYPES
 from .sparse import BACKENDS, DWCONV, GRN_STATS
+from .errors import UserError
 
 # conf/ of a source checkout; an installed wheel carries it as the package fcmae.conf.
 _SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -398,7 +399,7 @@ def register_configs() -> None:
     cs.store(name="finetune_schema", node=FinetuneConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Invalid configuration values; the message lists every problem and how to fix it."""
 
 

@@ -14,11 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 # What the disk (not our code) refused: no space, quota, I/O error, permission, read-only, too big.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
-class DiskWriteError(RuntimeError):
+class DiskWriteError(UserError, RuntimeError):
     """A file could not be written; the message says what, where, and how to go on."""
 
 

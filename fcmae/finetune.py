@@ -18,19 +18,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import read_checkpoint
-from .config import CONFIG_PATH, ROOTED_LABELLED, register_configs, validate_finetune
-from .export.convert import adapt_stem, canonical_to_format, infer_shape, to_canonical, variant_of
+from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs, validate_finetune
+from .export.convert import canonical_to_format, infer_shape, variant_of
 from .weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
                    class_names_of, eval_transform, finetune_transform, labelled_source, num_classes_of)
-from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .engine import LoopState, RunParts, Task
+from .distributed import DistInfo, all_reduce_sum
+from .engine import LoopState, Task
 from .evaluation import inference
 from .loggers import track
 from .optim import adamw, layer_decay_groups
-from .run_lock import RunLock
-from .runner import (ConfigError, hydra_entry, loop_settings, open_tracker, prepare_run, read_checkpoint_agreed,
-                     restore_or_seed, seed_everything, train, wrap_model)
+from .run import RunData, hydra_entry, run_app
+from .run.init_weights import read_init_weights
 
 log = logging.getLogger("fcmae")
 
@@ -48,17 +47,13 @@ def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInf
     """Encoder weights from an export file, a pretraining checkpoint or a run directory
     (any layout the converter reads; rank 0 picks the file, every rank reads that one); the
     classifier head stays freshly initialised."""
-    src, obj = read_checkpoint_agreed(path, info) if info is not None else read_checkpoint(path)
-    canonical, layout = to_canonical(obj, source=str(src))
+    init = read_init_weights(path, "model.init_from", model.stem[0].in_channels, info)
+    src, canonical, layout = init.source, init.canonical, init.layout
     found = variant_of(canonical)
     found_name = f"convnextv2_{found.name}" if found else f"depths/dims {infer_shape(canonical)}"
     if found_name != name:
         raise CheckpointError(f"model.init_from={src} holds {found_name} weights but model.name={name}; "
                               f"set model.name={found_name}")
-    canonical, adapted = adapt_stem(canonical, model.stem[0].in_channels, f"model.init_from={src}")
-    if adapted:
-        log.warning("model.init_from=%s holds RGB weights; model.in_chans=%d: the stem starts from %s", src,
-                    model.stem[0].in_channels, adapted)
     sd = {k: v for k, v in canonical_to_format(canonical, "timm").items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
@@ -162,23 +157,6 @@ class ClassifyTask(Task):
             self.ema.module.load_state_dict(checkpoint["model_ema"])
 
 
-def run(cfg: DictConfig, run_dir: str | Path, callbacks=()):
-    """Fine-tune as configured, in ``run_dir``; returns the final loop state. With
-    ``eval_only=true``, evaluates ``model.init_from`` instead and returns its metrics."""
-    validate_finetune(cfg)
-    info = init_distributed(cfg.trainer.device)
-    try:
-        if cfg.eval_only:
-            return evaluate_only(cfg, info)
-        lock = RunLock(run_dir)  # taken by rank 0 in prepare_run, held until the run ends
-        try:
-            return _run(cfg, Path(run_dir), info, list(callbacks), lock)
-        finally:
-            lock.release()
-    finally:
-        cleanup()
-
-
 def build_val_loader(cfg, info: DistInfo, seed: int, class_names=None):
     """``(val source, loader)``: the official evaluation transform over this rank's shard;
     ``class_names`` (the training set's) match an image folder's labels by name."""
@@ -227,60 +205,78 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     return out
 
 
-def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = None) -> LoopState:
-    t, d = cfg.trainer, cfg.data
-    setup = prepare_run(cfg, run_dir, info, lock)
+class FinetuneApp:
+    """``fcmae-finetune`` for :func:`fcmae.run.run_app`: labelled images, timm's dense ConvNeXt V2
+    classifier, AdamW over the official layer-decay groups, cross-entropy with mixup and EMA."""
 
-    # Data first: bad folders fail before a model is built.
-    channels = channels_of(d, cfg.model.in_chans)
-    train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
-                                d.img_size, t.seed, d.labels_per_class, d.labels_seed, channels=channels)
-    check_bands(train_src, channels, "data.train_root")
-    class_names = class_names_of(train_src)
-    val_src, val_loader = build_val_loader(cfg, info, t.seed, class_names)
-    num_classes = cfg.model.num_classes or num_classes_of(train_src)
-    if num_classes_of(val_src) > num_classes:
-        raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
-                          "point data.val_root at the same class folders as data.train_root")
-    cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes}})
-    config = OmegaConf.to_container(cfg, resolve=True)
-    train_set = LabelledSamples(train_src, finetune_transform(d), t.seed)
-    loader, sampler = build_train_loader(train_set, d.batch_size, d.num_workers, t.seed, info.rank, info.world_size,
-                                         info.device.type == "cuda" and d.pin_memory, d.persistent_workers)
-    s = loop_settings(cfg, len(sampler) // d.batch_size, setup.accum, setup.base_lr, setup.precision,
-                      d.max_bad_fraction, callbacks)
+    resume_must_match = _RESUME_MUST_MATCH
 
-    seed_everything(t.seed)
-    model = build_classifier(cfg.model.name, num_classes, cfg.model.drop_path_rate,
-                             cfg.model.head_init_scale, cfg.model.in_chans).to(info.device)
-    if cfg.model.init_from and setup.resume_path is None:
-        load_pretrained(model, cfg.model.name, cfg.model.init_from, info)
-    elif setup.resume_path is None:
-        log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
-    # As the official code: the EMA starts from the initial weights, on the model's device, before DDP.
-    ema = None
-    if cfg.ema.enabled:
-        from timm.utils import ModelEmaV2
-        ema = ModelEmaV2(model, decay=cfg.ema.decay)
-    task = ClassifyTask(num_classes, cfg.mixup, val_loader, cfg.eval_every, ema, cfg.ema.eval, class_names)
-    optimizer = build_optimizer(model, cfg.optim, setup.base_lr)
-    state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed, task)
-    train_model = wrap_model(model, t.compile, info)
-    tracker = open_tracker(cfg, run_dir, config, info, setup.start_step)
-    if info.is_main:
-        log.info("run directory %s | %s, %d classes, %d process(es) on %s, %s | effective batch %d, lr %.3e, "
-                 "layer decay %g (%s), EMA %s | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,
-                 num_classes, info.world_size, info.device, setup.precision, setup.effective_batch, setup.base_lr,
-                 cfg.optim.layer_decay,
-                 cfg.optim.layer_decay_type, cfg.ema.decay if ema is not None else "off", s.steps_per_epoch,
-                 s.stop_step, s.total_steps)
-    parts = RunParts(train_model, model, optimizer, scaler, loader, sampler, info, setup.ckpt, tracker, config, run_dir)
-    final = train(task, parts, s, state)
-    if info.is_main:
+    def validate(self, cfg) -> None:
+        validate_finetune(cfg)
+
+    def evaluate_only(self, cfg, run_dir: Path, info: DistInfo) -> dict:
+        return evaluate_only(cfg, info)
+
+    def build_data(self, cfg, info: DistInfo) -> RunData:
+        """Train and val sources first (bad folders fail before a model is built); the class count
+        comes from the training set unless ``model.num_classes`` says it."""
+        t, d = cfg.trainer, cfg.data
+        channels = channels_of(d, cfg.model.in_chans)
+        train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
+                                    d.img_size, t.seed, d.labels_per_class, d.labels_seed, channels=channels)
+        check_bands(train_src, channels, "data.train_root")
+        class_names = class_names_of(train_src)
+        val_src, val_loader = build_val_loader(cfg, info, t.seed, class_names)
+        num_classes = cfg.model.num_classes or num_classes_of(train_src)
+        if num_classes_of(val_src) > num_classes:
+            raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
+                              "point data.val_root at the same class folders as data.train_root")
+        cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes}})
+        train_set = LabelledSamples(train_src, finetune_transform(d), t.seed)
+        loader, sampler = build_train_loader(train_set, d.batch_size, d.num_workers, t.seed, info.rank,
+                                             info.world_size, info.device.type == "cuda" and d.pin_memory,
+                                             d.persistent_workers)
+        return RunData(cfg, loader, sampler, {"val_loader": val_loader, "class_names": class_names})
+
+    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str) -> nn.Module:
+        m = cfg.model
+        return build_classifier(m.name, m.num_classes, m.drop_path_rate, m.head_init_scale, m.in_chans).to(info.device)
+
+    def load_initial_weights(self, model: nn.Module, cfg, info: DistInfo) -> None:
+        if cfg.model.init_from:
+            load_pretrained(model, cfg.model.name, cfg.model.init_from, info)
+        else:
+            log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
+
+    def build_task(self, cfg, model: nn.Module, data: RunData) -> "ClassifyTask":
+        # As the official code: the EMA starts from the initial weights, on the model's device, before DDP.
+        ema = None
+        if cfg.ema.enabled:
+            from timm.utils import ModelEmaV2
+            ema = ModelEmaV2(model, decay=cfg.ema.decay)
+        return ClassifyTask(cfg.model.num_classes, cfg.mixup, data.extras["val_loader"], cfg.eval_every, ema,
+                            cfg.ema.eval, data.extras["class_names"])
+
+    def build_optimizer(self, cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return build_optimizer(model, cfg.optim, lr)
+
+    def describe(self, cfg, run_dir: Path, setup, s, info: DistInfo) -> str:
+        ema = cfg.ema.decay if cfg.ema.enabled else "off"
+        return (f"run directory {run_dir} | {cfg.model.name}, {cfg.model.num_classes} classes, {info.world_size} "
+                f"process(es) on {info.device}, {setup.precision} | effective batch {setup.effective_batch}, lr "
+                f"{setup.base_lr:.3e}, layer decay {cfg.optim.layer_decay:g} ({cfg.optim.layer_decay_type}), EMA {ema} "
+                f"| {s.steps_per_epoch} steps/epoch, stopping at step {s.stop_step} of {s.total_steps}")
+
+    def summary(self, final: LoopState, setup, task: "ClassifyTask", run_dir: Path) -> str:
         best = "  ".join(f"{k} {v:.2f}%" for k, v in task.best.items() if v is not None) or "n/a"
-        log.info("done: step %d, %s; checkpoints %s and best.pt beside it (timm state dict under 'model')",
-                 final.step, best, setup.ckpt.last)
-    return final
+        return (f"done: step {final.step}, {best}; checkpoints {setup.ckpt.last} and best.pt beside it (timm state "
+                "dict under 'model')")
+
+
+def run(cfg: DictConfig, run_dir: str | Path, callbacks=()):
+    """Fine-tune as configured, in ``run_dir``; returns the final loop state. With
+    ``eval_only=true``, evaluates ``model.init_from`` instead and returns its metrics."""
+    return run_app(FinetuneApp(), cfg, run_dir, callbacks)
 
 
 register_configs()

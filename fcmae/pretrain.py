@@ -19,17 +19,15 @@ import torch
 from .config import CONFIG_PATH, ConfigError, auto_band_stats, register_configs, validate
 from .checkpoint import read_checkpoint
 from .files import append_line
-from .export.convert import adapt_stem, to_canonical
 from .weights_file import CheckpointError
 from .data import band_stats, build_pretrain_loader, build_source, channels_of, check_bands
-from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from .engine import LoopState, RunParts, Task, TrainLoop
+from .distributed import DistInfo, broadcast_object
+from .engine import LoopState, Task, TrainLoop
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
-from .run_lock import RunLock
-from .runner import (hydra_entry, loop_settings, open_tracker, prepare_run, read_checkpoint_agreed, restore_or_seed,
-                     seed_everything, train, wrap_model)
+from .run import RunData, hydra_entry, run_app
+from .run.init_weights import read_init_weights
 from .loggers import format_metrics
 from .visualize import save_reconstruction_grid
 
@@ -106,36 +104,13 @@ def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> 
 
 
 def load_encoder_init(model: FCMAE, path: str, info: DistInfo | None = None) -> None:
-    """Encoder weights from any layout the converter reads (rank 0 picks the file, every rank
-    reads that one); the decoder stays fresh."""
-    src, obj = read_checkpoint_agreed(path, info) if info is not None else read_checkpoint(path)
-    canonical, layout = to_canonical(obj, source=str(src))
-    canonical, adapted = adapt_stem(canonical, model.in_chans, f"init_from={path}")
-    if adapted:
-        log.warning("init_from=%s holds RGB weights; model.in_chans=%d: the stem starts from %s", path,
-                    model.in_chans, adapted)
-    missing, unexpected = model.encoder.load_state_dict(canonical, strict=False)
+    """Encoder weights from any layout the converter reads; the decoder stays fresh."""
+    init = read_init_weights(path, "init_from", model.in_chans, info)
+    missing, unexpected = model.encoder.load_state_dict(init.canonical, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"init_from={path}: encoder shape differs from model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pick the matching model=")
-    log.info("initialised the encoder from %s (%s layout); fresh decoder", path, layout)
-
-
-def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
-    """Pretrain as configured, in ``run_dir``; returns the final loop state."""
-    validate(cfg)
-    run_dir = Path(run_dir)
-    info = init_distributed(cfg.trainer.device)
-    try:
-        if cfg.eval_only:
-            return evaluate_run(cfg, run_dir, info)
-        lock = RunLock(run_dir)  # taken by rank 0 in prepare_run, held until the run ends
-        try:
-            return _run(cfg, run_dir, info, list(callbacks), lock)
-        finally:
-            lock.release()
-    finally:
-        cleanup()
+    log.info("initialised the encoder from %s (%s layout); fresh decoder", path, init.layout)
 
 
 def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
@@ -143,7 +118,7 @@ def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
     (the encoder, nothing masked), log the scores and append them to ``RUN_DIR/evals.jsonl``."""
     src, ck = read_checkpoint(run_dir)
     if auto_band_stats(cfg.data):  # the statistics the run trained with
-        cfg.data.mean, cfg.data.std = ck["config"]["data"]["mean"], ck["config"]["data"]["std"]
+        cfg = OmegaConf.merge(cfg, {"data": {"mean": ck["config"]["data"]["mean"], "std": ck["config"]["data"]["std"]}})
     model = build_model(cfg)
     try:
         model.load_state_dict(ck["model"])
@@ -160,10 +135,10 @@ def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
     return scores
 
 
-def resolve_band_stats(cfg, info: DistInfo) -> None:
+def resolve_band_stats(cfg, info: DistInfo):
     """``data.mean=auto``: rank 0 computes the per-band mean and std over ``data.stats_images`` images
-    (a fixed draw for the seed, so a resumed run gets the same numbers), every rank takes them, and
-    they replace ``auto`` in the config the checkpoints and exports carry."""
+    (a fixed draw for the seed, so a resumed run gets the same numbers), every rank takes them; returns
+    the config with them in place of ``auto`` (what the checkpoints and exports carry)."""
     stats = None
     if info.is_main:
         d = cfg.data
@@ -174,48 +149,61 @@ def resolve_band_stats(cfg, info: DistInfo) -> None:
         log.info("data.mean=auto over %d images: data.mean=[%s] data.std=[%s] (pass these to skip the pass)",
                  min(d.stats_images, len(source)), ",".join(map(str, stats[0])), ",".join(map(str, stats[1])))
     mean, std = broadcast_object(stats, info)
-    cfg.data.mean, cfg.data.std = mean, std
+    return OmegaConf.merge(cfg, {"data": {"mean": list(mean), "std": list(std)}})
 
 
-def _run(cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock | None = None) -> LoopState:
-    t = cfg.trainer
-    setup = prepare_run(cfg, run_dir, info, lock)
-    if auto_band_stats(cfg.data):
-        resolve_band_stats(cfg, info)
-    config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint: the stats too
+class PretrainApp:
+    """``fcmae-pretrain`` for :func:`fcmae.run.run_app`: masked images in, an FCMAE model, AdamW over
+    its decay groups, the reconstruction task."""
 
-    # Data first: a bad data.root (or eval folder) fails before a model is built.
-    loader, sampler, dataset = build_pretrain_loader(
-        cfg.data, cfg.model.mask_ratio, t.seed, info.rank, info.world_size, pin_memory=info.device.type == "cuda",
-        device=info.device, in_chans=cfg.model.in_chans)
-    evaluator = build_evaluator(cfg.eval, cfg.data, t.seed, info, cfg.model.in_chans)
-    s = loop_settings(cfg, len(sampler) // cfg.data.batch_size, setup.accum, setup.base_lr, setup.precision,
-                      cfg.data.max_bad_fraction, callbacks)
+    resume_must_match = _RESUME_MUST_MATCH
 
-    seed_everything(t.seed)
-    model = build_model(cfg).to(info.device)
-    choose_dwconv(model, cfg.encoder, info, setup.precision)
-    if cfg.init_from and setup.resume_path is None:
-        load_encoder_init(model, cfg.init_from, info)
-    optimizer = adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token),
-                      setup.base_lr, cfg.optim.betas, next(model.parameters()).is_cuda)
-    state, scaler = restore_or_seed(setup, config, _RESUME_MUST_MATCH, model, optimizer, info, t.seed)
-    train_model = wrap_model(model, t.compile, info)
-    tracker = open_tracker(cfg, run_dir, config, info, setup.start_step)
-    if info.is_main:
-        log.info("run directory %s | %s, %d process(es) on %s, %s | effective batch %d (%d x %d x %d), "
-                 "lr %.3e | %d steps/epoch, stopping at step %d of %d", run_dir, cfg.model.name,
-                 info.world_size, info.device, setup.precision, setup.effective_batch, cfg.data.batch_size,
-                 setup.accum, info.world_size, setup.base_lr, s.steps_per_epoch, s.stop_step, s.total_steps)
+    def validate(self, cfg) -> None:
+        validate(cfg)
 
-    task = PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, t.vis_every, cfg.logger.image_every, evaluator,
-                        cfg.vis.bands)
-    parts = RunParts(train_model, model, optimizer, scaler, loader, sampler, info, setup.ckpt, tracker, config, run_dir)
-    final = train(task, parts, s, state)
-    if info.is_main:
-        log.info("done: step %d, checkpoint %s; export with: fcmae-export %s --format timm", final.step,
-                 setup.ckpt.last, run_dir)
-    return final
+    def evaluate_only(self, cfg, run_dir: Path, info: DistInfo) -> dict:
+        return evaluate_run(cfg, run_dir, info)
+
+    def build_data(self, cfg, info: DistInfo) -> RunData:
+        if auto_band_stats(cfg.data):
+            cfg = resolve_band_stats(cfg, info)
+        loader, sampler, _ = build_pretrain_loader(
+            cfg.data, cfg.model.mask_ratio, cfg.trainer.seed, info.rank, info.world_size,
+            pin_memory=info.device.type == "cuda", device=info.device, in_chans=cfg.model.in_chans)
+        evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info, cfg.model.in_chans)
+        return RunData(cfg, loader, sampler, {"evaluator": evaluator})
+
+    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str) -> FCMAE:
+        model = build_model(cfg).to(info.device)
+        choose_dwconv(model, cfg.encoder, info, precision)
+        return model
+
+    def load_initial_weights(self, model: FCMAE, cfg, info: DistInfo) -> None:
+        if cfg.init_from:
+            load_encoder_init(model, cfg.init_from, info)
+
+    def build_task(self, cfg, model: FCMAE, data: RunData) -> PretrainTask:
+        return PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, cfg.trainer.vis_every,
+                            cfg.logger.image_every, data.extras["evaluator"], cfg.vis.bands)
+
+    def build_optimizer(self, cfg, model: FCMAE, lr: float):
+        return adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token), lr,
+                     cfg.optim.betas, next(model.parameters()).is_cuda)
+
+    def describe(self, cfg, run_dir: Path, setup, s, info: DistInfo) -> str:
+        return (f"run directory {run_dir} | {cfg.model.name}, {info.world_size} process(es) on {info.device}, "
+                f"{setup.precision} | effective batch {setup.effective_batch} ({cfg.data.batch_size} x {setup.accum} x "
+                f"{info.world_size}), lr {setup.base_lr:.3e} | {s.steps_per_epoch} steps/epoch, stopping at step "
+                f"{s.stop_step} of {s.total_steps}")
+
+    def summary(self, final: LoopState, setup, task, run_dir: Path) -> str:
+        return f"done: step {final.step}, checkpoint {setup.ckpt.last}; export with: fcmae-export {run_dir} --format timm"
+
+
+def run(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> LoopState:
+    """Pretrain as configured, in ``run_dir``; returns the final loop state (with ``eval_only=true``,
+    the scores)."""
+    return run_app(PretrainApp(), cfg, run_dir, callbacks)
 
 
 register_configs()

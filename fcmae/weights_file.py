@@ -13,9 +13,10 @@ from typing import Mapping
 import torch
 
 from .files import fsync_dir, write_atomic
+from .errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the key and the fix."""
 
 

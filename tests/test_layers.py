@@ -1,4 +1,4 @@
-"""The module layers point one way: models <- sparse ops <- {data, export, engine} <- runner <- apps.
+"""The module layers point one way: errors <- models <- sparse ops <- {data, export, engine} <- run <- apps.
 
 Checked twice: statically (every import in fcmae/, deferred ones included, forms no cycle) and
 by importing a module alone in a fresh interpreter and looking at what it pulled in.
@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fcmae"
 APPS = {"fcmae.pretrain", "fcmae.finetune", "fcmae.export.exporter"}
-PACKAGES = ("fcmae", "fcmae.models", "fcmae.sparse", "fcmae.data", "fcmae.engine", "fcmae.export")
+PACKAGES = ("fcmae", "fcmae.models", "fcmae.sparse", "fcmae.data", "fcmae.engine", "fcmae.export", "fcmae.run")
 BACKENDS = {"fcmae.sparse.compact", "fcmae.sparse.masked_dense", "fcmae.sparse.minkowski"}
 
 
@@ -95,7 +95,7 @@ def _pulled_in(module: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-ENGINE = {"fcmae.engine", "fcmae.runner", "fcmae.checkpoint"}
+ENGINE = {"fcmae.engine", "fcmae.run", "fcmae.checkpoint"}
 
 
 @pytest.mark.parametrize("module, must_not", [
@@ -119,16 +119,18 @@ def _package(module: str) -> str:
 
 # room -> the rooms it must never import from (anywhere in its source, deferred imports included)
 FORBIDDEN = {
-    "fcmae.models": {"fcmae.data", "fcmae.export", "fcmae.engine", "fcmae.runner", "fcmae.checkpoint",
+    "fcmae.models": {"fcmae.data", "fcmae.export", "fcmae.engine", "fcmae.run", "fcmae.checkpoint",
                      "fcmae.pretrain", "fcmae.finetune", "fcmae.config"},
-    "fcmae.sparse": {"fcmae.data", "fcmae.export", "fcmae.engine", "fcmae.runner", "fcmae.checkpoint",
+    "fcmae.sparse": {"fcmae.data", "fcmae.export", "fcmae.engine", "fcmae.run", "fcmae.checkpoint",
                      "fcmae.pretrain", "fcmae.finetune", "fcmae.config"},
-    "fcmae.data": {"fcmae.engine", "fcmae.runner", "fcmae.checkpoint", "fcmae.export", "fcmae.evaluation",
+    "fcmae.data": {"fcmae.engine", "fcmae.run", "fcmae.checkpoint", "fcmae.export", "fcmae.evaluation",
                    "fcmae.pretrain", "fcmae.finetune"},
-    "fcmae.export": {"fcmae.data", "fcmae.engine", "fcmae.runner", "fcmae.pretrain", "fcmae.finetune"},
-    "fcmae.engine": {"fcmae.data", "fcmae.export", "fcmae.runner", "fcmae.evaluation", "fcmae.visualize",
+    "fcmae.export": {"fcmae.data", "fcmae.engine", "fcmae.run", "fcmae.pretrain", "fcmae.finetune"},
+    "fcmae.engine": {"fcmae.data", "fcmae.export", "fcmae.run", "fcmae.evaluation", "fcmae.visualize",
                      "fcmae.pretrain", "fcmae.finetune"},
-    "fcmae.runner": {"fcmae.pretrain", "fcmae.finetune", "fcmae.export"},
+    # the run assembles what the apps hand it; it reads initial weights through the converter (a library
+    # of fcmae.export), never through the exporter app
+    "fcmae.run": {"fcmae.pretrain", "fcmae.finetune"},
 }
 
 
@@ -139,7 +141,28 @@ def test_the_package_arrows_point_one_way():
                    if _package(t) in FORBIDDEN.get(_package(m), ()))
     assert not wrong, "imports against the arrows:\n  " + "\n  ".join(wrong)
     # and the rooms exist as packages (a module moved back to the top floor would make this vacuous)
-    assert {"fcmae.data.sources", "fcmae.data.loaders", "fcmae.engine.loop", "fcmae.export.convert"} <= set(graph)
+    assert {"fcmae.data.sources", "fcmae.data.loaders", "fcmae.engine.loop", "fcmae.export.convert",
+            "fcmae.run.assembly"} <= set(graph)
+    assert not [t for m, ts in graph.items() if _package(m) == "fcmae.run" for t in ts if t == "fcmae.export.exporter"]
+
+
+def test_every_user_error_derives_from_one_base_and_comes_back_whole_on_another_rank():
+    """One base class instead of hand-kept lists (#39): before, a NonFiniteLoss or DataQualityError
+    raised in a rank-0 decision came back on the other ranks as a CheckpointError, and a
+    BandCountError (two constructor arguments) could not be raised there at all."""
+    from fcmae.config import ConfigError
+    from fcmae.data.image_io import BandCountError, DataError
+    from fcmae.engine import DataQualityError, NonFiniteLoss
+    from fcmae.errors import UserError, user_error
+    from fcmae.files import DiskWriteError
+    from fcmae.run_lock import RunDirectoryBusy
+    from fcmae.weights_file import CheckpointError
+    for cls in (ConfigError, DataError, BandCountError, DataQualityError, NonFiniteLoss, DiskWriteError,
+                RunDirectoryBusy, CheckpointError):
+        assert issubclass(cls, UserError), cls
+        again = user_error(cls.__name__, "the message and its fix")
+        assert type(again) is cls and str(again) == "the message and its fix"
+    assert type(user_error("NoSuchError", "text")) is UserError
 
 
 def test_old_import_paths_keep_working():

@@ -292,7 +292,7 @@ def test_batches_carry_their_checked_visible_count():
 
 
 def test_accum_iter_overridden_by_effective_batch_is_said(caplog):
-    from fcmae.runner import resolve_accumulation
+    from fcmae.run.settings import resolve_accumulation
     with caplog.at_level("WARNING", logger="fcmae"):
         assert resolve_accumulation(make_cfg("optim.effective_batch_size=16", "trainer.accum_iter=3"), 1) == (4, 16)
     assert "trainer.accum_iter=3 is ignored" in caplog.text and "accumulation to 4" in caplog.text

@@ -201,7 +201,7 @@ def test_larger_max_steps_makes_a_finished_run_longer(tmp_path, caplog):
 
 
 def test_numpy_and_python_streams_differ_per_rank_and_restore_exactly():
-    from fcmae.runner import seed_rank
+    from fcmae.run.seeding import seed_rank
     draws = []
     for rank in (0, 1):
         seed_rank(0, rank)

@@ -435,7 +435,7 @@ def test_config_values_that_overflow_float32_are_config_errors(tmp_path, overrid
 # ---------------------------------------------------------------- #33 item 3: world size on resume
 
 def test_another_world_size_keeps_the_effective_batch_or_says_how():
-    from fcmae.runner import adapt_to_world_size, checkpoint_world
+    from fcmae.run.settings import adapt_to_world_size, checkpoint_world
     assert adapt_to_world_size(1, 8, 2, 2) == 2  # 2 x 2 x 2 = 8
     assert adapt_to_world_size(4, 64, 8, 8) == 1
     with pytest.raises(ConfigError, match=r"effective batch of 8 on 1 process.*resume on 1 process.*data.batch_size"):

@@ -79,7 +79,7 @@ def test_finetune_eval_only_needs_only_the_val_set(tmp_path):
 def test_real_data_gets_the_paper_lr_rule_not_the_demo_lr(source, tmp_path):
     from hydra import compose, initialize_config_dir
     from fcmae.distributed import DistInfo
-    from fcmae.runner import prepare_run
+    from fcmae.run.resume import prepare_run
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
         demo = compose("pretrain")
         real = compose("pretrain", overrides=[f"data={source}", f"data.root={tmp_path}", "data.batch_size=128"])
@@ -90,7 +90,7 @@ def test_real_data_gets_the_paper_lr_rule_not_the_demo_lr(source, tmp_path):
 
 def test_compile_auto_is_on_for_cuda_and_off_for_cpu():
     import torch
-    from fcmae.runner import resolve_compile
+    from fcmae.run.assembly import resolve_compile
     assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
     assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
     from hydra import compose, initialize_config_dir

@@ -141,7 +141,7 @@ def test_help_and_job_names_are_the_apps_names(tmp_path):
 def test_a_submitit_warning_is_printed_once(tmp_path):
     code = ("import logging, sys\n"
             "logging.basicConfig(stream=sys.stderr)  # the root console handler, as Hydra's\n"
-            "from fcmae.runner import print_submitit_warnings_once\n"
+            "from fcmae.run.entry import print_submitit_warnings_once\n"
             "from submitit.core import logger\n"
             "print_submitit_warnings_once()\n"
             "logger.get_logger().warning('Call #1 - Bypassing sacct error')\n"

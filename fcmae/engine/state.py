@@ -10,12 +10,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import UserError
+
 # A step's loss past this many times the lowest loss of the run (and at least this far above it) is
 # taken as the start of a blow-up: checkpoints whose weights fed such a step are not "good".
 BLOWUP_FACTOR = 10.0
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """The loss, gradient or weights stopped being finite at ``step``; ``blowup_step`` is the first
     step whose loss had already left its sane range (the weights that fed it were bad)."""
 

@@ -13,9 +13,10 @@ from ..distributed import DistInfo, all_reduce_sum, host_to_device
 from ..files import DiskWriteError
 from .signals import PreemptionGuard
 from .state import LoopState
+from ..errors import UserError
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(UserError, RuntimeError):
     pass
 
 
