@@ -19,6 +19,10 @@ class UserError(Exception):
         UserError.registry[cls.__name__] = cls
 
 
+class ConfigError(UserError, ValueError):
+    """Invalid configuration values; the message lists every problem and how to fix it."""
+
+
 def user_error_type(name: str) -> type[UserError]:
     """The class of a user error by its name (as another rank sent it); the base class for a name
     no subclass has."""

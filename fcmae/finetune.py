@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import read_checkpoint
-from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs, validate_finetune
+from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs
 from .export.convert import canonical_to_format, infer_shape, variant_of
 from .weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
@@ -30,6 +30,7 @@ from .loggers import track
 from .optim import adamw, layer_decay_groups
 from .run import RunData, hydra_entry, run_app
 from .run.init_weights import read_init_weights
+from .run.validation import validate_finetune
 
 log = logging.getLogger("fcmae")
 

@@ -146,7 +146,7 @@ class WandbLogger:
         except Exception as exc:  # wandb's UsageError / AuthenticationError / CommError
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not (auto and mode == "online"):
-                from .config import ConfigError
+                from .errors import ConfigError
                 raise ConfigError(f"logger=wandb could not start in logger.mode={mode} ({reason}); log in with "
                                   "`wandb login` (or set WANDB_API_KEY), or use logger.mode=offline to log locally "
                                   "and sync later") from None

@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import torch
 
-from .config import CONFIG_PATH, ConfigError, auto_band_stats, register_configs, validate
+from .config import CONFIG_PATH, ConfigError, register_configs
 from .checkpoint import read_checkpoint
 from .files import append_line
 from .weights_file import CheckpointError
 from .data import band_stats, build_pretrain_loader, build_source, channels_of, check_bands
+from .data.image_io import auto_band_stats
 from .distributed import DistInfo, broadcast_object
 from .engine import LoopState, Task, TrainLoop
 from .evaluation import build_evaluator
@@ -28,6 +29,7 @@ from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
 from .run import RunData, hydra_entry, run_app
 from .run.init_weights import read_init_weights
+from .run.validation import validate
 from .loggers import format_metrics
 from .visualize import save_reconstruction_grid
 

@@ -128,6 +128,9 @@ FORBIDDEN = {
     "fcmae.export": {"fcmae.data", "fcmae.engine", "fcmae.run", "fcmae.pretrain", "fcmae.finetune"},
     "fcmae.engine": {"fcmae.data", "fcmae.export", "fcmae.run", "fcmae.evaluation", "fcmae.visualize",
                      "fcmae.pretrain", "fcmae.finetune"},
+    # configs check their own values; values other rooms own are checked there (#39)
+    "fcmae.config": {"fcmae.data", "fcmae.engine", "fcmae.export", "fcmae.run", "fcmae.checkpoint",
+                     "fcmae.pretrain", "fcmae.finetune", "fcmae.evaluation", "fcmae.loggers"},
     # the run assembles what the apps hand it; it reads initial weights through the converter (a library
     # of fcmae.export), never through the exporter app
     "fcmae.run": {"fcmae.pretrain", "fcmae.finetune"},

@@ -91,7 +91,8 @@ def test_missing_minkowski_names_the_install_command(monkeypatch):
     monkeypatch.delitem(sys.modules, "fcmae.sparse.minkowski", raising=False)
     with pytest.raises(ImportError, match=r"launch/install_minkowski\.sh"):
         create_fcmae("convnextv2_atto", backend="minkowski")
-    from fcmae.config import ConfigError, validate
+    from fcmae.config import ConfigError
+    from fcmae.run.validation import validate
     from test_pretrain import make_cfg
     with pytest.raises(ConfigError, match=r"encoder.backend=minkowski.*install_minkowski\.sh"):
         validate(make_cfg("encoder.backend=minkowski"))

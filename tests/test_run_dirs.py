@@ -68,7 +68,7 @@ def test_pretrain_eval_only_scores_a_finished_run_beside_it(tmp_path):
 
 def test_finetune_eval_only_needs_only_the_val_set(tmp_path):
     from hydra import compose, initialize_config_dir
-    from fcmae.config import validate_finetune
+    from fcmae.run.validation import validate_finetune
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
         cfg = compose("finetune", overrides=["eval_only=true", "data.source=imagefolder", f"data.val_root={tmp_path}",
                                              "model.init_from=x"])
@@ -94,7 +94,8 @@ def test_compile_auto_is_on_for_cuda_and_off_for_cpu():
     assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
     assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
     from hydra import compose, initialize_config_dir
-    from fcmae.config import ConfigError, validate
+    from fcmae.config import ConfigError
+    from fcmae.run.validation import validate
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
         assert compose("pretrain").trainer.compile == "auto"
         with pytest.raises(ConfigError, match="trainer.compile='maybe'"):

@@ -68,7 +68,8 @@ def test_a_task_outside_the_group_is_refused(monkeypatch):
 def test_a_warning_due_before_the_job_starts_is_refused():
     from hydra import compose, initialize_config_dir
 
-    from fcmae.config import ConfigError, validate
+    from fcmae.config import ConfigError
+    from fcmae.run.validation import validate
     from fcmae.pretrain import CONFIG_PATH
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
         cfg = compose("pretrain", overrides=["launcher=slurm", "launcher.timeout_min=1"])

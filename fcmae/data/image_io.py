@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from ..errors import UserError
@@ -217,3 +218,37 @@ def band_count(item) -> int:
     if isinstance(item, Image.Image):
         return len(item.getbands())
     return int(item.shape[0])
+
+
+def auto_band_stats(data_cfg) -> bool:
+    """``data.mean=auto`` (or ``data.std=auto``): both are computed at start."""
+    return "auto" in (data_cfg.mean, data_cfg.std)
+
+
+def check_channels(d, in_chans: int, check, auto_stats: bool = False) -> None:
+    """data.channels / data.bands / data.mean / data.std against model.in_chans: one line per problem
+    (``check(ok, message)`` collects them; :mod:`fcmae.run.validation` runs it with the config's own)."""
+    check(d.channels in CHANNEL_MODES, f"data.channels={d.channels!r}; use rgb, grey or all")
+    check(d.npy_layout in NPY_LAYOUTS, f"data.npy_layout={d.npy_layout!r}; use hwc or chw")
+    check(in_chans >= 1, f"model.in_chans={in_chans} must be >= 1")
+    if d.bands is not None:
+        check(d.channels == "all", f"data.bands={list(d.bands)} picks bands of data.channels=all (not {d.channels})")
+        check(len(d.bands) == in_chans and min(d.bands, default=0) >= 0,
+              f"data.bands={list(d.bands)} keeps {len(d.bands)} bands; model.in_chans={in_chans} must match")
+    elif d.channels == "rgb":
+        check(in_chans == 3, f"model.in_chans={in_chans} with data.channels=rgb (3 bands); for one band use "
+                             "data.channels=grey, for every band of the files data.channels=all")
+    elif d.channels == "grey":
+        check(in_chans == 1, f"model.in_chans={in_chans} with data.channels=grey (1 band): set model.in_chans=1")
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if auto_stats and auto_band_stats(d):
+            continue
+        ok = isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+        ok = ok and all(isinstance(v, (int, float)) for v in value)
+        fix = "; or data.mean=auto to compute them at start" if auto_stats else ""
+        check(ok and len(value) == in_chans,
+              f"data.{key}={value if not ok else list(value)} needs {in_chans} numbers, one per band (model.in_chans); "
+              f"`fcmae-stats SOURCE` prints them{fix}")
+        if ok and key == "std":
+            check(all(v > 0 for v in value), f"data.std={list(value)} must be > 0")

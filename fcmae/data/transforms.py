@@ -113,3 +113,13 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, mean=(0.485, 0.456, 0
         resize = [transforms.Resize(int(img_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(img_size)]
     return transforms.Compose([*resize, AsTensor(), transforms.Normalize(list(mean), list(std))])
 
+
+def check_finetune_transform(d, errors: list[str]) -> None:
+    """timm's transform factory judges the augmentation keys (e.g. a bad RandAugment string): one line
+    in ``errors`` when the training transform cannot be built from ``data.*``."""
+    try:
+        finetune_transform(d)
+    except Exception as exc:
+        errors.append(f"the training transform cannot be built from data.* ({type(exc).__name__}: {exc}); "
+                      "check data.auto_augment (e.g. rand-m9-mstd0.5-inc1, or null), data.re_mode, "
+                      "data.interpolation")

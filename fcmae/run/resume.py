@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ..checkpoint import (REQUIRED_KEYS, CheckpointManager, check_checkpoint, load_resolved, newest_good_checkpoint,
                           restore_rng, set_aside_checkpoints)
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..distributed import DistInfo
 from ..engine import LoopState, Task
 from ..loggers import trim_jsonl

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..engine import LoopSettings
 
 log = logging.getLogger("fcmae")

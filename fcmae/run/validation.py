@@ -1,0 +1,29 @@
+"""Every range check of an app's config, in one call that reports every problem at once: the config's
+own (:mod:`fcmae.config.checks`) and those of the modules that own a value (channels and bands:
+:mod:`fcmae.data.image_io`; the fine-tuning transform: :mod:`fcmae.data.transforms`)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config.checks import check_finetune, check_pretrain, collector, raise_if_any
+from ..data.image_io import check_channels
+from ..data.transforms import check_finetune_transform
+
+
+def validate(cfg: Any) -> None:
+    """``fcmae-pretrain``'s config; :class:`ConfigError` listing every problem with its fix."""
+    errors, check = collector()
+    check_pretrain(cfg, errors, check)
+    check_channels(cfg.data, cfg.model.in_chans, check, auto_stats=True)
+    raise_if_any(errors)
+
+
+def validate_finetune(cfg: Any) -> None:
+    """``fcmae-finetune``'s config; :class:`ConfigError` listing every problem with its fix."""
+    errors, check = collector()
+    check_finetune(cfg, errors, check)
+    check_channels(cfg.data, cfg.model.in_chans, check)
+    if not errors:  # the transform is built only from values that passed their own checks
+        check_finetune_transform(cfg.data, errors)
+    raise_if_any(errors)
+
