@@ -112,7 +112,7 @@ class ClassifyTask(Task):
         self.best = {"val/best_top1": None, "val_ema/best_top1": None}
 
     def loss(self, model, batch, device):
-        imgs, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        imgs, y = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
         if self.mixup is not None:
             imgs, soft = self.mixup(imgs, y)
             return torch.sum(-soft * F.log_softmax(model(imgs).float(), dim=-1), dim=-1).mean()

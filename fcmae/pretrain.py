@@ -50,9 +50,9 @@ class PretrainTask(Task):
         self.last_batch = None
 
     def loss(self, model, batch, device):
-        imgs, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        imgs, masks = batch.images.to(device, non_blocking=True), batch.masks.to(device, non_blocking=True)
         # the count comes with the batch, checked by the data pipeline (data.collate_masked)
-        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=batch[4])
+        loss, pred, mask = model(imgs, mask=masks, visible_per_sample=batch.visible_per_sample)
         self.last_batch = (imgs, pred.detach(), mask)
         return loss
 

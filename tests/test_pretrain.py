@@ -285,6 +285,9 @@ def test_batches_carry_their_checked_visible_count():
     ds = PretrainSamples(SyntheticImages(8, size=80), pretrain_transform(64), 64, 0.5)
     batch = collate_masked([ds[i] for i in range(4)])
     assert batch[4] == 2 and torch.equal((batch[1] == 0).sum(1), torch.full((4,), 2))  # int(4 * 0.5)
+    # a named batch (#39): the fields say what the positions meant
+    assert batch.visible_per_sample == 2 and batch.masks is batch[1] and batch.images.shape == (4, 3, 64, 64)
+    assert batch.keys.tolist() == [0, 1, 2, 3] and batch.bad.tolist() == [0, 0, 0, 0]
     odd = list(ds[0])
     odd[1] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # 3 visible where the others keep 2
     with pytest.raises(DataError, match=r"keep \[2, 3\] patches per sample"):

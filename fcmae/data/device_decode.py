@@ -147,8 +147,7 @@ class EncodedPretrainSamples(PretrainSamples):
 
 
 def collate_encoded(samples: list) -> tuple:
-    """Batches ``(EncodedImages, masks, bad, keys, visible_per_sample)``, the layout of
-    :func:`fcmae.data.samples.collate_masked` with the images not yet decoded."""
+    """A :class:`~fcmae.data.samples.MaskedBatch` whose ``images`` are :class:`EncodedImages`, not yet decoded."""
     jpeg_index = [i for i, sample in enumerate(samples) if sample[0] is not None]
     pixel_index = [i for i, sample in enumerate(samples) if sample[0] is None]
     pixels = (torch.stack([samples[i][1] for i in pixel_index]) if pixel_index
@@ -161,8 +160,8 @@ def collate_encoded(samples: list) -> tuple:
     images = EncodedImages(data, offsets, torch.tensor(jpeg_index, dtype=torch.int64), geometry, pixels,
                            torch.tensor(pixel_index, dtype=torch.int64))
     # masks, bad and keys as the CPU path collates them (one placeholder image per sample)
-    _, masks, bad, keys, visible = collate_masked([(torch.zeros(()), *sample[2:]) for sample in samples])
-    return images, masks, bad, keys, visible
+    placeholder = collate_masked([(torch.zeros(()), *sample[2:]) for sample in samples])
+    return placeholder._replace(images=images)
 
 
 def jpeg_decoder(name: str = "auto"):
@@ -334,7 +333,7 @@ _END = object()
 
 
 class DeviceBatches:
-    """A loader of encoded batches seen as a loader of ``(imgs on device, masks, bad, keys, visible)``.
+    """A loader of encoded batches seen as a loader of :class:`~fcmae.data.samples.MaskedBatch` (images on the device).
 
     The batches are decoded and augmented in a background thread, up to :data:`DECODE_AHEAD` ahead of
     the loop, so the host work of decoding overlaps the training step instead of adding to it. On
@@ -351,12 +350,12 @@ class DeviceBatches:
         return len(self.loader)
 
     def _decode(self, batch):
-        enc, masks, bad, keys, visible = batch
-        imgs, extra_bad = self.decoder(enc, keys)
+        imgs, extra_bad = self.decoder(batch.images, batch.keys)
+        bad = batch.bad
         if extra_bad:
             bad = bad.clone()
             bad[0] += extra_bad  # the engine sums a batch's bad counts
-        return imgs, masks, bad, keys, visible
+        return batch._replace(images=imgs, bad=bad)
 
     @staticmethod
     def _put(handoff: queue.Queue, item, stop: threading.Event) -> bool:
@@ -422,7 +421,7 @@ class DeviceBatches:
                 if event is not None:
                     current = torch.cuda.current_stream(device)
                     current.wait_event(event)  # the training stream waits; the host does not
-                    batch[0].record_stream(current)
+                    batch.images.record_stream(current)
                 yield batch
         finally:
             stop.set()

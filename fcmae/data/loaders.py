@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import device_decode
 from .image_io import DataError, channels_of
-from .samples import EvalImages, KeyedSamples, PretrainSamples, collate_masked
+from .samples import EvalImages, KeyedSamples, PretrainSamples, collate_labelled, collate_masked
 from .sources import build_source, check_bands
 from .transforms import pretrain_transform
 
@@ -64,8 +64,9 @@ def shutdown_workers(loader) -> None:
 
 def build_train_loader(dataset: KeyedSamples, batch_size: int, num_workers: int, seed: int, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False, persistent_workers: bool = True,
-                       collate_fn=None):
-    """``(loader, sampler)`` over keyed samples: resumable, sharded, deterministic per sample."""
+                       collate_fn=collate_labelled):
+    """``(loader, sampler)`` over keyed samples: resumable, sharded, deterministic per sample; batches
+    as ``collate_fn`` makes them (labelled samples by default)."""
     per_rank = len(dataset) // world_size
     if per_rank < batch_size:
         raise DataError(
@@ -97,7 +98,7 @@ def build_eval_loader(dataset: EvalImages, batch_size: int, num_workers: int, ra
 def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
                           pin_memory: bool = False, device: torch.device | str = "cpu", in_chans: int = 3):
     """``(loader, sampler, dataset)`` for pretraining; batches are
-    ``(imgs, masks, bad, keys, visible_per_sample)`` (:func:`collate_masked`). With
+    :class:`~fcmae.data.samples.MaskedBatch` (:func:`collate_masked`). With
     ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.data.device_decode`) the workers only read JPEG bytes
     and the images arrive already decoded and augmented on ``device``."""
     d, device = data_cfg, torch.device(device)

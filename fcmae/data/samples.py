@@ -4,6 +4,8 @@ run sees exactly the samples and masks an uninterrupted one would. Also the coll
 pretraining batches and the un-augmented evaluation samples."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import contextlib
 import logging
 import random
@@ -115,8 +117,31 @@ class LabelledSamples(KeyedSamples):
         x, label, bad, _ = self.read(key)
         return x, int(label), bad, int(key)
 
-def collate_masked(samples: list) -> tuple:
-    """Pretraining batches ``(imgs, masks, bad, keys, visible_per_sample)``: the masks' common
+class MaskedBatch(NamedTuple):
+    """A pretraining batch (:func:`collate_masked`; the device decoder's before decoding holds the
+    encoded images in ``images``)."""
+    images: torch.Tensor  # (N, C, H, W)
+    masks: torch.Tensor  # (N, L) over the 32-px patches, 1 = masked
+    bad: torch.Tensor  # (N,) unreadable images replaced by a stand-in (the engine sums them)
+    keys: torch.Tensor  # (N,) the samples' keys (what the resumable sampler indexes)
+    visible_per_sample: int  # the masks' common count of visible patches, checked by the collation
+
+
+class LabelledBatch(NamedTuple):
+    """A fine-tuning batch (:func:`collate_labelled`)."""
+    images: torch.Tensor  # (N, C, H, W)
+    labels: torch.Tensor  # (N,) class indices
+    bad: torch.Tensor  # (N,)
+    keys: torch.Tensor  # (N,)
+
+
+def collate_labelled(samples: list) -> LabelledBatch:
+    """Fine-tuning batches from :class:`LabelledSamples`' ``(image, label, bad, key)``."""
+    return LabelledBatch(*default_collate(samples))
+
+
+def collate_masked(samples: list) -> MaskedBatch:
+    """Pretraining batches (:class:`MaskedBatch`): the masks' common
     count of visible patches is counted here, on the CPU, once, and travels with the batch, so
     the model's static-size fast path gets a checked count rather than a promise."""
     imgs, masks, bad, keys = default_collate(samples)
@@ -124,7 +149,7 @@ def collate_masked(samples: list) -> tuple:
     if not bool((visible == visible[0]).all()) or int(visible[0]) < 1:
         raise DataError(f"a pretraining batch's masks keep {sorted(set(visible.tolist()))} patches per sample; "
                         "every mask must keep the same number, at least 1")
-    return imgs, masks, bad, keys, int(visible[0])
+    return MaskedBatch(imgs, masks, bad, keys, int(visible[0]))
 
 class EvalImages(Dataset):
     """Un-augmented labelled images: ``index -> (image, label, ok)``; an unreadable file

@@ -200,8 +200,8 @@ class TrainLoop:
 
     def _count(self, batch: tuple) -> None:
         """Images seen (all ranks) and this rank's unreadable files (agreed on after the step)."""
-        n = batch[0].shape[0] * self.dist.world_size
-        self.sync.bad_local += int(batch[2].sum())
+        n = batch.images.shape[0] * self.dist.world_size
+        self.sync.bad_local += int(batch.bad.sum())
         self.state.seen_images += n
         self.step_log.count_images(n)
 
