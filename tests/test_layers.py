@@ -89,24 +89,37 @@ def test_no_app_imports_another_app_and_lower_layers_import_no_app():
         assert not apps, f"{module} imports the app(s) {apps}"
 
 
-def _pulled_in(module: str) -> set[str]:
-    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('fcmae'))))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+_IMPORT_ALONE = "import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('fcmae'))))"
 
 
 ENGINE = {"fcmae.engine", "fcmae.run", "fcmae.checkpoint"}
-
-
-@pytest.mark.parametrize("module, must_not", [
+ALONE = [
     ("fcmae.export.convert", BACKENDS | APPS | ENGINE),
     ("fcmae.engine", APPS | {"fcmae.visualize", "fcmae.data", "fcmae.export"}),
     ("fcmae.data", APPS | ENGINE | {"fcmae.export", "fcmae.evaluation", "fcmae.visualize"}),
     ("fcmae.finetune", {"fcmae.pretrain", "fcmae.export.exporter", "fcmae.visualize"}),
     ("fcmae.export.exporter", BACKENDS | {"fcmae.pretrain", "fcmae.finetune", "fcmae.engine", "fcmae.data"}),
-])
-def test_a_module_imported_alone_pulls_in_only_lower_layers(module, must_not):
-    pulled = _pulled_in(module)
+]
+
+
+@pytest.fixture(scope="module")
+def pulled_in() -> dict[str, set[str]]:
+    """What importing each module alone in a fresh interpreter pulls in; the interpreters run side by
+    side (each spends seconds importing torch)."""
+    procs = {module: subprocess.Popen([sys.executable, "-c", _IMPORT_ALONE.format(module=module)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for module, _ in ALONE}
+    out = {}
+    for module, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-2000:]
+        out[module] = set(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+@pytest.mark.parametrize("module, must_not", ALONE)
+def test_a_module_imported_alone_pulls_in_only_lower_layers(module, must_not, pulled_in):
+    pulled = pulled_in[module]
     assert module in pulled
     assert not (pulled & must_not), f"importing {module} imported {sorted(pulled & must_not)}"
 

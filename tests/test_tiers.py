@@ -37,24 +37,18 @@ def _run(pytester, *args, sleep=0.0, budget="20", limit=300):
         return pytester.runpytest_subprocess("-p", "tiers", "-p", "no:cacheprovider", *args)
 
 
-def test_the_fast_tier_deselects_the_full_sets_tests_and_sets_limits(pytester):
-    result = _run(pytester)
-    result.assert_outcomes(passed=3, deselected=2)
-    result.stdout.fnmatch_lines(["*tiers: the fast tier*--full*"])
-    assert result.ret == 0
-
-
-def test_full_runs_everything_each_with_its_tiers_limit(pytester):
-    result = _run(pytester, "--full")  # test_limits (fast tier) asserts 300 s, test_end_to_end 900 s
-    result.assert_outcomes(passed=5)
-
-
-def test_a_fast_tier_test_over_the_budget_fails_the_session_by_name(pytester):
+def test_the_fast_tier_leaves_out_the_full_set_and_fails_a_test_over_the_budget_by_name(pytester):
+    """One subprocess for the fast tier's three rules (each run of it costs an import of torch)."""
     result = _run(pytester, sleep=1.5, budget="0.05")  # 0.05 s x this machine's slowness (>= 1, < 30)
-    result.assert_outcomes(passed=3, deselected=2)
+    result.assert_outcomes(passed=3, deselected=2)  # test_limits asserts the fast tier's 300 s
+    result.stdout.fnmatch_lines(["*tiers: the fast tier*--full*"])
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*fast-tier budget exceeded*", "*test_sample.py::test_sleepy*",
                                  "*@pytest.mark.slow*"])
     assert "test_quick" not in result.stdout.str().split("fast-tier budget exceeded")[1]
-    result = _run(pytester, sleep=1.5, budget="off")
+
+
+def test_full_runs_everything_each_with_its_tiers_limit_and_the_budget_can_be_off(pytester):
+    result = _run(pytester, "--full", sleep=1.5, budget="off")  # test_end_to_end asserts 900 s
+    result.assert_outcomes(passed=5)
     assert result.ret == 0
