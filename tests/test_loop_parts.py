@@ -271,3 +271,24 @@ def test_a_non_finite_loss_between_log_steps_is_caught_a_step_late_and_never_che
     ck = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*.pt")) == ["checkpoint-0000004.pt"]
+
+
+def test_a_checkpoint_record_round_trips_and_reads_files_from_before_a_field():
+    """One typed record of what a training checkpoint holds (#39): to_dict is the flat dict on disk,
+    from_dict gives the same record back (the task's entries kept apart), and a file written before
+    ``finished`` existed reads as finished, as the loop always treated it."""
+    from fcmae.engine.checkpoint_record import REQUIRED, TrainingCheckpoint
+    from fcmae.engine.state import LoopState
+    loop = LoopState(step=7, epoch=1, batch_in_epoch=2, bad_images=1, seen_images=56, finished=False,
+                     loss_floor=0.5, blowup_step=None)
+    rec = TrainingCheckpoint(model={"w": 1}, optimizer={"state": {}}, loop=loop, rng=[{"r": 0}, {"r": 1}],
+                             world_size=2, effective_batch=16, config={"data": {"batch_size": 4}},
+                             task={"best": {"val/best_top1": 50.0}, "classes": ["a", "b"]})
+    flat = rec.to_dict()
+    assert set(REQUIRED) <= set(flat) and flat["step"] == 7 and flat["classes"] == ["a", "b"]
+    again = TrainingCheckpoint.from_dict(flat)
+    assert again == rec
+    old = {k: v for k, v in flat.items() if k != "finished"}
+    assert TrainingCheckpoint.from_dict(old).loop.finished is True
+    with pytest.raises(ValueError, match="collide"):
+        TrainingCheckpoint(model={}, optimizer={}, loop=loop, task={"step": 3}).to_dict()

@@ -11,6 +11,7 @@ import torch
 from ..checkpoint import capture_rng, non_finite_tensors
 from ..distributed import all_gather_objects, all_reduce_max_tensor
 from ..files import DiskWriteError
+from .checkpoint_record import TrainingCheckpoint
 from .state import LoopSettings, LoopState, NonFiniteLoss
 from .step_sync import StepSync
 from .task import RunParts, Task
@@ -25,25 +26,13 @@ class Checkpointing:
         self.saved_path: Path | None = None
 
     def contents(self) -> dict:
-        p, st = self.parts, self.state
-        return {
-            "model": p.raw_model.state_dict(),
-            "optimizer": p.optimizer.state_dict(),
-            "scaler": p.scaler.state_dict() if p.scaler is not None else None,
-            "step": st.step,
-            "epoch": st.epoch,
-            "batch_in_epoch": st.batch_in_epoch,
-            "bad_images": st.bad_images,
-            "seen_images": st.seen_images,
-            "finished": st.finished,
-            "loss_floor": st.loss_floor,
-            "blowup_step": st.blowup_step,
-            "rng": all_gather_objects(capture_rng(), p.dist),
-            "world_size": p.dist.world_size,
-            "effective_batch": self.settings.batch_size * self.settings.accum * p.dist.world_size,
-            "config": p.config,
-            **self.task.state_dict(),
-        }
+        p = self.parts
+        return TrainingCheckpoint(
+            model=p.raw_model.state_dict(), optimizer=p.optimizer.state_dict(),
+            scaler=p.scaler.state_dict() if p.scaler is not None else None, loop=self.state,
+            rng=all_gather_objects(capture_rng(), p.dist), world_size=p.dist.world_size,
+            effective_batch=self.settings.batch_size * self.settings.accum * p.dist.world_size, config=p.config,
+            task=self.task.state_dict()).to_dict()
 
     def due(self) -> bool:
         """A periodic checkpoint after this step (not the last one: the run's end saves its own)."""

@@ -7,7 +7,7 @@ consumed (``batch_in_epoch``, always a multiple of the accumulation at a checkpo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING as MISSING_FIELD, dataclass, field, fields
 from typing import Callable
 
 from ..errors import UserError
@@ -36,6 +36,19 @@ class LoopState:
     finished: bool = False  # the final evaluation and checkpoint of stop_step are done
     loss_floor: float | None = None  # the lowest step loss so far (this rank's), for the blow-up bound
     blowup_step: int | None = None  # the first step whose loss passed the bound (None: none yet)
+
+    # what a checkpoint written before a field existed means by its absence
+    _OLD_FILE_DEFAULTS = {"finished": True}
+
+    def to_dict(self) -> dict:
+        """The fields as a checkpoint stores them (flat, beside the weights)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        """The position a checkpoint stores; a field it lacks (an older file) takes its old meaning."""
+        return cls(**{f.name: d.get(f.name, cls._OLD_FILE_DEFAULTS.get(f.name, f.default))
+                      for f in fields(cls) if f.name in d or f.default is not MISSING_FIELD})
 
     def watch_loss(self, step: int, loss: float) -> None:
         """Track the lowest loss and the first step whose loss blew past ``BLOWUP_FACTOR`` times it."""

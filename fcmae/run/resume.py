@@ -15,6 +15,7 @@ from ..checkpoint import (REQUIRED_KEYS, CheckpointManager, check_checkpoint, lo
 from ..errors import ConfigError
 from ..distributed import DistInfo
 from ..engine import LoopState, Task
+from ..engine.checkpoint_record import TrainingCheckpoint
 from ..loggers import trim_jsonl
 from ..run_lock import RunLock
 from ..weights_file import CheckpointError
@@ -83,19 +84,19 @@ def restore(path: Path, ck: dict, config: dict, must_match, model, optimizer, sc
     if changed:
         raise ConfigError(f"{path} was trained with a different setup ({'; '.join(changed)}); "
                           "continue with the original settings, or start another run (run_name=...)")
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    if scaler is not None and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
+    record = TrainingCheckpoint.from_dict(ck)
+    model.load_state_dict(record.model)
+    optimizer.load_state_dict(record.optimizer)
+    if scaler is not None and record.scaler:
+        scaler.load_state_dict(record.scaler)
     if task is not None:
-        task.load_state_dict(ck)
+        task.load_state_dict(record.task)
     old_world = checkpoint_world(ck)[0]
-    old_batch = ((ck.get("config") or {}).get("data") or {}).get("batch_size") or config["data"]["batch_size"]
+    old_batch = (record.config.get("data") or {}).get("batch_size") or config["data"]["batch_size"]
+    state = record.loop
     # the epoch's samples consumed so far, in this run's micro-batches per process
-    batch_in_epoch = ck["batch_in_epoch"] * old_world * old_batch // (info.world_size * config["data"]["batch_size"])
-    state = LoopState(ck["step"], ck["epoch"], batch_in_epoch, ck.get("bad_images", 0),
-                      ck.get("seen_images", 0), ck.get("finished", True), ck.get("loss_floor"), ck.get("blowup_step"))
-    rngs = ck.get("rng") or []
+    state.batch_in_epoch = state.batch_in_epoch * old_world * old_batch // (info.world_size * config["data"]["batch_size"])
+    rngs = record.rng
     if len(rngs) == info.world_size:
         restore_rng(rngs[info.rank])
     else:
