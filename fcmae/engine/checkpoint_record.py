@@ -43,6 +43,9 @@ class TrainingCheckpoint:
     def from_dict(cls, d: dict[str, Any]) -> "TrainingCheckpoint":
         """A loaded checkpoint (``d`` holds :data:`REQUIRED`); what is not the record's own or the loop's
         is the task's."""
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise KeyError(f"not a training checkpoint: no {', '.join(missing)}")
         loop = LoopState.from_dict(d)
         mine = set(cls._OWN) | set(loop.to_dict())
         return cls(model=d["model"], optimizer=d["optimizer"], loop=loop, scaler=d.get("scaler"),
