@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import read_checkpoint
+from .storage.checkpoint import read_checkpoint
 from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs
 from .export.convert import canonical_to_format, infer_shape, variant_of
-from .weights_file import CheckpointError
+from .storage.weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
                    class_names_of, eval_transform, finetune_transform, labelled_source, num_classes_of)
 from .distributed import DistInfo, all_reduce_sum

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .files import append_line, disk_refusals, write_atomic
+from .storage.files import append_line, disk_refusals, write_atomic
 
 log = logging.getLogger("fcmae")
 

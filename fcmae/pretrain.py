@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 import torch
 
 from .config import CONFIG_PATH, ConfigError, register_configs
-from .checkpoint import read_checkpoint
-from .files import append_line
-from .weights_file import CheckpointError
+from .storage.checkpoint import read_checkpoint
+from .storage.files import append_line
+from .storage.weights_file import CheckpointError
 from .data import band_stats, build_pretrain_loader, build_source, channels_of, check_bands
 from .data.image_io import auto_band_stats
 from .distributed import DistInfo, broadcast_object

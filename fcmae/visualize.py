@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from .files import write_atomic
+from .storage.files import write_atomic
 from .models.loss import patch_stats, patchify, pred_to_patches, unpatchify
 from .models.masking import upsample_visible
 

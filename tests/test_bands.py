@@ -121,7 +121,7 @@ def test_a_multi_band_run_end_to_end_with_auto_stats(tmp_path, caplog):
     """12-band uint16 files: data.mean=auto computed at start equals band_stats over the same draw and
     travels in the checkpoint; the reconstruction image shows vis.bands; a file with 11 bands is
     skipped, named and counted like an unreadable one."""
-    from fcmae.checkpoint import load_checkpoint
+    from fcmae.storage.checkpoint import load_checkpoint
     from fcmae.data.samples import PretrainSamples
     folder = npy_folder(tmp_path / "imgs", 16, 12)
     state = run(make_cfg("data.source=folder", f"data.root={folder}", "data.channels=all", "model.in_chans=12",
@@ -184,7 +184,7 @@ def test_rgb_weights_adapt_to_one_and_five_bands_as_computed_by_hand():
 def test_an_n_band_export_loads_strict_in_timm_and_transformers(tmp_path):
     import timm
     from fcmae.export.exporter import export
-    from fcmae.weights_file import load_state_dict_file
+    from fcmae.storage.weights_file import load_state_dict_file
     folder = npy_folder(tmp_path / "imgs", 8, 7)
     run(make_cfg("data.source=folder", f"data.root={folder}", "data.channels=all", "model.in_chans=7",
                  f"data.mean=[{','.join(['0.5'] * 7)}]", f"data.std=[{','.join(['0.29'] * 7)}]",
@@ -264,7 +264,7 @@ def test_rgb_weights_start_a_one_band_model_in_both_apps(tmp_path, caplog):
     from fcmae.export.convert import to_dense
     from fcmae.finetune import build_classifier, load_pretrained
     from fcmae.pretrain import load_encoder_init
-    from fcmae.weights_file import save_state_dict
+    from fcmae.storage.weights_file import save_state_dict
     rgb = create_fcmae("convnextv2_atto").state_dict()
     save_state_dict(to_dense(rgb, "timm"), tmp_path / "rgb.safetensors")
     stem = rgb["encoder.downsample_layers.0.0.weight"]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmae.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint, read_checkpoint
-from fcmae.weights_file import CheckpointError
+from fcmae.storage.checkpoint import CheckpointWriteError, load_checkpoint, read_checkpoint
+from fcmae.storage.checkpoint_store import CheckpointManager
+from fcmae.storage.weights_file import CheckpointError
 from fcmae.pretrain import run
 from fcmae.errors import UserError
 
@@ -87,7 +88,7 @@ def test_disk_full_while_writing_stops_cleanly_and_resumes_exactly(tmp_path, mon
     mounted = _tmpfs(disk, int(size * 1.6 / 2**20) + 1)
     try:
         if not mounted:  # inject: the second numbered checkpoint's write fails
-            import fcmae.checkpoint as ck
+            import fcmae.storage.checkpoint_write as ck
             real = ck._ChecksumWriter.write
             writes = {"saves": 0}
 

@@ -6,7 +6,7 @@ from fcmae import ConvNeXtV2, create_fcmae
 from fcmae.export.convert import (dense_conv_to_me, dense_depthwise_to_me, detect_layout, me_conv_to_dense,
                                   me_depthwise_to_dense, to_canonical, to_dense)
 from fcmae.export.exporter import export, main
-from fcmae.weights_file import CheckpointError, load_state_dict_file, save_state_dict
+from fcmae.storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
 
 from conftest import canonical_to_minkowski, rel_err
 

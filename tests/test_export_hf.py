@@ -13,7 +13,7 @@ from fcmae import create_fcmae  # noqa: E402
 from fcmae.export.convert import to_canonical  # noqa: E402
 from fcmae.export.exporter import export  # noqa: E402
 from fcmae.export.exporter import main as export_main  # noqa: E402
-from fcmae.weights_file import CheckpointError, save_state_dict  # noqa: E402
+from fcmae.storage.weights_file import CheckpointError, save_state_dict  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 

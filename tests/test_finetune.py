@@ -10,8 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from fcmae import create_fcmae
-from fcmae.checkpoint import load_checkpoint
-from fcmae.weights_file import CheckpointError
+from fcmae.storage.checkpoint import load_checkpoint
+from fcmae.storage.weights_file import CheckpointError
 from fcmae.evaluation import knn_accuracy, linear_probe_accuracy
 from fcmae.export.exporter import export
 from fcmae.finetune import build_classifier, load_pretrained

@@ -13,14 +13,14 @@ from PIL import Image
 from torchvision import transforms
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fcmae.checkpoint import load_checkpoint
+from fcmae.storage.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
 from fcmae.data.image_io import DataError
 from fcmae.data.samples import PretrainSamples, seeded_rngs
 from fcmae.data.transforms import pretrain_transform
 from fcmae.data.sources import scan_folder
-from fcmae.data.device_decode import (DeviceDecoder, EncodedPretrainSamples, collate_encoded, read_jpeg,
-                                      resolve_decode)
+from fcmae.data.device_decode import EncodedPretrainSamples, collate_encoded, read_jpeg, resolve_decode
+from fcmae.data.device_decoder import DeviceDecoder
 from fcmae.pretrain import run
 from fcmae.data.loaders import build_pretrain_loader
 
@@ -180,7 +180,8 @@ def test_decode_gpu_run_resumes_bit_identically(tmp_path):
 def test_a_device_that_cannot_decode_falls_back_under_auto_and_fails_clearly_under_gpu(tmp_path, monkeypatch,
                                                                                       caplog):
     import fcmae.data.device_decode as gpu_decode
-    from fcmae.data.device_decode import DeviceBatches, device_decode_error
+    from fcmae.data.decode_ahead import DeviceBatches
+    from fcmae.data.device_decode import device_decode_error
     assert device_decode_error(torch.device("cpu")) is None  # the self-test passes where decoding works
     monkeypatch.setattr(gpu_decode, "device_decode_error", lambda device, decoder="auto": "no nvJPEG in this build")
     folder = jpeg_folder(tmp_path / "imgs", [(150, 200)] * 8)
@@ -334,7 +335,7 @@ def test_batches_are_decoded_ahead_in_a_background_thread(tmp_path):
     """While the loop holds batch 0 (its step running), the decode thread decodes batches 1 and 2; before,
     the next batch was decoded in the loop's own thread, between its steps. Same batches either way."""
     import threading
-    from fcmae.data.device_decode import DeviceBatches
+    from fcmae.data.decode_ahead import DeviceBatches
     batches, dec = encoded_batches(tmp_path, 5)
     decoded_in, second_ahead = [], threading.Event()
     real = dec.__call__
@@ -361,7 +362,7 @@ def test_batches_are_decoded_ahead_in_a_background_thread(tmp_path):
 
 def test_an_error_in_the_decode_thread_is_raised_in_the_loop_and_a_closed_loader_stops_the_thread(tmp_path):
     import threading
-    from fcmae.data.device_decode import DeviceBatches
+    from fcmae.data.decode_ahead import DeviceBatches
     batches, dec = encoded_batches(tmp_path, 3)
 
     def failing():
@@ -380,7 +381,7 @@ def test_an_error_in_the_decode_thread_is_raised_in_the_loop_and_a_closed_loader
 def test_a_decode_thread_that_cannot_set_up_its_device_says_why(monkeypatch):
     """The thread's CUDA setup (set_device, its stream) fails in the thread: the loop gets that error
     with its cause, not "stopped without handing over a batch"; an unindexed device is not set."""
-    from fcmae.data.device_decode import DeviceBatches
+    from fcmae.data.decode_ahead import DeviceBatches
     calls = []
 
     def set_device(device):

@@ -15,7 +15,7 @@ from fcmae.engine import DataQualityError, LoopSettings, LoopState, NonFiniteLos
 from fcmae.engine.checkpointing import Checkpointing
 from fcmae.engine.step_log import StepLog
 from fcmae.engine.step_sync import StepSync
-from fcmae.files import DiskWriteError
+from fcmae.storage.files import DiskWriteError
 
 
 def settings(**kw) -> LoopSettings:
@@ -257,7 +257,7 @@ def test_the_loop_reads_a_step_only_after_queuing_the_next_unless_it_logs_or_sav
 
 
 def test_a_non_finite_loss_between_log_steps_is_caught_a_step_late_and_never_checkpointed(tmp_path):
-    from fcmae.checkpoint import load_checkpoint
+    from fcmae.storage.checkpoint import load_checkpoint
     from fcmae.pretrain import run
 
     def poison_after_5(loop):  # step 6's loss is NaN; step 6 neither logs nor saves

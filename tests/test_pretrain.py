@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from fcmae.checkpoint import load_checkpoint
+from fcmae.storage.checkpoint import load_checkpoint
 from fcmae.config import ConfigError
 from fcmae.data.samples import PretrainSamples
 from fcmae.data.loaders import ResumableSampler

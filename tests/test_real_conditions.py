@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.checkpoint import capture_rng, load_checkpoint, restore_rng
+from fcmae.storage.checkpoint import capture_rng, load_checkpoint, restore_rng
 from fcmae.data.image_io import DataError, open_image
 from fcmae.data.sources import labelled_source, scan_image_folder
 from fcmae.optim import cosine_lr

@@ -101,7 +101,7 @@ def test_pretraining_learns_on_fashion_mnist_then_fine_tunes(tmp_path):
     the export fine-tunes (200 labels, 48 steps) far above chance. Probes of pooled features are not
     asserted here: at this budget they sit within noise of the random-init encoder (linear
     71.2 vs 71.0); that comparison is the benchmark's job (docs/results.md)."""
-    from fcmae.checkpoint import load_checkpoint
+    from fcmae.storage.checkpoint import load_checkpoint
     from fcmae.export.exporter import export
     from fcmae.finetune import run as finetune
     from fcmae.models.masking import random_mask

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from fcmae import create_fcmae
-from fcmae.checkpoint import load_checkpoint
+from fcmae.storage.checkpoint import load_checkpoint
 from fcmae.pretrain import CONFIG_PATH
 from fcmae.data.transforms import eval_transform, finetune_transform
 from fcmae.finetune import build_classifier, build_optimizer

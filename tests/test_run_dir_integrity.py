@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import fcmae.checkpoint as ckmod
-from fcmae.checkpoint import CheckpointUnreadable, load_checkpoint, read_checkpoint
+import fcmae.storage.checkpoint as ckmod
+from fcmae.storage.checkpoint_store import CheckpointManager
+from fcmae.storage.checkpoint import CheckpointUnreadable, load_checkpoint, read_checkpoint
 from fcmae.config import ConfigError
-from fcmae.weights_file import CheckpointError
+from fcmae.storage.weights_file import CheckpointError
 from fcmae.engine import NonFiniteLoss, Preempted
-from fcmae.files import DiskWriteError
+from fcmae.storage.files import DiskWriteError
 from fcmae.pretrain import run
-from fcmae.run_lock import RunDirectoryBusy, RunLock
+from fcmae.storage.run_lock import RunDirectoryBusy, RunLock
 
 from test_pretrain import make_cfg, metrics, params
 
@@ -174,7 +175,7 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
 def test_the_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from fcmae.run_lock import RunLock
+        from fcmae.storage.run_lock import RunLock
         RunLock({str(tmp_path)!r}).acquire()
         print("held", flush=True)
         time.sleep(600)""")], stdout=subprocess.PIPE, text=True)
@@ -217,7 +218,7 @@ def test_the_sum_is_durable_before_the_checkpoint_takes_its_name(tmp_path, monke
         return real_fsync(fd)
     monkeypatch.setattr(ckmod.os, "replace", replace)
     monkeypatch.setattr(ckmod.os, "fsync", fsync)
-    ckmod.CheckpointManager(tmp_path).save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0,
+    CheckpointManager(tmp_path).save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0,
                                             "batch_in_epoch": 0}, 1)
     names = [n for n, _ in renames]
     assert names.index("checkpoint-0000001.pt.sum") < names.index("checkpoint-0000001.pt")
@@ -323,7 +324,7 @@ def test_a_full_disk_while_saving_the_image_is_one_error_and_no_empty_png(tmp_pa
 
 def test_a_metrics_line_the_disk_refuses_leaves_no_half_record(tmp_path, monkeypatch):
     from fcmae.loggers import MetricsFile
-    import fcmae.files as files
+    import fcmae.storage.files as files
     f = MetricsFile(tmp_path)
     f.write({"step": 1, "loss": 1.0})
     real_write = os.write
@@ -394,13 +395,13 @@ def test_a_read_only_run_directory_is_one_line_for_the_app_and_for_export(tmp_pa
 # ---------------------------------------------------------------- 11. stop as soon as asked
 
 def test_a_stop_signal_caught_during_a_periodic_save_stops_right_after_it(tmp_path, monkeypatch):
-    real_save = ckmod.CheckpointManager.save
+    real_save = CheckpointManager.save
 
     def save_and_get_signalled(self, state, step):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
         return real_save(self, state, step)
-    monkeypatch.setattr(ckmod.CheckpointManager, "save", save_and_get_signalled)
+    monkeypatch.setattr(CheckpointManager, "save", save_and_get_signalled)
     with pytest.raises(Preempted) as info:
         run(make_cfg("trainer.max_steps=6", "trainer.ckpt_every=2"), tmp_path)
     assert info.value.step == 2  # before: one more step, and a second full checkpoint (step 3)

@@ -128,5 +128,5 @@ def test_finetune_reads_labelled_file_lists_and_matches_val_classes_by_name(tmp_
             "trainer.progress=log"])
     state = finetune_run(cfg, tmp_path / "run")
     assert state.step == 2
-    from fcmae.checkpoint import load_checkpoint
+    from fcmae.storage.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["classes"] == ["cat", "dog", "fox"]

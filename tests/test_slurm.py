@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmae.checkpoint import load_checkpoint
+from fcmae.storage.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "local_slurm.sh"

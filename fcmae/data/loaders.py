@@ -9,7 +9,7 @@ import signal
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import device_decode
+from . import decode_ahead, device_decode, device_decoder
 from .image_io import DataError, channels_of
 from .samples import EvalImages, KeyedSamples, PretrainSamples, collate_labelled, collate_masked
 from .sources import build_source, check_bands
@@ -55,7 +55,7 @@ def shutdown_workers(loader) -> None:
     """Stop a loader's persistent workers now, the polite way (a "done" message they obey). Needed
     because they ignore SIGTERM (:func:`ignore_stop_signals`): left to interpreter exit,
     multiprocessing would SIGTERM them and then wait for them forever."""
-    loader = getattr(loader, "loader", loader)  # device_decode.DeviceBatches wraps the DataLoader
+    loader = getattr(loader, "loader", loader)  # decode_ahead.DeviceBatches wraps the DataLoader
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
@@ -129,8 +129,8 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
     loader, sampler = build_train_loader(dataset, d.batch_size, d.num_workers, seed, rank, world_size,
                                          pin_memory and d.pin_memory, d.persistent_workers, collate_fn=collate)
     if decode == "gpu":
-        decoder = device_decode.DeviceDecoder(dataset, d.img_size, d.mean, d.std, device)
-        loader = device_decode.DeviceBatches(loader, decoder)
+        decoder = device_decoder.DeviceDecoder(dataset, d.img_size, d.mean, d.std, device)
+        loader = decode_ahead.DeviceBatches(loader, decoder)
         if rank == 0:
             log.info("data.decode=gpu: workers read JPEG bytes, %s decodes and augments the batch on %s",
                      decoder.decoder_name, device)

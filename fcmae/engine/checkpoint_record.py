@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint import REQUIRED_KEYS as REQUIRED  # what makes a file a training checkpoint (checked on read)
+from ..storage.checkpoint import REQUIRED_KEYS as REQUIRED  # what makes a file a training checkpoint (checked on read)
 from .state import LoopState
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import capture_rng, non_finite_tensors
+from ..storage.checkpoint import capture_rng, non_finite_tensors
 from ..distributed import all_gather_objects, all_reduce_max_tensor
-from ..files import DiskWriteError
+from ..storage.files import DiskWriteError
 from .checkpoint_record import TrainingCheckpoint
 from .state import LoopSettings, LoopState, NonFiniteLoss
 from .step_sync import StepSync

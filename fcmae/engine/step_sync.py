@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..distributed import DistInfo, all_reduce_sum, host_to_device
-from ..files import DiskWriteError
+from ..storage.files import DiskWriteError
 from .signals import PreemptionGuard
 from .state import LoopState
 from ..errors import UserError

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointManager
+from ..storage.checkpoint_store import CheckpointManager
 from ..distributed import DistInfo
 
 

@@ -8,7 +8,7 @@
 The app (``exporter``) loads only when asked for (``fcmae.export.export`` / ``main``), so the
 converter stays importable without the checkpoint and run-directory machinery.
 """
-from ..weights_file import CheckpointError, load_state_dict_file, save_state_dict
+from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
 from .convert import FORMATS, canonical_to_format, detect_layout, infer_shape, to_canonical, to_dense, variant_of
 
 __all__ = ["FORMATS", "CheckpointError", "canonical_to_format", "detect_layout", "export", "infer_shape",

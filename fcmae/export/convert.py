@@ -27,7 +27,7 @@ from typing import Mapping
 import torch
 
 # Reading and writing weight files belongs to fcmae.weights_file; re-exported: they are the converter's API too.
-from ..weights_file import CheckpointError, load_state_dict_file, save_state_dict  # noqa: F401
+from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict  # noqa: F401
 from ..models.convnextv2 import make_trunk
 from ..models.variants import Variant, find_variant
 # The kernel-order maps are part of the converter's API; they live with the sparse ops.

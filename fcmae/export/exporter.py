@@ -14,12 +14,12 @@ from typing import Mapping
 
 import torch
 
-from ..checkpoint import read_checkpoint
-from ..files import DiskWriteError
+from ..storage.checkpoint import read_checkpoint
+from ..storage.files import DiskWriteError
 from ..models.convnextv2 import ConvNeXtV2
 from ..models.variants import find_variant
-from ..run_lock import RunDirectoryUnwritable, check_writable
-from ..weights_file import CheckpointError, load_state_dict_file, save_state_dict
+from ..storage.run_lock import RunDirectoryUnwritable, check_writable
+from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
 from .convert import (FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
                       variant_of)
 from .hf import IMAGENET_MEAN, IMAGENET_STD

@@ -19,8 +19,8 @@ from typing import Mapping
 
 import torch
 
-from ..files import disk_refusals
-from ..weights_file import CheckpointError, save_state_dict
+from ..storage.files import disk_refusals
+from ..storage.weights_file import CheckpointError, save_state_dict
 from .convert import in_chans_of
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

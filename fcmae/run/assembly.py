@@ -12,13 +12,14 @@ from typing import Any, Protocol
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import CheckpointManager, numbered_checkpoints
+from ..storage.checkpoint import numbered_checkpoints
+from ..storage.checkpoint_store import CheckpointManager
 from ..data import shutdown_workers
 from ..distributed import DistInfo, cleanup, init_distributed
 from ..engine import LoopSettings, LoopState, NonFiniteLoss, RunParts, Task, TrainLoop
-from ..files import write_atomic
+from ..storage.files import write_atomic
 from ..loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
-from ..run_lock import RunLock
+from ..storage.run_lock import RunLock
 from .resume import RunSetup, prepare_run, restore_or_seed
 from .seeding import seed_everything
 from .settings import loop_settings

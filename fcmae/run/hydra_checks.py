@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..run_lock import RunDirectoryUnwritable, check_writable
+from ..storage.run_lock import RunDirectoryUnwritable, check_writable
 
 
 class RunDirectoryChecks(Callback):
@@ -50,7 +50,7 @@ class RunDirectoryChecks(Callback):
     @staticmethod
     def _log_beside(config, init_from: str) -> None:
         from omegaconf import open_dict, read_write
-        from ..checkpoint import run_checkpoint_dir
+        from ..storage.checkpoint import run_checkpoint_dir
         target = Path(init_from)
         ck_dir = run_checkpoint_dir(target)
         where = ck_dir.parent if ck_dir is not None and ck_dir.name == "checkpoints" else \

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import read_checkpoint
+from ..storage.checkpoint import read_checkpoint
 from ..distributed import DistInfo
 from ..export.convert import adapt_stem, to_canonical
 from .ranks import read_checkpoint_agreed

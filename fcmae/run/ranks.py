@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import read_checkpoint
+from ..storage.checkpoint import read_checkpoint
 from ..distributed import DistInfo, all_reduce_max, broadcast_object
 from ..errors import UserError, user_error
-from ..weights_file import CheckpointError
+from ..storage.weights_file import CheckpointError
 
 
 def on_rank_zero(decide: Callable[[], object], info: DistInfo):

@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import (REQUIRED_KEYS, CheckpointManager, check_checkpoint, load_resolved, newest_good_checkpoint,
+from ..storage.checkpoint import (REQUIRED_KEYS, check_checkpoint, load_resolved, newest_good_checkpoint,
                           restore_rng, set_aside_checkpoints)
 from ..errors import ConfigError
 from ..distributed import DistInfo
+from ..storage.checkpoint_store import CheckpointManager
 from ..engine import LoopState, Task
 from ..engine.checkpoint_record import TrainingCheckpoint
 from ..loggers import trim_jsonl
-from ..run_lock import RunLock
-from ..weights_file import CheckpointError
+from ..storage.run_lock import RunLock
+from ..storage.weights_file import CheckpointError
 from .ranks import on_every_rank, on_rank_zero
 from .seeding import seed_rank
 from .settings import adapt_to_world_size, checkpoint_world, resolve_accumulation, resolve_precision

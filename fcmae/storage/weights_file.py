@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from .files import fsync_dir, write_atomic
-from .errors import UserError
+from ..errors import UserError
 
 
 class CheckpointError(UserError, ValueError):

@@ -26,22 +26,22 @@ the last good checkpoint.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import random
 import re
-import shutil
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import WRITE_ERRNOS, DiskWriteError, free_space, fsync_dir, publish_mode
+from .files import fsync_dir
 from .weights_file import CheckpointError, load_state_dict_file
+
+from .checkpoint_write import (CheckpointWriteError, _file_crc, _point, _sum_path,  # noqa: F401 (re-exported)
+                               non_finite_tensors, state_bytes)
 
 log = logging.getLogger("fcmae")
 
@@ -55,11 +55,6 @@ POINTER_MAX_BYTES = 256  # a text last.pt (no links allowed) is one file name
 # What every training checkpoint holds; a file without them is not one (or is damaged).
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
 
-
-class CheckpointWriteError(DiskWriteError):
-    """A checkpoint could not be written; the message says what, where, and how to go on."""
-
-
 class CheckpointDamaged(CheckpointError):
     """Proof that a checkpoint file is not what was written: a checksum, format, key or step mismatch."""
 
@@ -67,130 +62,6 @@ class CheckpointDamaged(CheckpointError):
 class CheckpointUnreadable(CheckpointError):
     """A checkpoint could not be read for a reason that proves nothing about the file (memory, I/O,
     an intact file this torch cannot load): nothing is renamed, the run stops naming the file."""
-
-
-class _ChecksumWriter:
-    """A binary file wrapper that counts and CRCs what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.crc, self.bytes = f, 0, 0
-        self.error: OSError | None = None  # torch's C++ writer may rewrap what write() raises
-
-    def write(self, data) -> int:
-        view = memoryview(data)
-        self.crc = zlib.crc32(view, self.crc)
-        self.bytes += view.nbytes
-        try:
-            return self.f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _file_crc(path: Path) -> tuple[int, int]:
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return size, crc
-
-
-def state_bytes(obj) -> int:
-    """The tensor bytes in a (nested) checkpoint: about the size it will take on disk."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
-
-
-def non_finite_tensors(obj) -> list[str]:
-    """Names of the floating-point tensors in a (nested) state that hold a NaN or an infinity (one
-    host sync for all of them)."""
-    names, tensors = [], []
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, torch.Tensor):
-            if node.is_floating_point() and node.numel():
-                names.append(prefix or "tensor")
-                tensors.append(torch.isfinite(node).all())
-            return
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
-        for k, v in items:
-            walk(v, f"{prefix}.{k}" if prefix else str(k))
-    walk(obj, "")
-    if not tensors:
-        return []
-    finite = torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
-    return [name for name, ok in zip(names, finite) if not ok]
-
-
-def _sum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sum")
-
-
-def _atomic_save(obj, path: Path, sums_step: int | None = None) -> dict:
-    """``torch.save`` to a temporary file, fsync, (the ``.sum`` sidecar, durable, when
-    ``sums_step`` is given), rename, fsync the directory. Returns the file's size and CRC-32. On
-    failure the temporary file (and a new sidecar) is gone and ``path`` untouched."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    w, sums_written = None, False
-    try:
-        with open(tmp, "wb") as f:
-            w = _ChecksumWriter(f)
-            torch.save(obj, w)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)
-        sums = {"bytes": w.bytes, "crc32": w.crc}
-        if sums_step is not None:
-            _write_small(_sum_path(path), json.dumps({"step": sums_step, **sums}))
-            sums_written = True
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if sums_written:
-            _sum_path(path).unlink(missing_ok=True)
-        if w is not None and w.error is not None and w.error is not exc:
-            raise w.error from None
-        raise
-    fsync_dir(path.parent)
-    return sums
-
-
-def _write_small(path: Path, text: str) -> None:
-    """A small file, whole or not at all, on disk before this returns."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _point(link: Path, target: Path) -> None:
-    """``link`` -> ``target`` (same directory) as a relative symlink, replaced atomically; where the
-    file system has no symlinks, a small text file holding the target's name (never a copy: the
-    peak of K checkpoints must hold). Readers follow both (:func:`resolve_pointer`)."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.symlink(target.name, tmp)
-    except OSError:
-        _write_small(link, target.name + "\n")
-        return
-    os.replace(tmp, link)
 
 
 def resolve_pointer(path: Path) -> Path:
@@ -416,144 +287,6 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     return src, ck if ck is not None else load_state_dict_file(src)
 
 
-class CheckpointManager:
-    """The numbered checkpoints of one run directory. Only the process holding the directory's
-    lock (rank 0 of the run) writes, renames or tidies through it."""
-
-    def __init__(self, run_dir: str | Path, keep: int = 2):
-        self.dir = Path(run_dir) / CHECKPOINT_DIR
-        self.keep = keep
-        self._warned_space = False
-
-    @property
-    def last(self) -> Path:
-        return self.dir / LAST
-
-    def exists(self) -> bool:
-        return bool(numbered_checkpoints(self.dir)) or (self.last.is_file() and resolve_pointer(self.last) == self.last)
-
-    def newest(self) -> tuple[int, Path] | None:
-        found = numbered_checkpoints(self.dir)
-        return found[-1] if found else None
-
-    def describe_last_good(self) -> str:
-        newest = self.newest()
-        return f"{newest[1]} (step {newest[0]})" if newest else "none yet"
-
-    def tidy(self) -> None:
-        """Start-up housekeeping of a directory this process holds the lock of: the temporary
-        files of writes a kill interrupted (they are ours, and they take space the next checkpoint
-        needs), and sidecars whose checkpoint never took its name."""
-        if not self.dir.is_dir():
-            return
-        freed = 0
-        for p in self.dir.iterdir():
-            stale = p.name.startswith(".") and p.name.endswith(".tmp")
-            orphan = p.name.endswith(".pt.sum") and NUMBERED.fullmatch(p.name[:-4]) and not p.with_name(p.name[:-4]).exists()
-            if stale or orphan:
-                try:
-                    size = p.stat().st_size if not p.is_symlink() else 0
-                    p.unlink()
-                except OSError:
-                    continue
-                freed += size
-                log.info("removed %s, left by an interrupted write (%.1f MiB)", p, size / 2**20)
-        if freed:
-            fsync_dir(self.dir)
-        newest = self.newest()
-        if newest is not None:
-            self._warn_if_next_will_not_fit(newest[1].stat().st_size)
-
-    def point_last_at(self, path: Path) -> None:
-        """Make ``last.pt`` name ``path`` when it does not already (a kill between a checkpoint's
-        rename and the pointer's update leaves it one behind)."""
-        if pointed_at(self.last) != path.name:
-            log.info("pointing %s at %s", self.last, path.name)
-            _repoint_last(self.dir, path)
-
-    def set_aside_from(self, first_step: int) -> list[Path]:
-        """Rename the numbered checkpoints of step >= ``first_step`` ``*.diverged`` (weights taken
-        after the loss blew up: kept for inspection, never resumed from); re-point ``last.pt``."""
-        moved = [_quarantine(p, DIVERGED_SUFFIX) for step, p in numbered_checkpoints(self.dir) if step >= first_step]
-        newest = self.newest()
-        if newest is not None:
-            self.point_last_at(newest[1])
-        elif self.last.is_symlink() or self.last.is_file():
-            self.last.unlink(missing_ok=True)
-        return moved
-
-    def save(self, state: dict, step: int) -> Path:
-        """Write ``checkpoint-<step>.pt`` and point ``last.pt`` at it."""
-        self._mkdir()
-        path = self.dir / f"checkpoint-{step:07d}.pt"
-        self._trim(self.keep - 1, protect=path)
-        sums = self._write(state, path, sums_step=step)
-        try:
-            _point(self.last, path)
-        except OSError as exc:
-            raise CheckpointWriteError(self._write_failure(exc, self.last, {})) from None
-        fsync_dir(self.dir)
-        self._trim(self.keep, protect=path)
-        self._warn_if_next_will_not_fit(sums["bytes"])
-        return path
-
-    def save_as(self, state: dict, name: str) -> Path:
-        """An extra checkpoint kept by name (``best.pt``), outside the keep-K rotation."""
-        self._mkdir()
-        path = self.dir / name
-        self._write(state, path)
-        return path
-
-    def _mkdir(self) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            if exc.errno not in WRITE_ERRNOS:
-                raise
-            raise CheckpointWriteError(self._write_failure(exc, self.dir, {})) from None
-
-    def _write(self, state: dict, path: Path, sums_step: int | None = None) -> dict:
-        try:
-            return _atomic_save(state, path, sums_step)
-        except OSError as exc:
-            if exc.errno not in WRITE_ERRNOS:
-                raise
-            raise CheckpointWriteError(self._write_failure(exc, path, state)) from None
-
-    def _write_failure(self, exc: OSError, path: Path, state: dict) -> str:
-        needed = state_bytes(state)
-        newest = self.newest()
-        if newest is not None:
-            needed = max(needed, newest[1].stat().st_size)
-        free = free_space(self.dir if self.dir.is_dir() else self.dir.parent)
-        return (f"could not write checkpoint {path}: {os.strerror(exc.errno)} (errno {errno.errorcode.get(exc.errno, exc.errno)}); "
-                f"it needs about {needed / 2**20:.1f} MiB, {free}. The partial file was removed; the last good "
-                f"checkpoint is {self.describe_last_good()}. Free space (or fix the permission), or move the run "
-                "directory elsewhere, then run the same command again to resume from it")
-
-    def _trim(self, keep: int, protect: Path) -> None:
-        """Delete the oldest numbered checkpoints until ``keep`` remain (never fewer than one,
-        never ``protect``)."""
-        found = [p for _, p in numbered_checkpoints(self.dir) if p != protect]
-        for old in found[: max(len(found) - max(keep, 1), 0)]:
-            old.unlink(missing_ok=True)
-            _sum_path(old).unlink(missing_ok=True)
-
-    def _warn_if_next_will_not_fit(self, size: int) -> None:
-        try:
-            free = shutil.disk_usage(self.dir).free
-        except OSError:
-            return
-        found = numbered_checkpoints(self.dir)
-        freed = sum(p.stat().st_size for _, p in found[: max(len(found) - max(self.keep - 1, 1), 0)])
-        if free + freed < size * 1.05:
-            if not self._warned_space:
-                log.warning("%s has %.1f MiB free; the next checkpoint needs about %.1f MiB and will not fit: "
-                            "free space or move the run directory before then", self.dir, free / 2**20, size / 2**20)
-            self._warned_space = True
-        else:
-            self._warned_space = False
-
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load one of our training checkpoints (tensors and plain containers only); a text
@@ -579,3 +312,4 @@ def restore_rng(state: dict) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+

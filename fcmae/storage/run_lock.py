@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .files import WRITE_ERRNOS
 
 log = logging.getLogger("fcmae")

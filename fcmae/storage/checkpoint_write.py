@@ -1,0 +1,146 @@
+"""Writing a checkpoint whole or not at all: a temporary file checksummed as it is written, fsynced,
+its ``.sum`` made durable, then the rename and the directory's fsync; a failure removes the temporary
+file and says why (:class:`CheckpointWriteError`). Pointers (``last.pt``) written the same way."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import torch
+
+from .files import DiskWriteError, fsync_dir, publish_mode
+
+log = logging.getLogger("fcmae")
+
+class CheckpointWriteError(DiskWriteError):
+    """A checkpoint could not be written; the message says what, where, and how to go on."""
+
+
+
+class _ChecksumWriter:
+    """A binary file wrapper that counts and CRCs what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.crc, self.bytes = f, 0, 0
+        self.error: OSError | None = None  # torch's C++ writer may rewrap what write() raises
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.crc = zlib.crc32(view, self.crc)
+        self.bytes += view.nbytes
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _file_crc(path: Path) -> tuple[int, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+def state_bytes(obj) -> int:
+    """The tensor bytes in a (nested) checkpoint: about the size it will take on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def non_finite_tensors(obj) -> list[str]:
+    """Names of the floating-point tensors in a (nested) state that hold a NaN or an infinity (one
+    host sync for all of them)."""
+    names, tensors = [], []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() and node.numel():
+                names.append(prefix or "tensor")
+                tensors.append(torch.isfinite(node).all())
+            return
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+        for k, v in items:
+            walk(v, f"{prefix}.{k}" if prefix else str(k))
+    walk(obj, "")
+    if not tensors:
+        return []
+    finite = torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sum")
+
+
+def _atomic_save(obj, path: Path, sums_step: int | None = None) -> dict:
+    """``torch.save`` to a temporary file, fsync, (the ``.sum`` sidecar, durable, when
+    ``sums_step`` is given), rename, fsync the directory. Returns the file's size and CRC-32. On
+    failure the temporary file (and a new sidecar) is gone and ``path`` untouched."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    w, sums_written = None, False
+    try:
+        with open(tmp, "wb") as f:
+            w = _ChecksumWriter(f)
+            torch.save(obj, w)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp)
+        sums = {"bytes": w.bytes, "crc32": w.crc}
+        if sums_step is not None:
+            _write_small(_sum_path(path), json.dumps({"step": sums_step, **sums}))
+            sums_written = True
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if sums_written:
+            _sum_path(path).unlink(missing_ok=True)
+        if w is not None and w.error is not None and w.error is not exc:
+            raise w.error from None
+        raise
+    fsync_dir(path.parent)
+    return sums
+
+
+def _write_small(path: Path, text: str) -> None:
+    """A small file, whole or not at all, on disk before this returns."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _point(link: Path, target: Path) -> None:
+    """``link`` -> ``target`` (same directory) as a relative symlink, replaced atomically; where the
+    file system has no symlinks, a small text file holding the target's name (never a copy: the
+    peak of K checkpoints must hold). Readers follow both (:func:`resolve_pointer`)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target.name, tmp)
+    except OSError:
+        _write_small(link, target.name + "\n")
+        return
+    os.replace(tmp, link)
+
+
