@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .files import DiskWriteError, fsync_dir, publish_mode
+from .files import DiskWriteError, publish_atomic
 
 log = logging.getLogger("fcmae")
 
@@ -87,47 +87,43 @@ def _sum_path(path: Path) -> Path:
 
 
 def _atomic_save(obj, path: Path, sums_step: int | None = None) -> dict:
-    """``torch.save`` to a temporary file, fsync, (the ``.sum`` sidecar, durable, when
-    ``sums_step`` is given), rename, fsync the directory. Returns the file's size and CRC-32. On
-    failure the temporary file (and a new sidecar) is gone and ``path`` untouched."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    w, sums_written = None, False
-    try:
+    """``torch.save`` through :func:`fcmae.storage.files.publish_atomic` (durable), checksummed as it
+    is written, with the ``.sum`` sidecar made durable before the checkpoint takes its name when
+    ``sums_step`` is given. Returns the file's size and CRC-32. On failure the temporary file (and a
+    new sidecar) is gone and ``path`` untouched; a disk error raises the ``OSError`` the disk gave
+    (not torch's wrapper of it), for the store to word."""
+    sums: dict = {}
+    sidecar: list[Path] = []
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             w = _ChecksumWriter(f)
-            torch.save(obj, w)
+            try:
+                torch.save(obj, w)
+            except BaseException as exc:
+                if w.error is not None and w.error is not exc:
+                    raise w.error from None
+                raise
             f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)
-        sums = {"bytes": w.bytes, "crc32": w.crc}
+        sums.update(bytes=w.bytes, crc32=w.crc)
+
+    def sums_first(tmp: Path) -> None:
         if sums_step is not None:
             _write_small(_sum_path(path), json.dumps({"step": sums_step, **sums}))
-            sums_written = True
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if sums_written:
-            _sum_path(path).unlink(missing_ok=True)
-        if w is not None and w.error is not None and w.error is not exc:
-            raise w.error from None
+            sidecar.append(_sum_path(path))
+
+    try:
+        publish_atomic(path, write, durable=True, before_publish=sums_first)
+    except BaseException:
+        for p in sidecar:
+            p.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
     return sums
 
 
 def _write_small(path: Path, text: str) -> None:
-    """A small file, whole or not at all, on disk before this returns."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A small file, whole or not at all, on disk before this returns (the sidecar, a text pointer)."""
+    publish_atomic(path, lambda tmp: tmp.write_text(text), durable=True)
 
 
 def _point(link: Path, target: Path) -> None:

@@ -83,23 +83,41 @@ def disk_refusals(path: str | os.PathLike, what: str = "file", advice: str = RES
         raise
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], what: str = "file",
-                 advice: str = RESUME_ADVICE) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place. A refusal by
-    the disk raises :class:`DiskWriteError` and leaves neither the temporary file nor a partial
-    ``path``; an earlier ``path`` stays as it was."""
+def publish_atomic(path: str | os.PathLike, write: Callable[[Path], None], durable: bool = False,
+                   before_publish: Callable[[Path], None] | None = None) -> Path:
+    """The one way a file of ours takes its name: ``write(tmp)`` to a temporary file beside ``path``,
+    fsync it (``durable``), ``before_publish(tmp)`` (a checkpoint's checksum sidecar, made durable
+    first), rename it into place, fsync the directory (``durable``: a power loss cannot undo it). On
+    any failure the temporary file is removed and ``path`` stays as it was; the error passes through
+    for the caller to word (:func:`write_atomic`; a checkpoint's own message says what it needs)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with disk_refusals(path, what, advice):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(tmp)
-            publish_mode(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        publish_mode(tmp)
+        if before_publish is not None:
+            before_publish(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
     return path
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], what: str = "file",
+                 advice: str = RESUME_ADVICE) -> Path:
+    """:func:`publish_atomic`, with a refusal by the disk raised as one :class:`DiskWriteError` line."""
+    with disk_refusals(path, what, advice):
+        return publish_atomic(path, write)
 
 
 def append_line(path: str | os.PathLike, line: str, what: str = "log") -> None:
