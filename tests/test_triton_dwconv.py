@@ -211,16 +211,16 @@ def test_the_weight_grad_keeps_its_partial_sums_small_and_every_sm_busy(monkeypa
 def test_the_self_test_at_atto_widths_runs_every_loop_and_passes(monkeypatch):
     """bf16 under autocast at atto's widths (40 ... 320: not multiples of 16, wide channel blocks), with
     the weight grad running several chunks of several tile groups at every stage. Under the interpreter
-    a 3x3 grid, 2 chunks of at least 8 rows and groups of 8 sites stand in for the app's 7x7 grid, its
-    chunks and its 64-site groups (the same loops, tiles grouped at stages 2-3 too, far fewer programs);
+    a 3x3 grid, 2 chunks of at least 4 rows and groups of 4 sites stand in for the app's 7x7 grid, its
+    chunks and its 64-site groups (the same loops, 1x1 tiles grouped, far fewer programs);
     the GPU check runs the app's own."""
     import fcmae.sparse.triton_dwconv as tk
     from fcmae.sparse.dwconv_choice import ATTO_DIMS, tiles_self_test_error
     grid = (3, 3) if INTERPRET else (7, 7)
     if INTERPRET:
         monkeypatch.setattr(tk, "WGRAD_CHUNKS", 2)
-        monkeypatch.setattr(tk, "WGRAD_MIN_ROWS", 8)
-        monkeypatch.setattr(tk, "WGRAD_SITES", 8)
+        monkeypatch.setattr(tk, "WGRAD_MIN_ROWS", 4)
+        monkeypatch.setattr(tk, "WGRAD_SITES", 4)
     seen = []
     real = tk.dwconv_tiles_wgrad
 
@@ -231,7 +231,7 @@ def test_the_self_test_at_atto_widths_runs_every_loop_and_passes(monkeypatch):
     assert tiles_self_test_error(DEVICE, torch.bfloat16, ATTO_DIMS, grid=grid, mask_ratio=0.5) is None
     assert [t for t, _ in seen] == [8, 4, 2, 1], seen
     assert all(p.chunks >= 2 and p.groups >= 2 * p.chunks for _, p in seen), seen
-    assert [p.group for _, p in seen][2:] == ([2, 8] if INTERPRET else [16, 64]), seen
+    assert [p.group for _, p in seen][2:] == ([1, 4] if INTERPRET else [16, 64]), seen
 
 
 def _perturb_one(t: torch.Tensor) -> torch.Tensor:
