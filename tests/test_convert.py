@@ -177,3 +177,19 @@ def test_from_official_accepts_both_official_layouts_and_refuses_others(tmp_path
     assert "timm layout, not an official" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([])  # neither a checkpoint nor --from-official
+
+
+def test_export_out_may_name_a_folder_and_a_wrong_suffix_is_one_line(tmp_path, capsys):
+    """#40 (small items): `--out DIR` ended in a ValueError traceback; a folder now takes the default
+    file name inside it, and a name without a weights suffix is refused with the fix, before any work."""
+    ck = tmp_path / "ck.pt"
+    torch.save({"model": create_fcmae("convnextv2_atto").state_dict()}, ck)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main([str(ck), "--format", "timm", "--out", str(folder), "--no-verify"]) == 0
+    written = folder / "ck_timm.safetensors"
+    assert written.is_file() and "stem.0.weight" in load_state_dict_file(written)
+    assert main([str(ck), "--format", "timm", "--out", str(tmp_path / "atto.bin")]) == 2
+    err = capsys.readouterr().err
+    assert "ends in .safetensors, .pth or .pt" in err and "Traceback" not in err
+    assert not (tmp_path / "atto.bin").exists()

@@ -149,6 +149,13 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
         raise CheckpointError(f"{src} has the {layout} layout, not an official FCMAE one (dense or "
                               "MinkowskiEngine sparse keys); pass it without --from-official")
     default_out = src.with_name(f"{src.stem}_hf" if format == "hf" else f"{src.stem}_{format}.safetensors")
+    if format != "hf" and out is not None:
+        out = Path(out)
+        if out.is_dir():  # a folder: the default file name, inside it
+            out = out / default_out.name
+        elif out.suffix not in (".safetensors", ".pth", ".pt"):
+            raise CheckpointError(f"--out {out}: a weights file ends in .safetensors, .pth or .pt; or name an "
+                                  f"existing folder to write {default_out.name} into")
     _check_writable((Path(out) if out else default_out).parent, out is None)
     depths, dims = infer_shape(canonical)
     variant = variant_of(canonical)
@@ -223,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS + ("hf",), default="timm",
                    help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default); "
                         "hf: a Hugging Face transformers folder (ConvNextV2Model)")
-    p.add_argument("--out", help="output .safetensors or .pth, a folder for --format hf (default: next to the checkpoint)")
+    p.add_argument("--out", help="output .safetensors or .pth (an existing folder: the default name inside it), "
+                   "a folder for --format hf (default: next to the checkpoint)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a fcmae-finetune checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the dense-vs-sparse self-check")
     return p
