@@ -7,7 +7,7 @@ consumed (``batch_in_epoch``, always a multiple of the accumulation at a checkpo
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING as MISSING_FIELD, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from ..errors import UserError
@@ -47,8 +47,7 @@ class LoopState:
     @classmethod
     def from_dict(cls, d: dict) -> "LoopState":
         """The position a checkpoint stores; a field it lacks (an older file) takes its old meaning."""
-        return cls(**{f.name: d.get(f.name, cls._OLD_FILE_DEFAULTS.get(f.name, f.default))
-                      for f in fields(cls) if f.name in d or f.default is not MISSING_FIELD})
+        return cls(**{f.name: d.get(f.name, cls._OLD_FILE_DEFAULTS.get(f.name, f.default)) for f in fields(cls)})
 
     def watch_loss(self, step: int, loss: float) -> None:
         """Track the lowest loss and the first step whose loss blew past ``BLOWUP_FACTOR`` times it."""

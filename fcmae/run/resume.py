@@ -92,7 +92,7 @@ def restore(path: Path, ck: dict, config: dict, must_match, model, optimizer, sc
         scaler.load_state_dict(record.scaler)
     if task is not None:
         task.load_state_dict(record.task)
-    old_world = checkpoint_world(ck)[0]
+    old_world = record.world_size
     old_batch = (record.config.get("data") or {}).get("batch_size") or config["data"]["batch_size"]
     state = record.loop
     # the epoch's samples consumed so far, in this run's micro-batches per process
