@@ -118,6 +118,8 @@ class TrainerConfig:
     ckpt_every: int = 500  # checkpoint every N optimizer steps (and each epoch end, and at the end)
     keep_checkpoints: int = 2
     progress: str = "auto"  # auto (bar on a TTY) | bar | log
+    # stop when a step's loss passes this many times the run's lowest (finite, but diverged); null: never
+    divergence_stop: Optional[float] = 1000.0
 
 
 @dataclass

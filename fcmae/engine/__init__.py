@@ -11,9 +11,9 @@
 """
 from .loop import TrainLoop
 from .signals import PREEMPT_SIGNALS, Preempted, PreemptionGuard
-from .state import BLOWUP_FACTOR, LoopSettings, LoopState, NonFiniteLoss
+from .state import BLOWUP_FACTOR, LossDiverged, LoopSettings, LoopState, NonFiniteLoss
 from .step_sync import DataQualityError
 from .task import RunParts, Task
 
-__all__ = ["BLOWUP_FACTOR", "DataQualityError", "LoopSettings", "LoopState", "NonFiniteLoss", "PREEMPT_SIGNALS",
+__all__ = ["BLOWUP_FACTOR", "DataQualityError", "LoopSettings", "LoopState", "LossDiverged", "NonFiniteLoss", "PREEMPT_SIGNALS",
            "Preempted", "PreemptionGuard", "RunParts", "Task", "TrainLoop"]

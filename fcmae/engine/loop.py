@@ -29,7 +29,7 @@ from ..optim import cosine_lr, set_lr
 from .checkpointing import Checkpointing
 from .readback import StepReadback
 from .signals import Preempted, PreemptionGuard
-from .state import LoopSettings, LoopState, NonFiniteLoss
+from .state import LoopSettings, LoopState, LossDiverged, NonFiniteLoss
 from .step_log import StepLog
 from .step_sync import StepSync
 from .task import RunParts, Task
@@ -269,7 +269,7 @@ class TrainLoop:
         norm, then (DDP) the ranks' flags. A non-finite loss stops the run; with fp16 the scaler
         owns non-finite gradients (it skips the step)."""
         loss, norm = values[0], values[1]
-        self.state.watch_loss(step, loss / self.settings.accum)
+        self._watch_loss(step, loss / self.settings.accum)
         # Grads are all-reduced, so a NaN on any rank shows in every rank's norm: all ranks stop together.
         if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(norm)):
             blowup = self.state.blowup_step if self.state.blowup_step is not None else step
@@ -279,3 +279,27 @@ class TrainLoop:
         if len(values) > 2:
             self.sync.apply(self.state, *values[2:])
             self.sync.check_data_quality(self.state)
+
+    def _watch_loss(self, step: int, loss: float) -> None:
+        """The divergence rules (:meth:`LoopState.watch_loss`): a warning when the loss leaves its range
+        and when it comes back; past ``trainer.divergence_stop`` times its lowest, a stop (at once in one
+        process; under DDP with the ranks' next agreement, so that every rank stops together)."""
+        st, bound = self.state, self.settings.divergence_stop
+        event = st.watch_loss(step, loss)
+        if not math.isfinite(loss):
+            return
+        if event == "left" and self.dist.is_main:
+            log.warning("step %d: loss %.4g is %.3gx the run's lowest (%.4g): it left its range (a blow-up or a bad "
+                        "batch); checkpoints from here on are not called good until it comes back%s", step, loss,
+                        loss / max(st.loss_floor, 1e-12), st.loss_floor,
+                        f"; the run stops past {bound:g}x (trainer.divergence_stop)" if bound else "")
+        elif event == "recovered" and self.dist.is_main:
+            first, _, peak = st.spikes[-1]
+            log.warning("step %d: the loss is back in its range after the spike from step %d (peak %.4g); "
+                        "checkpoints from here on are good again", step, first, peak)
+        floor = st.loss_floor or 0.0
+        if bound is not None and loss > max(bound * floor, floor + bound):
+            self.sync.diverged(LossDiverged(
+                f"the loss diverged: {loss:.4g} at step {step} is {loss / max(floor, 1e-12):.3g}x the run's lowest "
+                f"({floor:.4g}), past trainer.divergence_stop={bound:g}", step,
+                st.blowup_step if st.blowup_step is not None else step))

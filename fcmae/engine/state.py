@@ -1,5 +1,8 @@
 """Where a run is (:class:`LoopState`, all a resume needs), how the loop runs
-(:class:`LoopSettings`), and the blow-up rule that :class:`NonFiniteLoss` reports.
+(:class:`LoopSettings`), and the divergence rules: a loss that leaves its range marks a spike (a
+warning; the checkpoints its weights fed are not "good"), a spike the loss comes back from is
+recorded and forgiven, and one past ``trainer.divergence_stop`` stops the run (:class:`LossDiverged`)
+as a non-finite loss does (:class:`NonFiniteLoss`).
 
 Position is counted in optimizer steps (``step``) and, inside an epoch, in micro-batches already
 consumed (``batch_in_epoch``, always a multiple of the accumulation at a checkpoint).
@@ -7,14 +10,18 @@ consumed (``batch_in_epoch``, always a multiple of the accumulation at a checkpo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Callable
 
 from ..errors import UserError
+from ..storage.checkpoint import describe_divergence
 
 # A step's loss past this many times the lowest loss of the run (and at least this far above it) is
 # taken as the start of a blow-up: checkpoints whose weights fed such a step are not "good".
 BLOWUP_FACTOR = 10.0
+# This many steps in a row back within the range end a spike: the run recovered, and checkpoints
+# taken from then on are good again.
+RECOVERY_STEPS = 10
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -26,6 +33,18 @@ class NonFiniteLoss(UserError, RuntimeError):
         self.step, self.blowup_step = step, blowup_step
 
 
+class LossDiverged(NonFiniteLoss):
+    """The loss stayed finite but passed ``trainer.divergence_stop`` times its lowest: the run stops
+    as for a non-finite loss (the same checkpoints set aside, the same advice)."""
+
+
+def check_divergence_stop(value: float | None, check) -> None:
+    """``trainer.divergence_stop``: null, or a factor above the range a loss is warned of leaving."""
+    check(value is None or value > BLOWUP_FACTOR,
+          f"trainer.divergence_stop={value} must be above {BLOWUP_FACTOR:g} (a loss past {BLOWUP_FACTOR:g} times "
+          "its lowest is already warned of), or null to never stop a run whose loss stays finite")
+
+
 @dataclass
 class LoopState:
     step: int = 0
@@ -35,7 +54,10 @@ class LoopState:
     seen_images: int = 0  # over all ranks
     finished: bool = False  # the final evaluation and checkpoint of stop_step are done
     loss_floor: float | None = None  # the lowest step loss so far (this rank's), for the blow-up bound
-    blowup_step: int | None = None  # the first step whose loss passed the bound (None: none yet)
+    blowup_step: int | None = None  # the first step of the spike under way (None: the loss is in range)
+    blowup_peak: float | None = None  # the spike's highest loss so far
+    calm_steps: int = 0  # steps in a row back in range during a spike (RECOVERY_STEPS end it)
+    spikes: list = field(default_factory=list)  # [first step, recovered at step, peak loss] of each spike recovered from
 
     # what a checkpoint written before a field existed means by its absence
     _OLD_FILE_DEFAULTS = {"finished": True}
@@ -47,16 +69,40 @@ class LoopState:
     @classmethod
     def from_dict(cls, d: dict) -> "LoopState":
         """The position a checkpoint stores; a field it lacks (an older file) takes its old meaning."""
-        return cls(**{f.name: d.get(f.name, cls._OLD_FILE_DEFAULTS.get(f.name, f.default)) for f in fields(cls)})
+        def absent(f):
+            if f.name in cls._OLD_FILE_DEFAULTS:
+                return cls._OLD_FILE_DEFAULTS[f.name]
+            return f.default_factory() if f.default is MISSING else f.default
+        return cls(**{f.name: d[f.name] if f.name in d else absent(f) for f in fields(cls)})
 
-    def watch_loss(self, step: int, loss: float) -> None:
-        """Track the lowest loss and the first step whose loss blew past ``BLOWUP_FACTOR`` times it."""
-        if self.blowup_step is None and (not math.isfinite(loss) or (
-                self.loss_floor is not None and loss > max(BLOWUP_FACTOR * self.loss_floor,
-                                                           self.loss_floor + BLOWUP_FACTOR))):
-            self.blowup_step = step
+    def out_of_range(self, loss: float) -> bool:
+        """Whether ``loss`` lies past ``BLOWUP_FACTOR`` times the lowest loss so far (and at least that far above it)."""
+        return not math.isfinite(loss) or (self.loss_floor is not None and loss > max(
+            BLOWUP_FACTOR * self.loss_floor, self.loss_floor + BLOWUP_FACTOR))
+
+    def watch_loss(self, step: int, loss: float) -> str | None:
+        """Track the lowest loss and spikes: returns ``"left"`` at the step the loss leaves its range
+        (the spike's first step), ``"recovered"`` at the step that ends it (``RECOVERY_STEPS`` in a row
+        back in range: it goes to ``spikes``, and ``blowup_step`` is cleared), else None."""
+        event = None
+        if self.out_of_range(loss):
+            if self.blowup_step is None:
+                self.blowup_step, self.blowup_peak, event = step, loss, "left"
+            elif math.isfinite(loss):
+                self.blowup_peak = max(self.blowup_peak or loss, loss)
+            self.calm_steps = 0
+        elif self.blowup_step is not None:
+            self.calm_steps += 1
+            if self.calm_steps >= RECOVERY_STEPS:
+                self.spikes.append([self.blowup_step, step, self.blowup_peak])
+                self.blowup_step, self.blowup_peak, self.calm_steps, event = None, None, 0, "recovered"
         if math.isfinite(loss) and (self.loss_floor is None or loss < self.loss_floor):
             self.loss_floor = loss
+        return event
+
+    def describe_spikes(self) -> str:
+        """The spikes recovered from (and one under way), in words; empty when there was none."""
+        return describe_divergence(self.to_dict())
 
 
 @dataclass
@@ -77,3 +123,4 @@ class LoopSettings:
     progress: str = "auto"
     callbacks: list[Callable] = field(default_factory=list)
     stretched: bool = False  # trainer.max_steps lies beyond trainer.epochs: the cosine ends at max_steps
+    divergence_stop: float | None = 1000.0  # stop when a loss passes this many times the lowest (None: never)

@@ -12,7 +12,7 @@ import torch
 from ..distributed import DistInfo, all_reduce_sum, host_to_device
 from ..storage.files import DiskWriteError
 from .signals import PreemptionGuard
-from .state import LoopState
+from .state import LoopState, NonFiniteLoss
 from ..errors import UserError
 
 
@@ -32,6 +32,7 @@ class StepSync:
         self.stop_signal: int | None = None
         self.bad_local = 0  # this rank's unreadable files since the last step's all-reduce
         self.write_failure: DiskWriteError | None = None  # rank 0's, until the next collective
+        self.divergence: NonFiniteLoss | None = None  # this rank's loss passed the divergence bound
 
     def start(self, guard: PreemptionGuard) -> None:
         self.guard, self.stop_signal, self.bad_local = guard, None, 0
@@ -40,6 +41,13 @@ class StepSync:
     def signalled(self) -> bool:
         """Whether this rank caught a stop signal (not yet agreed on)."""
         return self.guard is not None and self.guard.signum is not None
+
+    def diverged(self, exc: NonFiniteLoss) -> None:
+        """This rank's loss passed the divergence bound: raise at once in one process; under DDP at the
+        ranks' next agreement (every rank raises there, none left waiting in a collective)."""
+        if not self.dist.enabled:
+            raise exc
+        self.divergence = self.divergence or exc
 
     def agree_to_stop(self, stop: bool) -> None:
         """Record a stop every rank saw in a collective (the signal this rank caught, else SIGTERM)."""
@@ -69,9 +77,10 @@ class StepSync:
         flags = self.reduced_flags()
         self.apply(state, *(flags.tolist() if flags is not None else self.take_local()))
 
-    def take_local(self) -> tuple[int, bool, bool]:
-        """This rank's flags since the last call: unreadable files, a caught signal, a write failure."""
-        flags = self.bad_local, self.signalled, self.write_failure is not None
+    def take_local(self) -> tuple[int, bool, bool, bool]:
+        """This rank's flags since the last call: unreadable files, a caught signal, a write failure, a
+        diverged loss."""
+        flags = self.bad_local, self.signalled, self.write_failure is not None, self.divergence is not None
         self.bad_local = 0
         return flags
 
@@ -80,14 +89,17 @@ class StepSync:
         later, :class:`StepReadback`); None in one process, where :meth:`take_local` is all there is."""
         if not self.dist.enabled:
             return None
-        bad, stop, failed = self.take_local()
-        flags = host_to_device(torch.tensor([float(bad), float(stop), float(failed)]), self.dist.device)
+        flags = host_to_device(torch.tensor([float(f) for f in self.take_local()]), self.dist.device)
         return all_reduce_sum(flags, self.dist)
 
-    def apply(self, state: LoopState, bad: float, stop: float, failed: float) -> None:
+    def apply(self, state: LoopState, bad: float, stop: float, failed: float, diverged: float = 0.0) -> None:
         """Act on (agreed) flags: every rank holds the same values, so every rank acts alike."""
         if failed:
             self.raise_write_failure(self.write_failure)
+        if diverged:
+            raise self.divergence or NonFiniteLoss(
+                "the loss diverged on another rank (its log says where); every rank stops here", state.step,
+                state.blowup_step if state.blowup_step is not None else state.step)
         state.bad_images += int(bad)
         self.agree_to_stop(bool(stop))
 

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from ..storage.checkpoint import read_checkpoint
+from ..storage.checkpoint import describe_divergence, read_checkpoint
 from ..storage.files import DiskWriteError
 from ..models.convnextv2 import ConvNeXtV2
 from ..models.variants import find_variant
@@ -139,6 +139,10 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     ``ema``: export the checkpoint's EMA weights (``model_ema``) instead of ``model``.
     """
     src, obj = read_checkpoint(checkpoint)
+    divergence = describe_divergence(obj)
+    if divergence:
+        log(f"warning: {src} comes from a run whose {divergence}: its weights may be worse than its loss "
+            "curve's best; look at metrics.jsonl before using them")
     if ema:
         if not isinstance(obj.get("model_ema"), dict):
             raise CheckpointError(f"{src} holds no EMA weights ('model_ema'); they exist in fcmae-finetune "

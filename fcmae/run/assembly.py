@@ -103,7 +103,12 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
                      config, run_dir)
     final = train(task, parts, settings, state)
     if info.is_main:
-        log.info("%s", app.summary(final, setup, task, run_dir))
+        spikes = final.describe_spikes()
+        if spikes:  # a run that diverged and came back says so where its user looks last
+            log.warning("%s; warning: %s: look at the loss curve (metrics.jsonl) before using these weights",
+                        app.summary(final, setup, task, run_dir), spikes)
+        else:
+            log.info("%s", app.summary(final, setup, task, run_dir))
     return final
 
 
@@ -151,30 +156,34 @@ def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState)
     try:
         return loop.run()
     except NonFiniteLoss as exc:
-        raise NonFiniteLoss(_diverged(exc, ckpt, parts.dist, settings.precision), exc.step, exc.blowup_step) from None
+        raise type(exc)(_diverged(exc, ckpt, parts.dist, settings.precision, parts.run_dir), exc.step,
+                        exc.blowup_step) from None
     finally:
         shutdown_workers(parts.loader)  # they ignore SIGTERM: stop them before the interpreter exits
         tracker.finish()
 
 
-def _diverged(exc: NonFiniteLoss, ckpt: CheckpointManager, info: DistInfo, precision: str) -> str:
+def _diverged(exc: NonFiniteLoss, ckpt: CheckpointManager, info: DistInfo, precision: str, run_dir: Path) -> str:
     """After a blow-up: set aside (rank 0) the checkpoints whose weights fed the blown-up steps, so
     that the same command resumes from the last good one, and say so. A checkpoint of step k holds
     the weights step k + 1 computes its loss with: with the loss out of range from step b on, the
-    good ones are those of steps < b - 1."""
+    good ones are those of steps < b - 1. The advice names the run directory: a changed optim.blr
+    names another one, and the run it is about must be the one that resumes."""
     first_bad = max((exc.blowup_step or exc.step) - 1, 0)
     moved = ckpt.set_aside_from(first_bad) if info.is_main else []
     good = numbered_checkpoints(ckpt.dir)
     fixes = "lower optim.blr (or optim.lr), set optim.clip_grad"
     if precision != "fp32":
         fixes += ", or use trainer.precision=fp32"
+    if (exc.blowup_step or exc.step) <= 1:  # the very first step: the weights were fresh, look at the data first
+        fixes = ("check the data first (NaN/Inf or extreme pixel values, or data.mean/std far from the data's: "
+                 f"fcmae-stats DATA_ROOT prints them); else {fixes}")
     aside = (f"; the checkpoints taken after the loss left its range were set aside ({', '.join(p.name for p in moved)}, "
              "kept, never resumed from)" if moved else "")
     if good:
         step, path = good[-1]
-        return (f"{exc}{aside}. The last good checkpoint is {path} (step {step}): {fixes}, then run the same command "
-                "to resume from it")
+        return (f"{exc}{aside}. The last good checkpoint is {path} (step {step}): {fixes}, then resume it with the "
+                f"same command plus hydra.run.dir={run_dir} (a changed optim.blr alone would name a new run directory "
+                "and start at step 0)")
     return (f"{exc}{aside}. No checkpoint was taken before the loss left its range: {fixes}, then start over with "
             "resume=never (or another run_name)")
-
-

@@ -1,6 +1,7 @@
 """Every range check of an app's config, in one call that reports every problem at once: the config's
 own (:mod:`fcmae.config.checks`) and those of the modules that own a value (channels and bands:
-:mod:`fcmae.data.image_io`; the fine-tuning transform: :mod:`fcmae.data.transforms`)."""
+:mod:`fcmae.data.image_io`; the fine-tuning transform: :mod:`fcmae.data.transforms`; the divergence
+bound: :mod:`fcmae.engine.state`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 from ..config.checks import check_finetune, check_pretrain, collector, raise_if_any
 from ..data.image_io import check_channels
 from ..data.transforms import check_finetune_transform
+from ..engine.state import check_divergence_stop
 
 
 def validate(cfg: Any) -> None:
@@ -15,6 +17,7 @@ def validate(cfg: Any) -> None:
     errors, check = collector()
     check_pretrain(cfg, errors, check)
     check_channels(cfg.data, cfg.model.in_chans, check, auto_stats=True)
+    check_divergence_stop(cfg.trainer.divergence_stop, check)
     raise_if_any(errors)
 
 
@@ -23,6 +26,7 @@ def validate_finetune(cfg: Any) -> None:
     errors, check = collector()
     check_finetune(cfg, errors, check)
     check_channels(cfg.data, cfg.model.in_chans, check)
+    check_divergence_stop(cfg.trainer.divergence_stop, check)
     if not errors:  # the transform is built only from values that passed their own checks
         check_finetune_transform(cfg.data, errors)
     raise_if_any(errors)

@@ -33,6 +33,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -313,3 +314,11 @@ def restore_rng(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+def describe_divergence(obj: Mapping) -> str:
+    """What a training checkpoint records of its loss leaving its range (``spikes`` recovered from, a
+    ``blowup_step`` under way), in words; empty for a clean run or a plain weights file."""
+    parts = [f"at step {a} (peak {peak:.3g}) and recovered by step {b}" for a, b, peak in obj.get("spikes") or []]
+    if obj.get("blowup_step") is not None:
+        parts.append(f"at step {obj['blowup_step']} and had not come back by then")
+    return ("loss left its range " + "; ".join(parts)) if parts else ""

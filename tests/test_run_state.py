@@ -1,0 +1,116 @@
+"""Nothing silently wrong, round two (#40): divergence as a state of the run, rollbacks the run keeps,
+the keys a resume checks, and a run's identity. Each test is one of the issue's cases and fails on the
+code before it."""
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fcmae.config import ConfigError
+from fcmae.engine import LossDiverged, NonFiniteLoss
+from fcmae.engine.state import RECOVERY_STEPS, LoopState
+from fcmae.export.exporter import export
+from fcmae.pretrain import run
+from fcmae.storage.checkpoint import load_checkpoint
+
+from test_pretrain import make_cfg, metrics
+
+EVERY = ["trainer.ckpt_every=2", "trainer.keep_checkpoints=20"]
+
+
+def _numbered(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*.pt"))
+
+
+def _blow_up_at(step: int, restore_at: int | None = None, scale: float = 1e4):
+    """A callback: after ``step`` the decoder's output layer is scaled by ``scale`` (the next loss is
+    finite and huge); after ``restore_at`` it is put back (the run can recover)."""
+    saved = {}
+
+    def callback(loop):
+        pred = loop.raw_model.pred
+        if loop.state.step == step:
+            saved["w"], saved["b"] = pred.weight.detach().clone(), pred.bias.detach().clone()
+            with torch.no_grad():
+                pred.weight.mul_(scale)
+                pred.bias.mul_(scale)
+        if restore_at is not None and loop.state.step == restore_at:
+            with torch.no_grad():
+                pred.weight.copy_(saved["w"])
+                pred.bias.copy_(saved["b"])
+    return callback
+
+
+# ---------------------------------------------------------------- 1. a finite divergence stops the run
+
+def test_a_loss_that_diverges_but_stays_finite_warns_then_stops_past_the_bound(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fcmae"), pytest.raises(LossDiverged) as info:
+        run(make_cfg(*EVERY, "trainer.max_steps=12"), tmp_path, callbacks=[_blow_up_at(5)])
+    msg = str(info.value)
+    assert "at step 6" in msg and "trainer.divergence_stop=1000" in msg
+    assert "step 6: loss" in caplog.text and "left its range" in caplog.text  # the warning came first
+    # the checkpoint of step 5 fed step 6: set aside; step 4 is the last good one, and the advice
+    # resumes this run directory (a lowered optim.blr alone would name another one)
+    assert "checkpoint-0000004.pt (step 4)" in msg and f"hydra.run.dir={tmp_path}" in msg
+    assert _numbered(tmp_path) == ["checkpoint-0000002.pt", "checkpoint-0000004.pt"]
+    assert isinstance(info.value, NonFiniteLoss)  # reported (exit code, one line) as a blow-up is
+
+
+def test_the_divergence_bound_can_be_turned_off_and_is_checked(tmp_path):
+    final = run(make_cfg(*EVERY, "trainer.max_steps=8", "trainer.divergence_stop=null"), tmp_path,
+                callbacks=[_blow_up_at(5)])
+    assert final.step == 8 and final.blowup_step == 6  # finished, but the spike is on record
+    ck = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert ck["blowup_step"] == 6
+    with pytest.raises(ConfigError, match="trainer.divergence_stop=5.0 must be above 10"):
+        run(make_cfg("trainer.divergence_stop=5"), tmp_path / "other")
+
+
+# ---------------------------------------------------------------- 5. a spike recovered from is forgiven
+
+def test_a_recovered_spike_does_not_condemn_the_checkpoints_after_it(tmp_path, caplog):
+    """The loss leaves its range at step 4 and is back from step 5; a NaN long after condemns only
+    the checkpoints that fed it, and the run, its checkpoint and the export say it spiked."""
+    recovered_by = 4 + RECOVERY_STEPS
+
+    def nan_after(loop):
+        if loop.state.step == recovered_by + 5:
+            with torch.no_grad():
+                loop.raw_model.pred.bias.fill_(float("nan"))
+
+    steps = f"trainer.max_steps={recovered_by + 8}"
+    with caplog.at_level(logging.WARNING, logger="fcmae"), pytest.raises(NonFiniteLoss) as info:
+        run(make_cfg(*EVERY, steps, "trainer.divergence_stop=null"), tmp_path,
+            callbacks=[_blow_up_at(3, restore_at=4), nan_after])
+    assert f"step {recovered_by}: the loss is back in its range after the spike from step 4" in caplog.text
+    bad = recovered_by + 6
+    assert f"at step {bad}" in str(info.value)
+    kept = _numbered(tmp_path)  # every checkpoint before the NaN's step stays (only those >= bad - 1 go)
+    assert kept == [f"checkpoint-{s:07d}.pt" for s in range(2, bad - 1, 2)]
+    last = load_checkpoint(tmp_path / "checkpoints" / kept[-1])
+    assert last["blowup_step"] is None and [s[:2] for s in last["spikes"]] == [[4, recovered_by]]
+    lines = []
+    export(tmp_path, "timm", out=tmp_path / "enc.safetensors", log=lines.append)
+    assert any("loss left its range at step 4" in line and "recovered by step" in line for line in lines)
+
+
+def test_a_run_that_spiked_and_recovered_says_so_in_its_final_line(tmp_path, caplog):
+    steps = f"trainer.max_steps={4 + RECOVERY_STEPS + 2}"
+    with caplog.at_level(logging.INFO, logger="fcmae"):
+        final = run(make_cfg(*EVERY, steps, "trainer.divergence_stop=null"), tmp_path,
+                    callbacks=[_blow_up_at(3, restore_at=4)])
+    assert final.spikes and final.blowup_step is None
+    done = [r for r in caplog.records if r.getMessage().startswith("done:")]
+    assert done and done[-1].levelno == logging.WARNING and "recovered by step" in done[-1].getMessage()
+
+
+def test_the_spike_rule_by_hand():
+    st = LoopState()
+    events = [st.watch_loss(i, loss) for i, loss in enumerate([1.0, 0.8, 50.0, 30.0] + [0.7] * RECOVERY_STEPS, 1)]
+    assert events[2] == "left" and events[-1] == "recovered" and events.count(None) == len(events) - 2
+    assert st.spikes == [[3, 4 + RECOVERY_STEPS, 50.0]] and st.blowup_step is None
+    again = LoopState.from_dict({k: v for k, v in st.to_dict().items() if k != "spikes"})
+    assert again.spikes == []  # a checkpoint from before the field: no spikes on record
