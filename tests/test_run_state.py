@@ -114,3 +114,45 @@ def test_the_spike_rule_by_hand():
     assert st.spikes == [[3, 4 + RECOVERY_STEPS, 50.0]] and st.blowup_step is None
     again = LoopState.from_dict({k: v for k, v in st.to_dict().items() if k != "spikes"})
     assert again.spikes == []  # a checkpoint from before the field: no spikes on record
+
+
+# ---------------------------------------------------------------- 2. a rollback the run keeps
+
+def test_a_rollback_sets_the_newer_checkpoints_aside_and_every_reader_follows_it(tmp_path, caplog):
+    ckdir = tmp_path / "checkpoints"
+    run(make_cfg("trainer.ckpt_every=3", "trainer.max_steps=6"), tmp_path)
+    assert _numbered(tmp_path) == ["checkpoint-0000003.pt", "checkpoint-0000006.pt"]
+    back = f"resume={ckdir / 'checkpoint-0000003.pt'}"
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        assert run(make_cfg("trainer.ckpt_every=3", "trainer.max_steps=4", back), tmp_path).step == 4
+    assert "rolls the run back to step 3" in caplog.text and "checkpoint-0000006.pt" in caplog.text
+    # the abandoned future is kept under another name; the rotation kept the one resumed from
+    assert _numbered(tmp_path) == ["checkpoint-0000003.pt", "checkpoint-0000004.pt"]
+    assert (ckdir / "checkpoint-0000006.pt.abandoned").is_file()
+    assert os.readlink(ckdir / "last.pt") == "checkpoint-0000004.pt"
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4]  # one timeline
+    lines = []
+    export(tmp_path, "timm", out=tmp_path / "enc.safetensors", log=lines.append, verify=False)
+    assert any(line.startswith("read ") and "checkpoint-0000004.pt" in line for line in lines), lines
+    # The same resume=PATH command again (a requeue): it continues the new timeline, not step 3 again.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        assert run(make_cfg("trainer.ckpt_every=3", "trainer.max_steps=5", back), tmp_path).step == 5
+    assert "has trained on from its step 3 to step 4 since" in caplog.text
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4, 5]
+    # and a plain rerun (resume=auto) follows it too
+    assert run(make_cfg("trainer.ckpt_every=3", "trainer.max_steps=6"), tmp_path).step == 6
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- 6. the tidy touches only its own files
+
+def test_starting_a_run_leaves_an_export_s_temporary_file_alone(tmp_path):
+    run(make_cfg("trainer.max_steps=2"), tmp_path)
+    ckdir = tmp_path / "checkpoints"
+    exporting = ckdir / ".checkpoint-0000002_timm.safetensors.tmp"  # fcmae-export writing beside it
+    exporting.write_bytes(b"partial")
+    ours = ckdir / ".checkpoint-0000009.pt.tmp"
+    ours.write_bytes(b"partial")
+    run(make_cfg("trainer.max_steps=2"), tmp_path)
+    assert exporting.exists() and not ours.exists()

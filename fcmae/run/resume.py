@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..storage.checkpoint import (REQUIRED_KEYS, check_checkpoint, load_resolved, newest_good_checkpoint,
-                          restore_rng, set_aside_checkpoints)
+from ..storage.checkpoint import (REQUIRED_KEYS, RESUMED_FROM, check_checkpoint, load_resolved,
+                                  newest_good_checkpoint, restore_rng, set_aside_checkpoints)
 from ..errors import ConfigError
 from ..distributed import DistInfo
 from ..storage.checkpoint_store import CheckpointManager
@@ -49,6 +49,9 @@ def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> tuple[Pa
         return found
     if resume != "never":
         path = Path(resume)
+        again = _rerun_of_rollback(path, ckpt, run_dir)
+        if again is not None:
+            return again
         if not path.exists() and not path.is_symlink():
             raise ConfigError(f"resume={resume}: no such checkpoint file or run directory "
                               "(use resume=auto or resume=never)")
@@ -59,11 +62,35 @@ def find_resume(resume: str, ckpt: CheckpointManager, run_dir: Path) -> tuple[Pa
             except CheckpointError as exc:
                 raise CheckpointError(f"resume={resume}: {exc}; pass its run directory to fall back to an older "
                                       "checkpoint") from None
+        _roll_back(resume, path, int(ck["step"]), ckpt)
         return found, ck
     if ckpt.exists():
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=never would overwrite them; "
                           "use resume=auto to continue, or another run_name")
     return None
+
+
+def _roll_back(resume: str, path: Path, step: int, ckpt: CheckpointManager) -> None:
+    """``resume=PATH`` is a decision the run keeps: its newer checkpoints are set aside (the logs are
+    trimmed by the caller), and the decision is recorded for a rerun of the same command."""
+    moved = ckpt.roll_back_to(step, path)
+    if moved:
+        log.warning("resume=%s rolls the run back to step %d: its newer checkpoints (%s) are set aside as "
+                    "*.abandoned (kept, never resumed from) and its logs trimmed to step %d; resume=auto, last.pt and "
+                    "fcmae-export follow this timeline from now on", resume, step, ", ".join(p.name for p in moved),
+                    step)
+
+
+def _rerun_of_rollback(path: Path, ckpt: CheckpointManager, run_dir: Path) -> tuple[Path, dict] | None:
+    """The same ``resume=PATH`` again (a requeue, a rerun) after the run trained on from it: it continues
+    the run's timeline (``resume=auto``) instead of rolling back a second time."""
+    record, newest = ckpt.resumed_from(), ckpt.newest()
+    if not record or record.get("path") != str(path.absolute()) or newest is None or newest[0] <= record.get("step", 0):
+        return None
+    log.warning("resume=%s was decided before (%s): the run has trained on from its step %d to step %d since, and "
+                "continues there (to roll back to it again, delete %s)", path, record.get("time", "?"),
+                record["step"], newest[0], ckpt.dir / RESUMED_FROM)
+    return find_resume("auto", ckpt, run_dir)
 
 
 def changed_keys(old: dict, new: dict, keys) -> list[str]:

@@ -51,7 +51,9 @@ LAST = "last.pt"
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 DAMAGED_SUFFIX = ".damaged"
 DIVERGED_SUFFIX = ".diverged"  # weights taken after the loss blew up: kept, never resumed from
-SET_ASIDE = re.compile(r"checkpoint-\d+\.pt\.(damaged|diverged)\d*")
+ABANDONED_SUFFIX = ".abandoned"  # newer than the checkpoint a resume=PATH rolled back to: kept, never resumed from
+SET_ASIDE = re.compile(r"checkpoint-\d+\.pt\.(damaged|diverged|abandoned)\d*")
+RESUMED_FROM = "resumed_from.json"  # the last resume=PATH decision: a rerun of it follows its timeline
 POINTER_MAX_BYTES = 256  # a text last.pt (no links allowed) is one file name
 # What every training checkpoint holds; a file without them is not one (or is damaged).
 REQUIRED_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
@@ -101,7 +103,7 @@ def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def set_aside_checkpoints(directory: Path) -> list[Path]:
-    """The ``*.damaged`` and ``*.diverged`` checkpoints of a directory (kept, never resumed from)."""
+    """The ``*.damaged``, ``*.diverged`` and ``*.abandoned`` checkpoints of a directory (kept, never resumed from)."""
     return sorted(p for p in directory.iterdir() if SET_ASIDE.fullmatch(p.name)) if directory.is_dir() else []
 
 

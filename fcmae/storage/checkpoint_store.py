@@ -1,18 +1,21 @@
 """The numbered checkpoints of one run directory (:class:`CheckpointManager`): save, rotate, point
-``last.pt`` at the newest, set aside the ones a blow-up fed, tidy leftovers."""
+``last.pt`` at the newest, set aside the ones a blow-up fed or a rollback abandoned (and keep the
+rollback's record), tidy our own leftovers."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import time
 import os
 import shutil
 from pathlib import Path
 
 
-from .files import WRITE_ERRNOS, free_space, fsync_dir
+from .files import WRITE_ERRNOS, free_space, fsync_dir, write_atomic
 
-from .checkpoint import (CHECKPOINT_DIR, DIVERGED_SUFFIX, LAST, NUMBERED, _quarantine, _repoint_last,
-                         numbered_checkpoints, pointed_at, resolve_pointer)
+from .checkpoint import (ABANDONED_SUFFIX, CHECKPOINT_DIR, DIVERGED_SUFFIX, LAST, NUMBERED, RESUMED_FROM, _quarantine,
+                         _repoint_last, numbered_checkpoints, pointed_at, resolve_pointer)
 from .checkpoint_write import CheckpointWriteError, _atomic_save, _point, _sum_path, state_bytes
 
 log = logging.getLogger("fcmae")
@@ -41,15 +44,25 @@ class CheckpointManager:
         newest = self.newest()
         return f"{newest[1]} (step {newest[0]})" if newest else "none yet"
 
+    @staticmethod
+    def _own_temporary(name: str) -> bool:
+        """A temporary file of one of the run's own writes (``.checkpoint-0000004.pt.tmp``, ``.last.pt.tmp``,
+        ``.best.pt.sum.tmp``, the resume record's): never another tool's, such as an export writing beside
+        the checkpoints."""
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            return False
+        inner = name[1:-4]
+        return inner.endswith((".pt", ".pt.sum")) or inner == RESUMED_FROM
+
     def tidy(self) -> None:
         """Start-up housekeeping of a directory this process holds the lock of: the temporary
-        files of writes a kill interrupted (they are ours, and they take space the next checkpoint
-        needs), and sidecars whose checkpoint never took its name."""
+        files of our writes a kill interrupted (they take space the next checkpoint needs), and
+        sidecars whose checkpoint never took its name."""
         if not self.dir.is_dir():
             return
         freed = 0
         for p in self.dir.iterdir():
-            stale = p.name.startswith(".") and p.name.endswith(".tmp")
+            stale = self._own_temporary(p.name)
             orphan = p.name.endswith(".pt.sum") and NUMBERED.fullmatch(p.name[:-4]) and not p.with_name(p.name[:-4]).exists()
             if stale or orphan:
                 try:
@@ -82,6 +95,30 @@ class CheckpointManager:
         elif self.last.is_symlink() or self.last.is_file():
             self.last.unlink(missing_ok=True)
         return moved
+
+    def roll_back_to(self, step: int, source: Path) -> list[Path]:
+        """A resume from ``source`` (step ``step``): the numbered checkpoints of later steps belong to a
+        timeline the run abandons: renamed ``*.abandoned`` (kept, never resumed from); ``last.pt`` follows.
+        The decision is recorded (:data:`RESUMED_FROM`), so that a rerun of the same command (a requeue)
+        continues the new timeline instead of rolling back again."""
+        moved = [_quarantine(p, ABANDONED_SUFFIX) for s, p in numbered_checkpoints(self.dir) if s > step]
+        newest = self.newest()
+        if newest is not None:
+            self.point_last_at(newest[1])
+        elif moved and (self.last.is_symlink() or self.last.is_file()):
+            self.last.unlink(missing_ok=True)
+        self._mkdir()
+        record = {"path": str(Path(source).absolute()), "step": step, "abandoned": [p.name for p in moved],
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_atomic(self.dir / RESUMED_FROM, lambda tmp: tmp.write_text(json.dumps(record) + "\n"), "resume record")
+        return moved
+
+    def resumed_from(self) -> dict | None:
+        """The record of the last ``resume=PATH`` in this directory (None: none, or unreadable)."""
+        try:
+            return json.loads((self.dir / RESUMED_FROM).read_text())
+        except (OSError, ValueError):
+            return None
 
     def save(self, state: dict, step: int) -> Path:
         """Write ``checkpoint-<step>.pt`` and point ``last.pt`` at it."""
