@@ -156,3 +156,43 @@ def test_starting_a_run_leaves_an_export_s_temporary_file_alone(tmp_path):
     ours.write_bytes(b"partial")
     run(make_cfg("trainer.max_steps=2"), tmp_path)
     assert exporting.exists() and not ours.exists()
+
+
+# ---------------------------------------------------------------- 3. what a resume may change
+
+def test_a_resume_refuses_another_seed_or_accumulation_and_keeps_the_effective_batch(tmp_path, caplog):
+    run(make_cfg("trainer.max_steps=2", "data.batch_size=8"), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.seed: 0 -> 1.*continue with the original value"):
+        run(make_cfg("trainer.max_steps=4", "data.batch_size=8", "trainer.seed=1"), tmp_path)
+    with pytest.raises(ConfigError, match=r"effective batch of 8; trainer.accum_iter: 1 -> 2 would make it 16"):
+        run(make_cfg("trainer.max_steps=4", "data.batch_size=8", "trainer.accum_iter=2"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fcmae"):  # a smaller batch alone: the accumulation makes up the rest
+        final = run(make_cfg("trainer.max_steps=3", "data.batch_size=4", "optim.lr=5e-4"), tmp_path)
+    assert final.step == 3
+    assert "data.batch_size: 8 -> 4: accumulation 2 keeps its effective batch 8" in caplog.text
+    assert "optim.lr: 0.001 -> 0.0005: in effect from step 2 on" in caplog.text  # taken, and said
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["effective_batch"] == 8
+
+
+# ---------------------------------------------------------------- 12. a run's identity is its data
+
+def _folder(root: Path, n: int) -> Path:
+    from PIL import Image
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (i * 20 % 255, 40, 90)).save(root / f"{i}.png")
+    return root
+
+
+def test_another_dataset_does_not_continue_a_run(tmp_path, caplog):
+    a, b = _folder(tmp_path / "a", 8), _folder(tmp_path / "b", 4)
+    run_dir = tmp_path / "run"
+    data = ["data.source=folder", "trainer.max_steps=2"]
+    run(make_cfg(*data, f"data.root={a}"), run_dir)
+    with pytest.raises(ConfigError, match=rf"trained on data.root={a} \(8 images\); {b} holds 4.*another dataset"):
+        run(make_cfg(*data, f"data.root={b}", "trainer.max_steps=3"), run_dir)
+    moved = tmp_path / "a_moved"
+    a.rename(moved)
+    with caplog.at_level(logging.WARNING, logger="fcmae"):  # the same images, moved: taken, and said
+        assert run(make_cfg(*data, f"data.root={moved}", "trainer.max_steps=3"), run_dir).step == 3
+    assert "holds the same number of images (8): taken as the same data, moved" in caplog.text

@@ -26,14 +26,15 @@ class TrainingCheckpoint:
     world_size: int = 1
     effective_batch: int | None = None  # images per optimizer step over all ranks
     config: dict = field(default_factory=dict)  # the resolved config the run trained with
+    data_images: int | None = None  # how many images the training data held (a resume checks it)
     task: dict = field(default_factory=dict)  # the task's own state (Task.state_dict), stored flat
 
-    _OWN = ("model", "optimizer", "scaler", "rng", "world_size", "effective_batch", "config")
+    _OWN = ("model", "optimizer", "scaler", "rng", "world_size", "effective_batch", "config", "data_images")
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, **self.loop.to_dict(),
                "rng": self.rng, "world_size": self.world_size, "effective_batch": self.effective_batch,
-               "config": self.config}
+               "config": self.config, "data_images": self.data_images}
         clash = set(self.task) & set(out)
         if clash:
             raise ValueError(f"the task's checkpoint entries {sorted(clash)} collide with the checkpoint's own")
@@ -51,4 +52,5 @@ class TrainingCheckpoint:
         return cls(model=d["model"], optimizer=d["optimizer"], loop=loop, scaler=d.get("scaler"),
                    rng=list(d.get("rng") or []), world_size=d.get("world_size") or len(d.get("rng") or [None]),
                    effective_batch=d.get("effective_batch"), config=d.get("config") or {},
+                   data_images=d.get("data_images"),
                    task={k: v for k, v in d.items() if k not in mine})

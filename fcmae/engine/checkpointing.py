@@ -32,6 +32,7 @@ class Checkpointing:
             scaler=p.scaler.state_dict() if p.scaler is not None else None, loop=self.state,
             rng=all_gather_objects(capture_rng(), p.dist), world_size=p.dist.world_size,
             effective_batch=self.settings.batch_size * self.settings.accum * p.dist.world_size, config=p.config,
+            data_images=len(p.sampler.dataset) if hasattr(p.sampler, "dataset") else None,
             task=self.task.state_dict()).to_dict()
 
     def due(self) -> bool:

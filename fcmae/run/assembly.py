@@ -21,6 +21,7 @@ from ..storage.files import write_atomic
 from ..loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
 from ..storage.run_lock import RunLock
 from .resume import RunSetup, prepare_run, restore_or_seed
+from .resume_checks import check_same_data
 from .seeding import seed_everything
 from .settings import loop_settings
 
@@ -84,6 +85,8 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
     setup = prepare_run(cfg, run_dir, info, lock)
     data = app.build_data(cfg, info)
     cfg = data.cfg
+    if setup.resume is not None:
+        check_same_data(setup.resume[0], setup.resume[1], cfg, len(data.sampler.dataset), info)
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint, resolved values included
     settings = loop_settings(cfg, len(data.sampler) // cfg.data.batch_size, setup.accum, setup.base_lr,
                              setup.precision, cfg.data.max_bad_fraction, callbacks)

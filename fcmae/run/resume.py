@@ -22,7 +22,8 @@ from ..storage.run_lock import RunLock
 from ..storage.weights_file import CheckpointError
 from .ranks import on_every_rank, on_rank_zero
 from .seeding import seed_rank
-from .settings import adapt_to_world_size, checkpoint_world, resolve_accumulation, resolve_precision
+from .resume_checks import announce_changes, changed_keys, check_setup
+from .settings import resolve_accumulation, resolve_precision
 
 log = logging.getLogger("fcmae")
 
@@ -93,17 +94,6 @@ def _rerun_of_rollback(path: Path, ckpt: CheckpointManager, run_dir: Path) -> tu
     return find_resume("auto", ckpt, run_dir)
 
 
-def changed_keys(old: dict, new: dict, keys) -> list[str]:
-    out = []
-    old, new = OmegaConf.create(old), OmegaConf.create(new)
-    for key in keys:
-        a, b = OmegaConf.select(old, key), OmegaConf.select(new, key)
-        if a != b:
-            out.append(f"{key}: {OmegaConf.to_container(a) if OmegaConf.is_config(a) else a} -> "
-                       f"{OmegaConf.to_container(b) if OmegaConf.is_config(b) else b}")
-    return out
-
-
 def restore(path: Path, ck: dict, config: dict, must_match, model, optimizer, scaler, info: DistInfo, seed: int,
             task: Task | None = None) -> LoopState:
     """Load a training checkpoint ``ck`` (read from ``path``) into model/optimizer/scaler/RNG
@@ -155,7 +145,8 @@ def prepare_run(cfg, run_dir: Path, info: DistInfo, lock: RunLock | None = None)
     """Resolve precision, accumulation and lr, and decide where the run continues from: rank 0
     alone takes the run directory's lock, tidies it, picks the checkpoint (renaming damaged ones)
     and trims the logs to it; every other rank loads the file rank 0 chose and checks its step.
-    A run resumed on another number of processes keeps its effective batch and schedule."""
+    What the resume may change is checked (:mod:`fcmae.run.resume_checks`): a run resumed on another
+    number of processes keeps its effective batch and schedule."""
     precision = resolve_precision(cfg.trainer.precision, info.device)
     accum, effective_batch = resolve_accumulation(cfg, info.world_size)
     ckpt = CheckpointManager(run_dir, keep=cfg.trainer.keep_checkpoints)
@@ -182,16 +173,8 @@ def prepare_run(cfg, run_dir: Path, info: DistInfo, lock: RunLock | None = None)
         return Path(path), ck
     found = on_every_rank((lambda: box["found"]) if info.is_main else load, info, path or "the run's start")
     if found is not None:
-        old_world, old_effective = checkpoint_world(found[1])
-        if old_world != info.world_size and old_effective:
-            accum = adapt_to_world_size(old_world, old_effective, cfg.data.batch_size, info.world_size)
-            if info.is_main:
-                log.warning("resuming a run of %d process(es) on %d: accumulation %d keeps its effective batch %d "
-                            "(%d x %d x %d), so the lr, the schedule and the samples per step are unchanged; the "
-                            "data order within a step and the per-process random streams differ from an "
-                            "uninterrupted run", old_world, info.world_size, accum, old_effective,
-                            cfg.data.batch_size, accum, info.world_size)
-            effective_batch = old_effective
+        accum, effective_batch = check_setup(found[0], found[1], cfg, info, accum, effective_batch)
+        announce_changes(found[0], found[1], cfg, info)
     base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
     return RunSetup(precision, accum, effective_batch, base_lr, ckpt, found, step)
 
