@@ -1,9 +1,10 @@
 """Nothing silently wrong, round two (#40): divergence as a state of the run, rollbacks the run keeps,
 the keys a resume checks, and a run's identity. Each test is one of the issue's cases and fails on the
 code before it."""
-import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def test_the_divergence_bound_can_be_turned_off_and_is_checked(tmp_path):
 
 # ---------------------------------------------------------------- 5. a spike recovered from is forgiven
 
+@pytest.mark.slow
 def test_a_recovered_spike_does_not_condemn_the_checkpoints_after_it(tmp_path, caplog):
     """The loss leaves its range at step 4 and is back from step 5; a NaN long after condemns only
     the checkpoints that fed it, and the run, its checkpoint and the export say it spiked."""
@@ -97,6 +99,7 @@ def test_a_recovered_spike_does_not_condemn_the_checkpoints_after_it(tmp_path, c
     assert any("loss left its range at step 4" in line and "recovered by step" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_run_that_spiked_and_recovered_says_so_in_its_final_line(tmp_path, caplog):
     steps = f"trainer.max_steps={4 + RECOVERY_STEPS + 2}"
     with caplog.at_level(logging.INFO, logger="fcmae"):
@@ -196,3 +199,41 @@ def test_another_dataset_does_not_continue_a_run(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fcmae"):  # the same images, moved: taken, and said
         assert run(make_cfg(*data, f"data.root={moved}", "trainer.max_steps=3"), run_dir).step == 3
     assert "holds the same number of images (8): taken as the same data, moved" in caplog.text
+
+
+# ---------------------------------------------------------------- 13, 14. names and keys
+
+def test_a_key_that_does_not_exist_is_refused_with_or_without_plus(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.mask_ratoi is not a key.*did you mean model.mask_ratio\?"):
+        run(make_cfg("+model.mask_ratoi=0.3"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_long_per_band_values_do_not_fill_a_run_directory_s_name(tmp_path):
+    from fcmae.config.naming import run_subdir, safe_dirname
+    means = ",".join(f"0.{i}" for i in range(12))
+    overrides = f"data.mean=[{means}],data.std=[{means}],model.in_chans=12"
+    name = safe_dirname(overrides)
+    assert "model.in_chans:12" in name and name.startswith("data.mean:12values-") and len(name) < 80
+    assert safe_dirname(overrides.replace("0.11", "0.12")) != name  # other values, another run
+    assert safe_dirname("data.crop_scale=[0.35,1.0]") == "data.crop_scale:0.35+1.0"  # short lists as before
+    older = tmp_path / safe_dirname(overrides, short_lists=False)  # a run started before: still resumes
+    older.mkdir()
+    assert run_subdir(str(tmp_path), overrides) == older.name
+
+
+# ---------------------------------------------------------------- 7. a refused run touches nothing
+
+@pytest.mark.slow
+def test_a_run_refused_by_the_lock_leaves_the_running_run_s_hydra_record_alone(tmp_path):
+    from fcmae.storage.run_lock import RunLock
+    run_dir = tmp_path / "run"
+    record = run_dir / ".hydra" / "overrides.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("- trainer.max_steps=100\n")
+    with RunLock(run_dir):  # the running run
+        proc = subprocess.run([sys.executable, "-m", "fcmae.pretrain", "trainer.max_steps=1", "data.num_workers=0",
+                               f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 1 and "is in use by another run" in proc.stderr, proc.stderr[-2000:]
+    assert record.read_text() == "- trainer.max_steps=100\n"

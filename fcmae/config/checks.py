@@ -3,6 +3,8 @@ values owned elsewhere are checked there (channels and bands by :mod:`fcmae.data
 fine-tuning transform by :mod:`fcmae.data.transforms`); :mod:`fcmae.run.validation` runs them all."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from typing import Any, Callable
 
@@ -13,7 +15,7 @@ from ..models.variants import VARIANTS
 from ..optim import LAYER_DECAY_TYPES
 from ..sparse import BACKENDS, DWCONV, GRN_STATS
 from .schemas import (COMPILE_CHOICES, DECODE_CHOICES, LABELLED_SOURCES, LOGGERS, PRETRAIN_SOURCES,
-                      ROOTED_LABELLED)
+                      ROOTED_LABELLED, FinetuneConfig, PretrainConfig)
 
 Check = Callable[[bool, str], None]
 
@@ -35,8 +37,48 @@ def raise_if_any(errors: list[str]) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for key in node.keys():
+        child = node._get_node(key)
+        full = f"{prefix}{key}"
+        out.append(full)
+        if OmegaConf.is_dict(child) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            out += _dotted_keys(child, full + ".")
+    return out
+
+
+def _unknown_keys(node, ref, prefix: str = "") -> list[str]:
+    out, declared = [], set(ref.keys())  # keys(), not "in": a key whose value is ??? is not "in" its config
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in declared:
+            out.append(full)
+            continue
+        child, ref_child = node._get_node(key), ref._get_node(key)
+        if OmegaConf.is_dict(child) and OmegaConf.is_dict(ref_child) and \
+                dataclasses.is_dataclass(OmegaConf.get_type(ref_child)):
+            out += _unknown_keys(child, ref_child, full + ".")
+    return out
+
+
+def check_known_keys(cfg: Any, schema: type, check: Check) -> None:
+    """Every key is one the app's schema declares. Hydra's type check refuses a misspelled key, but
+    ``+key=value`` (the fix Hydra itself suggests) adds it anyway, and the app would never read it."""
+    if not OmegaConf.is_config(cfg):
+        return
+    ref = OmegaConf.structured(schema)
+    known = _dotted_keys(ref)
+    for key in _unknown_keys(cfg, ref):
+        near = difflib.get_close_matches(key, known, n=1)
+        check(False, f"{key} is not a key of this app, so it would be ignored"
+                     f"{f' (did you mean {near[0]}?)' if near else ''}: remove it, or fix its name "
+                     "(a + in front adds keys the app never reads)")
+
+
 def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
     """``fcmae-pretrain``'s own values (the channel checks are the data's)."""
+    check_known_keys(cfg, PretrainConfig, check)
     m, d = cfg.model, cfg.data
     check(0.0 <= m.mask_ratio < 1.0, f"model.mask_ratio={m.mask_ratio} must be in [0, 1)")
     check(len(m.depths) == 4 and len(m.dims) == 4, "model.depths and model.dims need 4 entries each")
@@ -157,6 +199,7 @@ def _check_training(cfg, check) -> None:
 
 def check_finetune(cfg: Any, errors: list[str], check: Check) -> None:
     """``fcmae-finetune``'s own values (the channel and transform checks are the data's)."""
+    check_known_keys(cfg, FinetuneConfig, check)
     m, d, mx = cfg.model, cfg.data, cfg.mixup
     known = {f"convnextv2_{k}" for k in VARIANTS}
     check(m.name in known, f"model.name={m.name!r}; use one of {sorted(known)}")

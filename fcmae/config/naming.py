@@ -37,6 +37,7 @@ PRETRAIN_PATH_KEYS = frozenset({"init_from", "data.root"})
 FINETUNE_PATH_KEYS = frozenset({"model.init_from", "data.train_root", "data.val_root"})
 
 MAX_DIRNAME = 200  # file systems refuse path components over 255 bytes
+MAX_LIST_IN_NAME = 4  # a longer list value (per-band data.mean/std) is named by its length and a hash
 # Characters a directory name keeps; everything else becomes "_". None of them needs quoting
 # when the path is passed back in an override (resume=..., model.init_from=...): Hydra reads
 # "=" as a second assignment and "," as a sweep, so key=value,key=value names could not be.
@@ -58,21 +59,38 @@ def _safe(text: str) -> str:
     return "".join(ch if ch in _SAFE else "_" for ch in text)
 
 
-def safe_dirname(overrides: str) -> str:
+def _short_lists(overrides: str) -> str:
+    """List values longer than MAX_LIST_IN_NAME become ``<n>values-<hash>``: twelve per-band means
+    would fill the name and push the keys after them into the final hash."""
+    import hashlib
+    import re
+
+    def shorten(m):
+        items = m.group(1).split(",")
+        if len(items) <= MAX_LIST_IN_NAME:
+            return m.group(0)
+        return f"={len(items)}values-{hashlib.sha1(m.group(1).encode()).hexdigest()[:8]}"
+    return re.sub(r"=\[([^\]]*)\]", shorten, overrides)
+
+
+def safe_dirname(overrides: str, short_lists: bool = True) -> str:
     """``model.mask_ratio=0.4,data.img_size=64`` -> ``model.mask_ratio:0.4+data.img_size:64``: a
     name that can be passed back to our own overrides unquoted (lists lose their brackets:
-    ``data.crop_scale:0.35+1.0``)."""
-    text = overrides.replace("=", ":").replace(",", "+")
+    ``data.crop_scale:0.35+1.0``; long ones are named by length and hash, :func:`_short_lists`)."""
+    text = (_short_lists(overrides) if short_lists else overrides).replace("=", ":").replace(",", "+")
     return short_dirname(_safe("".join(ch for ch in text if ch not in "[](){}'\" ")))
 
 
 def run_subdir(parent: str, overrides: str) -> str:
     """The run directory's last component under ``parent``: :func:`safe_dirname`, unless a run
-    directory of the older ``key=value,...`` naming exists there and the new one does not, in
-    which case that one (so runs started before the naming changed still resume)."""
-    new, old = safe_dirname(overrides), short_dirname(overrides)
-    if new != old and not (Path(parent) / new).exists() and (Path(parent) / old).is_dir():
-        return old
+    directory of an older naming (long lists in full; ``key=value,...``) exists there and the new
+    one does not, in which case that one (so runs started before the naming changed still resume)."""
+    new = safe_dirname(overrides)
+    if (Path(parent) / new).exists():
+        return new
+    for old in (safe_dirname(overrides, short_lists=False), short_dirname(overrides)):
+        if old != new and (Path(parent) / old).is_dir():
+            return old
     return new
 
 

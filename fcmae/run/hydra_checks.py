@@ -1,13 +1,14 @@
 """A Hydra callback (``hydra.callbacks`` in the app configs) that runs before Hydra creates the run
-directory: the config's range checks, the evaluation-only fine-tune's log place, and a writable run
-directory, so a bad value or place is one line and leaves no empty run directory behind."""
+directory: the config's range checks, the evaluation-only fine-tune's log place, a writable run
+directory that no other run holds, so a bad value or place is one line and leaves no empty run
+directory behind, and a refused run leaves the running one's ``.hydra/`` record as it was."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..storage.run_lock import RunDirectoryUnwritable, check_writable
+from ..storage.run_lock import RunDirectoryBusy, RunDirectoryUnwritable, RunLock, check_writable
 
 
 class RunDirectoryChecks(Callback):
@@ -28,7 +29,7 @@ class RunDirectoryChecks(Callback):
                 config.hydra.output_subdir = None  # keep the evaluated run's own .hydra/ record as it is
             if self.app == "finetune" and config.model.get("init_from"):
                 self._log_beside(config, str(config.model.init_from))
-        self._check(config, "hydra.run.dir")
+        self._check(config, "hydra.run.dir", lock=not config.get("eval_only"))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config, "hydra.sweep.dir")
@@ -59,7 +60,7 @@ class RunDirectoryChecks(Callback):
             config.hydra.run.dir = str(where)
 
     @staticmethod
-    def _check(config, key: str) -> None:
+    def _check(config, key: str, lock: bool = False) -> None:
         import sys
         from omegaconf import OmegaConf
         try:
@@ -69,7 +70,9 @@ class RunDirectoryChecks(Callback):
         if not where:
             return
         try:
+            if lock:  # a run refused by the lock must not rewrite the running run's .hydra/ record
+                RunLock(where).check_free()
             check_writable(where)
-        except RunDirectoryUnwritable as exc:
+        except (RunDirectoryUnwritable, RunDirectoryBusy) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)

@@ -61,9 +61,7 @@ class RunLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise RunDirectoryBusy(f"run directory {self.run_dir} is in use by another run ({holder}); "
-                                       "wait for it to finish, or start this one elsewhere (another run_name, "
-                                       "or hydra.run.dir=...)") from None
+                raise RunDirectoryBusy(_busy_message(self.run_dir, holder)) from None
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # some network file systems
                 log.warning("cannot lock %s (%s): make sure no other run uses this directory", self.path,
                             os.strerror(exc.errno))
@@ -82,6 +80,21 @@ class RunLock:
         self.fd = fd
         return self
 
+    def check_free(self) -> None:
+        """Raise :class:`RunDirectoryBusy` if another process holds the lock now; creates nothing (Hydra
+        asks before it writes the run directory's ``.hydra/`` record, which a refused run must not touch)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (or none readable): nothing holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirectoryBusy(_busy_message(self.run_dir, _read_holder(fd))) from None
+        finally:
+            os.close(fd)  # closing drops a lock this probe took
+
     def release(self) -> None:
         if self.fd is not None:
             try:
@@ -96,6 +109,11 @@ class RunLock:
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
+
+
+def _busy_message(run_dir: Path, holder: str) -> str:
+    return (f"run directory {run_dir} is in use by another run ({holder}); wait for it to finish, or start this one "
+            "elsewhere (another run_name, or hydra.run.dir=...)")
 
 
 def _read_holder(fd: int) -> str:
