@@ -237,3 +237,35 @@ def test_a_run_refused_by_the_lock_leaves_the_running_run_s_hydra_record_alone(t
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 1 and "is in use by another run" in proc.stderr, proc.stderr[-2000:]
     assert record.read_text() == "- trainer.max_steps=100\n"
+
+
+# ---------------------------------------------------------------- 4. non-finite pixels are bad images
+
+def _folder_with_nan_image(root: Path) -> Path:
+    import numpy as np
+    _folder(root, 7)
+    bad = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    bad[5, 5, 1] = np.nan
+    np.save(root / "nan.npy", bad)
+    (root / "gone.png").symlink_to(root / "missing.png")  # a dangling link
+    return root
+
+
+def test_fcmae_stats_names_and_counts_what_it_skipped_and_never_prints_nan(tmp_path, capsys, caplog):
+    import json
+    from fcmae.data.stats import main
+    root = _folder_with_nan_image(tmp_path / "imgs")
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        assert main([str(root), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)  # strict JSON: a NaN would not parse back as a number
+    assert all(isinstance(v, float) and v == v for v in stats["mean"] + stats["std"])
+    assert "skipped 2 of the 9 images drawn" in caplog.text
+
+
+def test_an_image_with_nan_pixels_is_a_bad_image_not_a_blow_up(tmp_path, caplog):
+    root = _folder_with_nan_image(tmp_path / "imgs")
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        final = run(make_cfg("data.source=folder", f"data.root={root}", "trainer.max_steps=4",
+                             "data.max_bad_fraction=0.9"), tmp_path / "run")
+    assert final.step == 4 and final.bad_images >= 1 and final.blowup_step is None
+    assert "nan.npy" in caplog.text and "NaN or Inf" in caplog.text

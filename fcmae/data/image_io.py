@@ -133,6 +133,10 @@ def float_bands(a: np.ndarray):
         out = a.astype(np.float32) / INT_SCALE[a.dtype]
     elif a.dtype.kind == "f":
         out = a.astype(np.float32)
+        bad = int(out.size - np.isfinite(out).sum())
+        if bad:  # a bad image, not a blow-up: skipped and counted like an unreadable file
+            raise DataError(f"{bad} of its {out.size} pixel values are NaN or Inf (float pixels must be finite); "
+                            "fix or remove the file")
     else:
         raise DataError(f"pixels of type {a.dtype}; use uint8, uint16, int16 or float32")
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))

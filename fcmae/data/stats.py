@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -20,11 +22,14 @@ from .image_io import Channels, DataError
 from .sources import build_source, describe_sample
 from .transforms import AsTensor
 
+log = logging.getLogger("fcmae")
+
 
 def band_stats(source, images: int = 1000, seed: int = 0, progress: str = "auto") -> tuple[list[float], list[float]]:
     """``(mean, std)`` per band over ``images`` images of ``source`` drawn without replacement (all of
-    them when it has fewer), a fixed draw for ``seed``. Unreadable images are skipped (and counted in
-    the log line); items are PIL images (scaled to [0, 1] as the loader does) or ``[C, H, W]`` tensors."""
+    them when it has fewer), a fixed draw for ``seed``. Unreadable images (and float images with NaN or
+    Inf pixels) are skipped as the loader skips them, and named and counted in a warning; items are PIL
+    images (scaled to [0, 1] as the loader does) or ``[C, H, W]`` tensors. Never returns a NaN."""
     n = min(images, len(source))
     order = np.random.default_rng(seed).permutation(len(source))[:n]
     to_tensor, total, sq, count, skipped, first_error = AsTensor(), None, None, 0, 0, None
@@ -36,6 +41,10 @@ def band_stats(source, images: int = 1000, seed: int = 0, progress: str = "auto"
             first_error = first_error or f"{describe_sample(source, int(index))}: {exc}"
             continue
         flat = x.reshape(x.shape[0], -1)
+        if not torch.isfinite(flat).all():
+            skipped += 1
+            first_error = first_error or f"{describe_sample(source, int(index))}: NaN or Inf pixel values"
+            continue
         if total is None:
             total, sq = torch.zeros(flat.shape[0], dtype=torch.float64), torch.zeros(flat.shape[0], dtype=torch.float64)
         if flat.shape[0] != total.shape[0]:
@@ -45,8 +54,14 @@ def band_stats(source, images: int = 1000, seed: int = 0, progress: str = "auto"
         count += flat.shape[1]
     if total is None:
         raise DataError(f"none of the {n} images drawn could be read, e.g. {first_error}")
+    if skipped:
+        log.warning("skipped %d of the %d images drawn (unreadable, the wrong band count, or NaN/Inf pixels), "
+                    "as training would; the first: %s", skipped, n, first_error)
     mean = total / count
     std = (sq / count - mean * mean).clamp(min=0).sqrt()
+    if not all(math.isfinite(float(v)) for v in torch.cat([mean, std])):
+        raise DataError(f"the statistics of {n - skipped} images are not finite (pixel values too large for "
+                        "float64 sums); check the data's units")
     return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-6), 6) for v in std]
 
 
@@ -75,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # progress and skipped files on stderr, in a terminal or not (stdout stays the result alone)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     kind = guess_source(args.source)
     channels = Channels(args.channels, tuple(args.bands) if args.bands else None, None, args.npy_layout)
     cfg = argparse.Namespace(source=kind, root=None if kind == "fashion_mnist" else args.source, img_size=224,
