@@ -165,6 +165,8 @@ def _check_training(cfg, check) -> None:
               "overflow; use a sane value")
     check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
     check(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction must be in [0, 1)")
+    check(d.read_timeout is None or d.read_timeout >= 0,
+          f"data.read_timeout={d.read_timeout} must be >= 0 seconds (0 or null: no bound)")
     check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
           f"data.crop_scale={list(d.crop_scale)} must be [min, max] within (0, 1]")
     check(o.name == "adamw", f"optim.name={o.name!r}; only adamw is supported")

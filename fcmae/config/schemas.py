@@ -61,6 +61,9 @@ class ImageDataConfig:
     bands: Optional[list[int]] = None  # with channels=all: keep these bands, in this order
     npy_layout: str = "hwc"  # .npy arrays: hwc (H, W, C) | chw (C, H, W)
     max_bad_fraction: float = 0.01  # unreadable images tolerated before the run fails
+    # seconds one batch may take to arrive before the read counts as hung (a clear error after a
+    # checkpoint); null or 0: wait forever
+    read_timeout: Optional[float] = 600.0
 
 
 @dataclass

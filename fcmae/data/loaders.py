@@ -4,10 +4,13 @@ loaders, and :func:`build_pretrain_loader`, the one place the pretraining input 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+
+from ..storage.run_lock import close_inherited_locks
 
 from . import decode_ahead, device_decode, device_decoder
 from .image_io import DataError, channels_of
@@ -44,11 +47,49 @@ class ResumableSampler(DistributedSampler):
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: workers ignore the signals that stop a run. Slurm, ``timeout``
     and a terminal's Ctrl-C signal the whole process group; a worker that died of it would kill
-    the run before its checkpoint. The main process owns shutdown (and workers exit with it)."""
+    the run before its checkpoint. The main process owns shutdown, and workers never outlive it:
+    the kernel kills a worker when the main process dies (even by SIGKILL), and a worker drops its
+    inherited copy of the run directory's lock (an orphan blocked in a read would otherwise keep it)."""
     for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+    close_inherited_locks()
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (``prctl(PR_SET_PDEATHSIG)``); elsewhere nothing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before the prctl took
+        os._exit(1)
+
+
+def kill_workers() -> None:
+    """Kill this process's worker processes at once: a stop must not wait on a worker blocked in a read
+    (they ignore SIGTERM, so the polite shutdown's terminate() would leave them, and the interpreter's
+    exit would wait on them forever)."""
+    import multiprocessing
+    _kill(multiprocessing.active_children())
+
+
+def _kill(children) -> None:
+    if not children:
+        return
+    # torch's SIGCHLD handler would report a worker we killed as a crash: not while we kill them
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def shutdown_workers(loader) -> None:
@@ -59,6 +100,8 @@ def shutdown_workers(loader) -> None:
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
+        # one that did not obey (a blocked read): no waiting on it
+        _kill([w for w in getattr(it, "_workers", []) if w.is_alive()])
     if hasattr(loader, "_iterator"):
         loader._iterator = None
 

@@ -65,6 +65,10 @@ class KeyedSamples(Dataset):
     def _describe(self, index: int) -> str:
         return describe_sample(self.source, index)
 
+    def describe_key(self, key: int) -> str:
+        """The file behind sample ``key`` (an epoch's key), in words."""
+        return self._describe(int(key) % len(self.source))
+
     def read(self, key: int):
         """``(image tensor, label, bad, per-sample seed)`` for ``key``."""
         epoch, index = divmod(int(key), len(self.source))

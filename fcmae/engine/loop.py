@@ -27,6 +27,7 @@ import torch
 from ..loggers import format_metrics
 from ..optim import cosine_lr, set_lr
 from .checkpointing import Checkpointing
+from .read_watch import HungRead, ReadInterrupted, ReadTimedOut, ReadWatch
 from .readback import StepReadback
 from .signals import Preempted, PreemptionGuard
 from .state import LoopSettings, LoopState, LossDiverged, NonFiniteLoss
@@ -89,6 +90,7 @@ class TrainLoop:
         try:
             with PreemptionGuard() as guard:
                 self.sync.start(guard)
+                self.read_watch = ReadWatch(guard, self.settings.read_timeout, interruptible=not self.dist.enabled)
                 self._train_to_stop_step(guard)
                 # A signal from here on waits for the final evaluation and checkpoint: the run is done.
                 self._evaluate(final=True)
@@ -140,13 +142,59 @@ class TrainLoop:
         s, st = self.settings, self.state
         self.sampler.set_epoch(st.epoch)
         self.sampler.set_start(st.batch_in_epoch * s.batch_size)
-        for batch in self.loader:
-            if st.batch_in_epoch >= self._micro_per_epoch:
+        self._epoch_start = st.batch_in_epoch
+        batches = iter(self.loader)
+        while st.batch_in_epoch < self._micro_per_epoch:
+            batch = self._fetch(batches)
+            if batch is None:
                 break
             if not self._train_micro_batch(batch):
                 continue
             if self.sync.stop_signal is not None or st.step >= s.stop_step:
                 break
+
+    def _fetch(self, batches):
+        """The next micro-batch (None at the loader's end, or when a stop signal interrupted the wait),
+        under the read watch (:mod:`fcmae.engine.read_watch`): a hung read is a :class:`HungRead`."""
+        try:
+            with self.read_watch.fetch():
+                return next(batches)
+        except StopIteration:
+            return None
+        except ReadInterrupted as stop:
+            self._drop_partial_step()
+            self.sync.agree_to_stop(True)
+            log.warning("caught %s while waiting for a batch: stopping now", signal.Signals(stop.signum).name)
+            return None
+        except ReadTimedOut:
+            self._drop_partial_step()
+            self._hung_read()
+
+    def _drop_partial_step(self) -> None:
+        """Back to the last whole step: the micro-batches of a step not taken are read again on resume."""
+        st = self.state
+        st.batch_in_epoch -= st.batch_in_epoch % self.settings.accum
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss_sum.zero_()
+
+    def _hung_read(self) -> None:
+        """No batch within ``data.read_timeout``: checkpoint the last whole step (one process: no rank is
+        left in a collective), stop the workers (one may be blocked for good), and say what was read."""
+        s, st = self.settings, self.state
+        path = None
+        if not self.dist.enabled:
+            self.readback.drain()
+            path = self.checkpoints.saved_now()
+        from ..data.loaders import kill_workers
+        kill_workers()
+        consumed = st.batch_in_epoch - self._epoch_start
+        files = self.task.describe_batch(self.sampler, consumed * s.batch_size, s.batch_size)
+        raise HungRead(f"no batch arrived in {s.read_timeout:g} s (data.read_timeout): a read hangs (a stalled network "
+                       f"mount, a FIFO or device file among the images, a file that never ends); the batch being read "
+                       f"holds {files}. "
+                       + (f"Checkpoint of step {st.step}: {path}. " if path else "")
+                       + "Fix or remove the file (or raise data.read_timeout for slow storage), then run the same "
+                         "command to resume") from None
 
     def _end_epoch(self) -> None:
         st = self.state
@@ -169,8 +217,9 @@ class TrainLoop:
         the last step lets the run finish instead (its final evaluation is short). Every step has
         been read by now (:meth:`_train_to_stop_step` drains before it stops)."""
         path = self.checkpoints.saved_now()
-        # Logged before the launcher's handler runs: submitit's exits the process.
-        log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
+        # Logged before the launcher's handler runs: submitit's exits the process. Rank 0 wrote it.
+        if self.dist.is_main:
+            log.warning("caught %s: checkpoint of step %d in %s", signal.Signals(signum).name, self.state.step, path)
         guard.signum = signum
         guard.chain()
         raise Preempted(signum, self.state.step, path)

@@ -10,21 +10,26 @@ log = logging.getLogger("fcmae")
 
 # Signals that end a run cleanly: a checkpoint at the next step boundary, then exit 128 + signal.
 # SIGTERM: Slurm's time limit, scancel, preemption, `timeout`, most process managers;
-# SIGUSR1/SIGUSR2: Slurm's --signal warning; SIGINT: Ctrl-C (a second one exits at once).
+# SIGUSR1/SIGUSR2: Slurm's --signal warning; SIGINT: Ctrl-C. A SIGINT or SIGTERM after any of them
+# exits at once (no checkpoint: the last one stands).
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+ESCALATING = ("SIGINT", "SIGTERM")
 
 
 class Preempted(RuntimeError):
     def __init__(self, signum: int, step: int, path: Path | None):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}")
+        where = f"checkpoint {path}" if path is not None else "nothing new to checkpoint"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {where}")
         self.signum, self.step, self.path = signum, step, path
 
 
 class PreemptionGuard:
     """Turns SIGTERM/SIGUSR1/SIGUSR2/SIGINT into a flag the loop checks after each optimizer
-    step, so the checkpoint is written at a clean step boundary. A second SIGINT raises
-    KeyboardInterrupt at once (a write in progress removes its temporary file). Handlers that
-    were installed before (e.g. submitit's requeue on SIGUSR2) are called after the checkpoint.
+    step, so the checkpoint is written at a clean step boundary; while the loop waits for a batch
+    (``reading``, :mod:`fcmae.engine.read_watch`) the signal interrupts the wait at once. A SIGINT or
+    SIGTERM after a first signal (whichever it was) raises KeyboardInterrupt at once (a write in
+    progress removes its temporary file). Handlers that were installed before (e.g. submitit's
+    requeue on SIGUSR2) are called after the checkpoint.
 
     Guards nest: the apps hold one from their start (``runner.hydra_entry``), so a signal that
     arrives while data and model are still being set up (a Slurm warning due early) is not lost:
@@ -34,6 +39,7 @@ class PreemptionGuard:
 
     def __init__(self):
         self.signum: int | None = None
+        self.reading = False  # the loop is waiting for a batch: a stop signal interrupts the wait
         self.previous: dict[int, object] = {}  # what to restore on exit
         self.launcher: dict[int, object] = {}  # the handlers from before any guard: chained to
 
@@ -53,12 +59,15 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+        if self.signum is not None and signal.Signals(signum).name in ESCALATING:
             raise KeyboardInterrupt
         if self.signum is None:
             self.signum = signum
             if signum == signal.SIGINT:
                 log.warning("caught SIGINT: stopping after this step's checkpoint (Ctrl-C again to exit at once)")
+        if self.reading:
+            from .read_watch import ReadInterrupted
+            raise ReadInterrupted(signum)
 
     def chain(self) -> None:
         """Call the launcher's handler for the signal (from before any guard), if it was a real one."""

@@ -124,3 +124,4 @@ class LoopSettings:
     callbacks: list[Callable] = field(default_factory=list)
     stretched: bool = False  # trainer.max_steps lies beyond trainer.epochs: the cosine ends at max_steps
     divergence_stop: float | None = 1000.0  # stop when a loss passes this many times the lowest (None: never)
+    read_timeout: float | None = None  # seconds one batch may take to arrive before it is a hung read (None: no bound)

@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from ..storage.checkpoint import numbered_checkpoints
 from ..storage.checkpoint_store import CheckpointManager
 from ..data import shutdown_workers
+from ..data.loaders import kill_workers
 from ..distributed import DistInfo, cleanup, init_distributed
-from ..engine import LoopSettings, LoopState, NonFiniteLoss, RunParts, Task, TrainLoop
+from ..engine import LoopSettings, LoopState, NonFiniteLoss, Preempted, PreemptionGuard, RunParts, Task, TrainLoop
+from ..engine.read_watch import ReadInterrupted
 from ..storage.files import write_atomic
 from ..loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
 from ..storage.run_lock import RunLock
@@ -83,7 +85,7 @@ def run_app(app: App, cfg, run_dir: str | Path, callbacks=()):
 
 def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock) -> LoopState:
     setup = prepare_run(cfg, run_dir, info, lock)
-    data = app.build_data(cfg, info)
+    data = _build_data(app, cfg, info, setup)
     cfg = data.cfg
     if setup.resume is not None:
         check_same_data(setup.resume[0], setup.resume[1], cfg, len(data.sampler.dataset), info)
@@ -113,6 +115,22 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
         else:
             log.info("%s", app.summary(final, setup, task, run_dir))
     return final
+
+
+def _build_data(app: App, cfg, info: DistInfo, setup: RunSetup) -> RunData:
+    """The app's data stage, where a stop signal interrupts a read that blocks (the first images are read
+    to check their bands: on a stalled mount that read never returns). One process only: under DDP the
+    other ranks would be left in a collective."""
+    guard = PreemptionGuard._active
+    if guard is not None:
+        guard.reading = not info.enabled
+    try:
+        return app.build_data(cfg, info)
+    except ReadInterrupted as stop:
+        raise Preempted(stop.signum, setup.start_step, None) from None
+    finally:
+        if guard is not None:
+            guard.reading = False
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
@@ -157,7 +175,11 @@ def train(task: Task, parts: RunParts, settings: LoopSettings, state: LoopState)
     loop = TrainLoop(task, parts, settings, state, MetricsFile(parts.run_dir))
     ckpt, tracker = parts.ckpt, parts.tracker
     try:
-        return loop.run()
+        try:
+            return loop.run()
+        except BaseException:
+            kill_workers()  # a stop or an error: no waiting on a worker that may be blocked in a read
+            raise
     except NonFiniteLoss as exc:
         raise type(exc)(_diverged(exc, ckpt, parts.dist, settings.precision, parts.run_dir), exc.step,
                         exc.blowup_step) from None

@@ -51,7 +51,9 @@ def hydra_entry(config_path: str, config_name: str, run: Callable[[DictConfig, s
             log.warning("%s; run the same command again to resume", exc)
             sys.exit(128 + int(exc.signum))
         except KeyboardInterrupt:
-            log.warning("interrupted (a second Ctrl-C): exiting without a checkpoint; the last one stands")
+            from ..data.loaders import kill_workers
+            kill_workers()  # they ignore SIGTERM, and a blocked one would hold up the exit
+            log.warning("interrupted (a second signal): exiting without a checkpoint; the last one stands")
             sys.exit(130)
         except UserError as exc:
             log.error("%s", exc)

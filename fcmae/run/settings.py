@@ -99,6 +99,7 @@ def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precisi
         steps_per_epoch=steps_per_epoch, accum=accum, base_lr=base_lr, min_lr=cfg.optim.min_lr,
         warmup_steps=warmup, batch_size=cfg.data.batch_size, precision=precision, clip_grad=cfg.optim.clip_grad,
         log_every=t.log_every, ckpt_every=t.ckpt_every, max_bad_fraction=max_bad_fraction, progress=t.progress,
-        callbacks=list(callbacks), stretched=total_steps > epoch_steps, divergence_stop=t.divergence_stop)
+        callbacks=list(callbacks), stretched=total_steps > epoch_steps, divergence_stop=t.divergence_stop,
+        read_timeout=cfg.data.read_timeout)
 
 

@@ -23,6 +23,19 @@ from .files import WRITE_ERRNOS
 log = logging.getLogger("fcmae")
 
 LOCK_FILE = ".lock"
+_HELD: set[int] = set()  # this process's lock descriptors: a forked worker closes its copies
+
+
+def close_inherited_locks() -> None:
+    """In a forked child (a data worker): close the copies of the parent's lock descriptors. The lock
+    stays the parent's (a flock belongs to the open file, which the parent still holds), and an orphaned
+    child can no longer keep it after the parent dies."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 class RunDirectoryBusy(ConfigError):
@@ -78,6 +91,7 @@ class RunLock:
                 raise RunDirectoryUnwritable(unwritable_message(self.run_dir, exc)) from None
             raise
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def check_free(self) -> None:
@@ -97,6 +111,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             finally:
