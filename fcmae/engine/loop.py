@@ -179,14 +179,13 @@ class TrainLoop:
 
     def _hung_read(self) -> None:
         """No batch within ``data.read_timeout``: checkpoint the last whole step (one process: no rank is
-        left in a collective), stop the workers (one may be blocked for good), and say what was read."""
+        left in a collective) and say what was read (the run's assembly then kills the workers: one may be
+        blocked for good)."""
         s, st = self.settings, self.state
         path = None
         if not self.dist.enabled:
             self.readback.drain()
             path = self.checkpoints.saved_now()
-        from ..data.loaders import kill_workers
-        kill_workers()
         consumed = st.batch_in_epoch - self._epoch_start
         files = self.task.describe_batch(self.sampler, consumed * s.batch_size, s.batch_size)
         raise HungRead(f"no batch arrived in {s.read_timeout:g} s (data.read_timeout): a read hangs (a stalled network "
