@@ -92,6 +92,9 @@ start_munge() {
   chown -R munge:munge "$m"
   chmod 0700 "$m"
   chmod 0600 "$m/munge.key"
+  # munged runs as the munge user: every folder above DIR must let it through
+  runuser -u munge -- test -w "$m" \
+    || die "the munge user cannot reach $m (a folder above it is private, e.g. mode 0700); use a DIR every user can traverse, e.g. bash launch/local_slurm.sh up /tmp/fcmae-slurm"
   # --force: the folder may sit under /tmp (world-writable, sticky), which munged would refuse.
   runuser -u munge -- munged --force --key-file="$m/munge.key" --socket="$m/munge.socket" \
     --pid-file="$m/munged.pid" --log-file="$m/munged.log" --seed-file="$m/munged.seed" \

@@ -269,3 +269,15 @@ def test_an_image_with_nan_pixels_is_a_bad_image_not_a_blow_up(tmp_path, caplog)
                              "data.max_bad_fraction=0.9"), tmp_path / "run")
     assert final.step == 4 and final.bad_images >= 1 and final.blowup_step is None
     assert "nan.npy" in caplog.text and "NaN or Inf" in caplog.text
+
+
+# ---------------------------------------------------------------- small items
+
+def test_a_forgotten_npy_layout_is_named_not_answered_with_64_bands(tmp_path):
+    import numpy as np
+    from fcmae.data.image_io import BandCountError, Channels
+    np.save(tmp_path / "a.npy", np.zeros((3, 64, 64), np.float32))  # (C, H, W) read as (H, W, C)
+    with pytest.raises(BandCountError) as info:
+        Channels("all", None, 3, "hwc").read(tmp_path / "a.npy")
+    assert "data.npy_layout=chw" in info.value.fix
+    assert Channels("all", None, 3, "chw").read(tmp_path / "a.npy").shape == (3, 64, 64)

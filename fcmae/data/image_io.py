@@ -168,7 +168,15 @@ class Channels:
         """A file (a path, or a file object with ``name`` giving its suffix) -> PIL RGB image or tensor."""
         suffix = Path(name if name is not None else str(file)).suffix.lower()
         if suffix == ".npy":
-            return self.convert(read_npy(file, self.npy_layout))
+            a = read_npy(file, self.npy_layout)
+            try:
+                return self.convert(a)
+            except BandCountError as exc:
+                if self.npy_layout == "hwc" and a.shape[0] < min(a.shape[1], a.shape[2]):  # looks like (C, H, W)
+                    raise BandCountError(f"{exc} (an array of shape {a.shape})",
+                                         f"if the arrays are (bands, height, width), set data.npy_layout=chw; "
+                                         f"else {exc.fix}") from None
+                raise
         if self.plain_rgb:
             return open_image(file)
         if suffix in TIFF_SUFFIXES:
