@@ -148,7 +148,8 @@ def resolve_band_stats(cfg, info: DistInfo):
         source = build_source(d, cfg.trainer.seed, channels)
         check_bands(source, channels)
         stats = band_stats(source, d.stats_images, cfg.trainer.seed, cfg.trainer.progress)
-        log.info("data.mean=auto over %d images: data.mean=[%s] data.std=[%s] (pass these to skip the pass)",
+        log.info("data.mean=auto over %d images: data.mean=[%s] data.std=[%s] (pass these to skip the pass in "
+                 "later runs; to continue this one with them, add hydra.run.dir=<its directory>: data.mean names it)",
                  min(d.stats_images, len(source)), ",".join(map(str, stats[0])), ",".join(map(str, stats[1])))
     mean, std = broadcast_object(stats, info)
     return OmegaConf.merge(cfg, {"data": {"mean": list(mean), "std": list(std)}})

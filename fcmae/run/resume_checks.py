@@ -14,6 +14,7 @@ the key:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -60,7 +61,8 @@ def check_setup(path, ck: dict, cfg, info: DistInfo, accum: int, effective: int)
         raise ConfigError(f"{path} was trained with an effective batch of {old_effective}; {'; '.join(explicit)} "
                           f"would make it {effective}, changing the lr, the steps per epoch and the data order of the "
                           "epoch under way: continue with the original values, or " + ANOTHER_RUN)
-    accum = adapt_to_world_size(old_world, old_effective, cfg.data.batch_size, info.world_size)
+    accum = adapt_to_world_size(old_world, old_effective, cfg.data.batch_size, info.world_size,
+                                run_dir=Path(path).parent.parent)
     what = changed_keys(old, new, ("data.batch_size",)) if old else []
     if old_world != info.world_size:
         what.append(f"processes: {old_world} -> {info.world_size}")

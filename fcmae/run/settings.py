@@ -4,6 +4,7 @@ schedule's steps."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -60,7 +61,8 @@ def checkpoint_world(ck: dict) -> tuple[int, int]:
     return world, int(target or (batch or 0) * world * accum)
 
 
-def adapt_to_world_size(old_world: int, old_effective: int, batch_size: int, world_size: int) -> int:
+def adapt_to_world_size(old_world: int, old_effective: int, batch_size: int, world_size: int,
+                        run_dir: Path | str | None = None) -> int:
     """The accumulation that keeps a resumed run's effective batch (and so its lr and schedule) on
     ``world_size`` processes; :class:`ConfigError` with both ways forward when none does."""
     per_step = batch_size * world_size
@@ -71,7 +73,9 @@ def adapt_to_world_size(old_world: int, old_effective: int, batch_size: int, wor
         f"this run was trained with an effective batch of {old_effective} on {old_world} process(es); on "
         f"{world_size} it cannot be kept with data.batch_size={batch_size} ({old_effective} is not a multiple of "
         f"{batch_size} x {world_size}): resume on {old_world} process(es), or set data.batch_size to one that "
-        f"divides it (e.g. {hint}) so that the accumulation makes up the rest")
+        f"divides it (e.g. {hint}) so that the accumulation makes up the rest"
+        + (f", with hydra.run.dir={run_dir} (data.batch_size names the run directory: without it a new run starts at "
+           "step 0)" if run_dir is not None else ""))
 
 
 def loop_settings(cfg, micro_per_epoch: int, accum: int, base_lr: float, precision: str,
