@@ -28,6 +28,7 @@ from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
 from .run import RunData, hydra_entry, run_app
+from .export.convert import DECODER_PREFIXES
 from .run.init_weights import read_init_weights
 from .run.validation import validate
 from .loggers import format_metrics
@@ -106,13 +107,32 @@ def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> 
 
 
 def load_encoder_init(model: FCMAE, path: str, info: DistInfo | None = None) -> None:
-    """Encoder weights from any layout the converter reads; the decoder stays fresh."""
+    """``init_from``: the encoder from any layout the converter reads; the decoder, its projection, the mask
+    token and the prediction head too when the source has them (a run, its checkpoint, ``fcmae-export
+    --format fcmae``) in this model's shapes, so that pretraining continues where the source stopped.
+    An encoder-only source (timm or official release weights, an encoder export) starts a fresh decoder."""
     init = read_init_weights(path, "init_from", model.in_chans, info)
     missing, unexpected = model.encoder.load_state_dict(init.canonical, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"init_from={path}: encoder shape differs from model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pick the matching model=")
-    log.info("initialised the encoder from %s (%s layout); fresh decoder", path, init.layout)
+    decoder = init.decoder
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(DECODER_PREFIXES)}
+    if not decoder:
+        log.info("initialised the encoder from %s (%s layout); fresh decoder (the source holds the encoder only)",
+                 path, init.layout)
+        return
+    differs = sorted(k for k in own if k not in decoder or decoder[k].shape != own[k].shape)
+    if differs or set(decoder) - set(own):
+        log.warning("initialised the encoder from %s; fresh decoder: the source's decoder has other shapes (%s: "
+                    "another model.decoder_embed_dim, decoder_depth or in_chans)", path,
+                    ", ".join((differs or sorted(set(decoder) - set(own)))[:3]))
+        return
+    with torch.no_grad():
+        for k, v in decoder.items():
+            model.state_dict()[k].copy_(v)
+    log.info("initialised the encoder, decoder and mask token from %s (full FCMAE weights): pretraining continues "
+             "from the source model", path)
 
 
 def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:

@@ -37,6 +37,14 @@ FORMATS = ("official", "timm")
 # timm builds the MLP of these sizes as 1x1 convs (conv_mlp=True): fc weights are (4C, C, 1, 1).
 TIMM_CONV_MLP = frozenset({"atto", "femto", "pico", "nano"})
 _DROPPED_PREFIXES = ("proj.", "mask_token", "decoder.", "pred.", "norm.", "head.")
+DECODER_PREFIXES = ("proj.", "mask_token", "decoder.", "pred.")  # an FCMAE model's parts beyond its encoder
+
+
+def decoder_state(obj: Mapping) -> dict[str, torch.Tensor]:
+    """The decoder, its input projection, the mask token and the prediction head of full FCMAE weights
+    (a pretraining checkpoint, or ``fcmae-export --format fcmae``); empty for an encoder-only source."""
+    sd = _strip_prefixes(unwrap_state_dict(obj))
+    return {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
 
 
 def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:

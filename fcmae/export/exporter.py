@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..models.convnextv2 import ConvNeXtV2
 from ..models.variants import find_variant
 from ..storage.run_lock import RunDirectoryUnwritable, check_writable
 from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
-from .convert import (FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
+from .convert import (decoder_state, FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
                       variant_of)
 from .hf import IMAGENET_MEAN, IMAGENET_STD
 
@@ -166,6 +167,8 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
     if format == "hf":
         return _export_hf(src, obj, canonical, layout, name, out, verify, log)
+    if format == "fcmae":
+        return _export_full(src, obj, name, Path(out) if out else default_out, verify, log)
     sd = canonical_to_format(canonical, format)
     out = Path(out) if out else src.with_name(f"{src.stem}_{format}.safetensors")
     save_state_dict(sd, out, metadata={"format": format, "model": name, "source_layout": layout})
@@ -178,6 +181,40 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     if verify:
         err, what = verify_export(out, format, canonical, obj, layout)
         log(f"verified: {what} (relative error {err:.1e})")
+    return out
+
+
+def full_model_config(obj: Mapping) -> dict:
+    """What builds the FCMAE model a pretraining checkpoint holds, and how its input is made: the
+    model keys of its config, the patch size, and the data's normalisation and bands."""
+    cfg = obj.get("config") or {}
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    keys = ("name", "depths", "dims", "in_chans", "decoder_depth", "decoder_embed_dim", "mask_ratio", "norm_pix_loss")
+    return {**{k: model.get(k) for k in keys}, "patch_size": 32, "img_size": data.get("img_size"),
+            "mean": data.get("mean"), "std": data.get("std"), "channels": data.get("channels"),
+            "bands": data.get("bands")}
+
+
+def _export_full(src: Path, obj: Mapping, name: str, out: Path, verify: bool, log) -> Path:
+    """``--format fcmae``: the whole FCMAE model of a pretraining checkpoint (encoder, decoder, mask token,
+    prediction head) in our own keys, with the model's config in the metadata: what ``init_from`` needs to
+    continue pretraining where the source stopped."""
+    if not isinstance(obj.get("model"), Mapping) or not decoder_state(obj) or not obj.get("config"):
+        raise CheckpointError(f"{src} holds no full FCMAE model (a decoder and the run's config): --format fcmae "
+                              "exports a pretraining run or checkpoint of ours; use --format timm for encoder weights")
+    sd = {k: v for k, v in obj["model"].items() if isinstance(v, torch.Tensor)}
+    config = full_model_config(obj)
+    save_state_dict(sd, out, metadata={"format": "fcmae", "model": name, "fcmae_config": json.dumps(config),
+                                       "step": obj.get("step")})
+    log(f"read {src} (a pretraining checkpoint, {name}, step {obj.get('step')})")
+    log(f"wrote {out} (fcmae format: encoder, decoder and mask token, {len(sd)} tensors, "
+        f"{out.stat().st_size / 2**20:.1f} MiB); continue pretraining from it with init_from={out}")
+    if verify:
+        back = load_state_dict_file(out)
+        same = set(back) == set(sd) and all(torch.equal(back[k], sd[k].cpu()) for k in sd)
+        if not same:
+            raise CheckpointError(f"{out}: verification FAILED, the written tensors differ from the checkpoint's")
+        log(f"verified: the file holds the checkpoint's {len(sd)} tensors bit for bit")
     return out
 
 
@@ -231,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file (ours, official sparse or dense, timm) or a pretraining run directory")
     p.add_argument("--from-official", metavar="FILE",
                    help="an official FCMAE checkpoint (released *_fcmae.pt, or a sparse MinkowskiEngine one)")
-    p.add_argument("--format", choices=FORMATS + ("hf",), default="timm",
+    p.add_argument("--format", choices=FORMATS + ("hf", "fcmae"), default="timm",
                    help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default); "
-                        "hf: a Hugging Face transformers folder (ConvNextV2Model)")
+                        "hf: a Hugging Face transformers folder (ConvNextV2Model); fcmae: the whole FCMAE model "
+                        "(encoder, decoder, mask token) with its config, to continue pretraining (init_from=)")
     p.add_argument("--out", help="output .safetensors or .pth (an existing folder: the default name inside it), "
                    "a folder for --format hf (default: next to the checkpoint)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a fcmae-finetune checkpoint")

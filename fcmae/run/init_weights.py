@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..storage.checkpoint import read_checkpoint
 from ..distributed import DistInfo
-from ..export.convert import adapt_stem, to_canonical
+from ..export.convert import adapt_stem, decoder_state, to_canonical
 from .ranks import read_checkpoint_agreed
 
 log = logging.getLogger("fcmae")
@@ -21,6 +21,7 @@ class InitWeights:
     source: Path  # the file read (a run directory resolves to its newest whole checkpoint)
     canonical: dict  # the encoder's weights in the converter's canonical layout, stem adapted
     layout: str  # the layout they were found in
+    decoder: dict  # full FCMAE weights' decoder, projection, mask token and head (empty: encoder only)
 
 
 def read_init_weights(path: str | Path, key: str, in_chans: int, info: DistInfo | None = None) -> InitWeights:
@@ -31,4 +32,4 @@ def read_init_weights(path: str | Path, key: str, in_chans: int, info: DistInfo 
     if adapted:
         log.warning("%s=%s holds RGB weights; model.in_chans=%d: the stem starts from %s", key, path, in_chans,
                     adapted)
-    return InitWeights(Path(src), canonical, layout)
+    return InitWeights(Path(src), canonical, layout, decoder_state(obj) if not adapted else {})
