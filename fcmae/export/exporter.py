@@ -23,6 +23,7 @@ from ..storage.run_lock import RunDirectoryUnwritable, check_writable
 from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
 from .convert import (decoder_state, FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
                       variant_of)
+from .described import input_description, write_timm_folder
 from .hf import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -153,8 +154,10 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     if require_official and layout not in OFFICIAL_LAYOUTS:
         raise CheckpointError(f"{src} has the {layout} layout, not an official FCMAE one (dense or "
                               "MinkowskiEngine sparse keys); pass it without --from-official")
-    default_out = src.with_name(f"{src.stem}_hf" if format == "hf" else f"{src.stem}_{format}.safetensors")
-    if format != "hf" and out is not None:
+    folder = format in ("hf", "timm-dir")
+    default_out = src.with_name(f"{src.stem}_{format.replace('-dir', '')}" if folder else
+                                f"{src.stem}_{format}.safetensors")
+    if not folder and out is not None:
         out = Path(out)
         if out.is_dir():  # a folder: the default file name, inside it
             out = out / default_out.name
@@ -169,9 +172,15 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
         return _export_hf(src, obj, canonical, layout, name, out, verify, log)
     if format == "fcmae":
         return _export_full(src, obj, name, Path(out) if out else default_out, verify, log)
+    described = input_description(obj)
+    metadata = {"format": format, "model": name, "source_layout": layout,
+                **({"input": json.dumps(described)} if described else {})}
+    if format == "timm-dir":
+        return _export_timm_folder(src, canonical, layout, name, variant, Path(out) if out else default_out,
+                                   described, metadata, verify, log, obj)
     sd = canonical_to_format(canonical, format)
     out = Path(out) if out else src.with_name(f"{src.stem}_{format}.safetensors")
-    save_state_dict(sd, out, metadata={"format": format, "model": name, "source_layout": layout})
+    save_state_dict(sd, out, metadata=metadata)
     params = sum(v.numel() for k, v in sd.items() if not k.startswith("head."))
     described = {"official": "official dense keys (ours or a release)",
                  "minkowski": "official sparse MinkowskiEngine keys", "timm": "timm keys"}.get(layout, layout)
@@ -215,6 +224,24 @@ def _export_full(src: Path, obj: Mapping, name: str, out: Path, verify: bool, lo
         if not same:
             raise CheckpointError(f"{out}: verification FAILED, the written tensors differ from the checkpoint's")
         log(f"verified: the file holds the checkpoint's {len(sd)} tensors bit for bit")
+    return out
+
+
+def _export_timm_folder(src: Path, canonical, layout: str, name: str, variant, out: Path, described, metadata: dict,
+                        verify: bool, log, obj) -> Path:
+    """``--format timm-dir``: timm's model folder (:mod:`fcmae.export.described`)."""
+    if variant is None:
+        raise CheckpointError(f"{src} is a {name}: timm has no architecture of that shape; use --format timm "
+                              "and build the model yourself")
+    in_chans = in_chans_of(canonical)
+    write_timm_folder(canonical_to_format(canonical, "timm"), out, name, described, in_chans,
+                      {**metadata, "format": "timm"})
+    log(f"read {src} ({layout} layout, {name})")
+    log(f"wrote {out}/ (config.json and model.safetensors: timm.create_model('local-dir:{out}', pretrained=True); "
+        f"{'mean/std of the run' if described else 'no input description in the source: ImageNet mean/std'})")
+    if verify:
+        err, what = verify_export(out / "model.safetensors", "timm", canonical, obj, layout)
+        log(f"verified: {what} (relative error {err:.1e})")
     return out
 
 
@@ -268,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file (ours, official sparse or dense, timm) or a pretraining run directory")
     p.add_argument("--from-official", metavar="FILE",
                    help="an official FCMAE checkpoint (released *_fcmae.pt, or a sparse MinkowskiEngine one)")
-    p.add_argument("--format", choices=FORMATS + ("hf", "fcmae"), default="timm",
+    p.add_argument("--format", choices=FORMATS + ("timm-dir", "hf", "fcmae"), default="timm",
                    help="official: keys of the official convnextv2.py; timm: timm convnextv2_<size> (default); "
-                        "hf: a Hugging Face transformers folder (ConvNextV2Model); fcmae: the whole FCMAE model "
+                        "timm-dir: a timm model folder (config.json with the run's mean/std, model.safetensors) for "
+                        "timm.create_model('local-dir:DIR'); hf: a Hugging Face transformers folder (ConvNextV2Model); fcmae: the whole FCMAE model "
                         "(encoder, decoder, mask token) with its config, to continue pretraining (init_from=)")
     p.add_argument("--out", help="output .safetensors or .pth (an existing folder: the default name inside it), "
                    "a folder for --format hf (default: next to the checkpoint)")

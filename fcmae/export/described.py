@@ -1,0 +1,68 @@
+"""Exports that describe themselves: what input a model expects (bands, their order, the scaling of
+the pixels, the normalisation), read from the run that trained it and written with its weights:
+
+- :func:`input_description`: the facts, from a training checkpoint's config (None for weights from
+  elsewhere: a timm file, an official release);
+- :func:`write_timm_folder`: timm's model-folder convention (``config.json`` + ``model.safetensors``),
+  which ``timm.create_model("local-dir:PATH", pretrained=True)`` builds (``features_only=True``
+  included) and whose ``pretrained_cfg`` gives ``timm.data.resolve_data_config`` our mean and std.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..storage.files import write_atomic
+from ..storage.weights_file import save_state_dict
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# How a file's pixels became the numbers the mean/std apply to (fcmae.data.image_io).
+SCALING = {
+    "rgb": "8-bit RGB, uint8 / 255 (16-bit files are reduced to 8 bits first)",
+    "grey": "one band: integers / their type's largest value (uint8 255, uint16 65535, int16 32767), floats as "
+            "they are; RGB files as ITU-R 601-2 luma",
+    "all": "every band: integers / their type's largest value (uint8 255, uint16 65535, int16 32767), floats as "
+           "they are (not / 10000: divide Sentinel-2 style reflectances by 65535 to match)",
+}
+
+
+def input_description(obj: Mapping) -> dict | None:
+    """The input a training checkpoint's model expects: ``in_chans``, ``img_size``, ``channels``, ``bands``
+    (indices into the files' bands, from 0), ``scaling``, ``mean``, ``std`` (after the scaling)."""
+    cfg = obj.get("config") if isinstance(obj, Mapping) else None
+    data, model = (cfg or {}).get("data") or {}, (cfg or {}).get("model") or {}
+    if not data or data.get("mean") in (None, "auto"):
+        return None
+    channels = data.get("channels") or "rgb"
+    return {"in_chans": model.get("in_chans", 3), "img_size": data.get("img_size"), "channels": channels,
+            "bands": data.get("bands"), "scaling": SCALING.get(channels, SCALING["all"]),
+            "mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]]}
+
+
+def write_timm_folder(sd: Mapping[str, torch.Tensor], out: Path, architecture: str, described: dict | None,
+                      in_chans: int, metadata: dict) -> Path:
+    """``out/model.safetensors`` and ``out/config.json`` (timm's model folder); without a description of
+    the input (weights from elsewhere) ImageNet's mean and std are written, as timm's own weights carry."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(sd, out / "model.safetensors", metadata=metadata)
+    size = (described or {}).get("img_size") or 224
+    config = {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": int(sd["head.norm.weight"].shape[0]),
+        "model_args": {"in_chans": in_chans},
+        "pretrained_cfg": {
+            "input_size": [in_chans, size, size], "interpolation": "bicubic", "crop_pct": 1.0,
+            "mean": (described or {}).get("mean") or IMAGENET_MEAN[:in_chans],
+            "std": (described or {}).get("std") or IMAGENET_STD[:in_chans],
+            "num_classes": 0, "first_conv": "stem.0", "classifier": "head.fc",
+        },
+        # ours, beside timm's fields (timm reads only its own): how the pixels were made
+        "fcmae_input": described or {"note": "the source recorded no input description; ImageNet's mean/std"},
+    }
+    write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"), "export")
+    return out

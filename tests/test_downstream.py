@@ -1,0 +1,116 @@
+"""Exports as backbones (#41): a timm model folder that describes its own input (timm builds it with
+the run's mean/std, also as a ``features_only`` backbone whose four maps equal the encoder's dense
+stages, RGB and 12-band), and that backbone under a torchvision detector and a segmentation head,
+each taking a training step."""
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fcmae.export.convert import to_canonical
+from fcmae.export.exporter import export
+from fcmae.models.convnextv2 import ConvNeXtV2
+from fcmae.models.fcmae import FCMAE
+from fcmae.pretrain import run
+from fcmae.storage.checkpoint import load_checkpoint
+
+from conftest import rel_err
+from test_pretrain import make_cfg
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("source")
+    run(make_cfg("trainer.max_steps=2"), run_dir)
+    return run_dir
+
+
+def _stages(canonical, imgs):
+    """The encoder's four dense stage outputs (the independent reference)."""
+    in_chans = canonical["downsample_layers.0.0.weight"].shape[1]
+    model = ConvNeXtV2((2, 2, 6, 2), (40, 80, 160, 320), in_chans, num_classes=0).eval()
+    model.load_state_dict(canonical, strict=False)  # norm/head: not the encoder's
+    outs, x = [], imgs
+    with torch.no_grad():
+        for down, stage in zip(model.downsample_layers, model.stages):
+            x = stage(down(x))
+            outs.append(x)
+    return outs
+
+
+def _backbone(folder):
+    return timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True, out_indices=(0, 1, 2, 3))
+
+
+def test_a_timm_folder_carries_the_run_s_normalisation_and_builds_a_features_only_backbone(source_run, tmp_path):
+    out = export(source_run, "timm-dir", out=tmp_path / "atto", log=lambda _: None)
+    ck = load_checkpoint(source_run / "checkpoints/last.pt")
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert list(data_cfg["mean"]) == pytest.approx(ck["config"]["data"]["mean"])
+    assert list(data_cfg["std"]) == pytest.approx(ck["config"]["data"]["std"])
+    imgs = torch.randn(2, 3, 64, 64)
+    feats = _backbone(out).eval()(imgs)
+    ref = _stages(to_canonical(ck)[0], imgs)
+    assert [f.shape[1] for f in feats] == [40, 80, 160, 320]
+    assert max(rel_err(a, b) for a, b in zip(feats, ref)) < 1e-5
+
+
+def test_a_twelve_band_export_builds_the_same_way(tmp_path):
+    fcmae = FCMAE(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), in_chans=12, decoder_embed_dim=32)
+    config = {"model": {"in_chans": 12}, "data": {"img_size": 64, "channels": "all", "bands": None,
+                                                  "mean": [0.1 * i for i in range(12)], "std": [0.5] * 12}}
+    torch.save({"model": fcmae.state_dict(), "config": config}, tmp_path / "twelve.pt")
+    out = export(tmp_path / "twelve.pt", "timm-dir", out=tmp_path / "twelve", log=lambda _: None)
+    assert '"in_chans": 12' in (out / "config.json").read_text() and "65535" in (out / "config.json").read_text()
+    imgs = torch.randn(1, 12, 64, 64)
+    feats = _backbone(out).eval()(imgs)
+    ref = _stages(to_canonical({"model": fcmae.state_dict()})[0], imgs)
+    assert max(rel_err(a, b) for a, b in zip(feats, ref)) < 1e-5
+
+
+class FeaturePyramid(nn.Module):
+    """A timm ``features_only`` backbone under torchvision's FPN: what torchvision's detectors take."""
+
+    def __init__(self, body, out_channels: int = 32):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+        self.body, self.out_channels = body, out_channels
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
+
+    def forward(self, x):
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def _changed_after_one_step(model, loss_fn):
+    first = next(model.parameters()).detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = loss_fn()
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    return not torch.equal(first, next(model.parameters()))
+
+
+@pytest.mark.slow
+def test_a_torchvision_detector_and_a_segmentation_head_train_a_step_on_the_backbone(source_run, tmp_path):
+    from torchvision.models.detection import FasterRCNN
+    folder = export(source_run, "timm-dir", out=tmp_path / "atto", log=lambda _: None, verify=False)
+    detector = FasterRCNN(FeaturePyramid(_backbone(folder)), num_classes=3, min_size=128, max_size=128).train()
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 120.0]]), "labels": torch.tensor([2])}]
+    assert _changed_after_one_step(detector, lambda: sum(detector(images, targets).values()))
+
+    backbone = _backbone(folder)
+    head = nn.Conv2d(backbone.feature_info.channels()[0], 4, 1)
+    segmenter = nn.ModuleDict({"backbone": backbone, "head": head}).train()
+    x, masks = torch.rand(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+
+    def seg_loss():
+        logits = nn.functional.interpolate(head(backbone(x)[0]), size=(64, 64), mode="bilinear")
+        return nn.functional.cross_entropy(logits, masks)
+    assert _changed_after_one_step(segmenter, seg_loss)
