@@ -114,3 +114,33 @@ def test_a_torchvision_detector_and_a_segmentation_head_train_a_step_on_the_back
         logits = nn.functional.interpolate(head(backbone(x)[0]), size=(64, 64), mode="bilinear")
         return nn.functional.cross_entropy(logits, masks)
     assert _changed_after_one_step(segmenter, seg_loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 16])
+def test_the_hf_processor_reproduces_the_pretraining_input(tmp_path, bits):
+    """Before: rescale 1/255 always, so a 16-bit band reached the model ~257x too large."""
+    import numpy as np
+    from PIL import Image
+    transformers = pytest.importorskip("transformers")
+    from fcmae.data.image_io import Channels
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        if bits == 16:
+            np.save(root / f"{i}.npy", rng.integers(0, 65535, (64, 64, 3), dtype=np.uint16))
+        else:
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    channels = ["data.channels=all"] if bits == 16 else []
+    run(make_cfg("data.source=folder", f"data.root={root}", *channels, "data.mean=[0.3,0.5,0.4]",
+                 "data.std=[0.2,0.25,0.3]", "trainer.max_steps=1"), tmp_path / "run")
+    folder = export(tmp_path / "run", "hf", tmp_path / "hf", log=lambda _: None, verify=False)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    file = next(root.iterdir())
+    raw = np.load(file) if bits == 16 else np.asarray(Image.open(file))
+    got = processor(raw, do_resize=False, return_tensors="pt")["pixel_values"][0]
+    read = Channels("all" if bits == 16 else "rgb", None, 3).read(file)
+    x = read if bits == 16 else torch.from_numpy(np.asarray(read, dtype=np.float32) / 255).permute(2, 0, 1)
+    want = (x - torch.tensor([0.3, 0.5, 0.4])[:, None, None]) / torch.tensor([0.2, 0.25, 0.3])[:, None, None]
+    assert torch.allclose(got.float(), want, atol=1e-5), (got - want).abs().max()

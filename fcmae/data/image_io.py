@@ -83,6 +83,21 @@ class BandCountError(DataError):
         self.fix = fix
 
 
+def pixel_type(file, channels: "Channels") -> str:
+    """The type of a file's pixels as the run reads them (``uint8``, ``uint16``, ``float32``, ...): with
+    :data:`INT_SCALE` it says how raw pixels became the numbers ``data.mean/std`` apply to, which an
+    export records (a Hugging Face processor rescales by it)."""
+    suffix = Path(str(file)).suffix.lower()
+    if suffix == ".npy":
+        return str(np.load(file, mmap_mode="r", allow_pickle=False).dtype)
+    if channels.plain_rgb:
+        return "uint8"  # every file is reduced to 8-bit RGB
+    if suffix in TIFF_SUFFIXES:
+        return str(read_tiff(file).dtype)
+    with Image.open(file) as img:
+        return str(pil_bands(img).dtype)
+
+
 def pil_bands(img: Image.Image) -> np.ndarray:
     """``[H, W, C]`` in the image's own dtype (uint8, uint16, int32, float32), EXIF orientation applied;
     palette and CMYK/YCbCr images as RGB(A)."""

@@ -58,9 +58,18 @@ class KeyedSamples(Dataset):
 
     def __init__(self, source: Dataset, transform, seed: int = 0):
         self.source, self.transform, self.seed = source, transform, seed
+        self._pixel_type: str | None = None
 
     def __len__(self) -> int:
         return len(self.source)
+
+    @property
+    def pixel_type(self) -> str | None:
+        """The source's pixel type (read once; checkpoints record it for exports)."""
+        if self._pixel_type is None:
+            from .sources import first_pixel_type
+            self._pixel_type = first_pixel_type(self.source) or ""
+        return self._pixel_type or None
 
     def _describe(self, index: int) -> str:
         return describe_sample(self.source, index)

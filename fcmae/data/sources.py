@@ -213,6 +213,24 @@ def fashion_mnist(root: str | None, split: str, channels: Channels = RGB) -> Fas
     except FashionMNISTError as exc:
         raise DataError(str(exc)) from None
 
+def first_pixel_type(source: Dataset) -> str | None:
+    """The pixel type of the source's first readable file (:func:`fcmae.data.image_io.pixel_type`); the
+    8-bit built-in sources say ``uint8``; None where it cannot tell (shards, an unreadable start)."""
+    from .image_io import pixel_type
+    while hasattr(source, "source") and not isinstance(source, ImageFiles):  # subsets wrap their source
+        source = source.source
+    if isinstance(source, ImageFiles):
+        for path in source.paths[:5]:
+            try:
+                return pixel_type(path, source.channels)
+            except Exception:  # unreadable: the next may tell
+                continue
+        return None
+    if isinstance(source, (SyntheticImages, FashionMNIST)):
+        return "uint8"
+    return None
+
+
 def describe_sample(source: Dataset, index: int) -> str:
     """The file path of a sample when the source knows it, for error messages."""
     describe = getattr(source, "describe", None)

@@ -27,14 +27,15 @@ class TrainingCheckpoint:
     effective_batch: int | None = None  # images per optimizer step over all ranks
     config: dict = field(default_factory=dict)  # the resolved config the run trained with
     data_images: int | None = None  # how many images the training data held (a resume checks it)
+    pixel_type: str | None = None  # its files' pixel type (uint8, uint16, float32): how exports rescale
     task: dict = field(default_factory=dict)  # the task's own state (Task.state_dict), stored flat
 
-    _OWN = ("model", "optimizer", "scaler", "rng", "world_size", "effective_batch", "config", "data_images")
+    _OWN = ("model", "optimizer", "scaler", "rng", "world_size", "effective_batch", "config", "data_images", "pixel_type")
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, **self.loop.to_dict(),
                "rng": self.rng, "world_size": self.world_size, "effective_batch": self.effective_batch,
-               "config": self.config, "data_images": self.data_images}
+               "config": self.config, "data_images": self.data_images, "pixel_type": self.pixel_type}
         clash = set(self.task) & set(out)
         if clash:
             raise ValueError(f"the task's checkpoint entries {sorted(clash)} collide with the checkpoint's own")
@@ -52,5 +53,5 @@ class TrainingCheckpoint:
         return cls(model=d["model"], optimizer=d["optimizer"], loop=loop, scaler=d.get("scaler"),
                    rng=list(d.get("rng") or []), world_size=d.get("world_size") or len(d.get("rng") or [None]),
                    effective_batch=d.get("effective_batch"), config=d.get("config") or {},
-                   data_images=d.get("data_images"),
+                   data_images=d.get("data_images"), pixel_type=d.get("pixel_type"),
                    task={k: v for k, v in d.items() if k not in mine})

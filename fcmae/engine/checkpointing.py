@@ -33,6 +33,7 @@ class Checkpointing:
             rng=all_gather_objects(capture_rng(), p.dist), world_size=p.dist.world_size,
             effective_batch=self.settings.batch_size * self.settings.accum * p.dist.world_size, config=p.config,
             data_images=len(p.sampler.dataset) if hasattr(p.sampler, "dataset") else None,
+            pixel_type=getattr(getattr(p.sampler, "dataset", None), "pixel_type", None),
             task=self.task.state_dict()).to_dict()
 
     def due(self) -> bool:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..storage.files import write_atomic
@@ -30,6 +31,18 @@ SCALING = {
 }
 
 
+def rescale_factor(pixel_type: str | None, channels: str = "rgb") -> float | None:
+    """What raw pixels are multiplied by to reach the run's units: 1 / the integer type's largest value
+    (as the run's reader divides), None for floats (taken as they are) and for an unknown type, except
+    8-bit RGB, which every ``rgb`` run reads."""
+    if not pixel_type:
+        return 1 / 255 if channels == "rgb" else None
+    kind = np.dtype(pixel_type)
+    if kind == np.bool_:
+        return 1.0
+    return 1 / float(np.iinfo(kind).max) if kind.kind in "iu" else None
+
+
 def input_description(obj: Mapping) -> dict | None:
     """The input a training checkpoint's model expects: ``in_chans``, ``img_size``, ``channels``, ``bands``
     (indices into the files' bands, from 0), ``scaling``, ``mean``, ``std`` (after the scaling)."""
@@ -38,8 +51,13 @@ def input_description(obj: Mapping) -> dict | None:
     if not data or data.get("mean") in (None, "auto"):
         return None
     channels = data.get("channels") or "rgb"
+    pixel_type = obj.get("pixel_type")
+    factor = rescale_factor(pixel_type, channels)
+    scaling = SCALING.get(channels, SCALING["all"])
+    if pixel_type:
+        scaling = f"{pixel_type} files: " + (f"x {factor:.10g} (1 / {round(1 / factor)})" if factor else "as they are")
     return {"in_chans": model.get("in_chans", 3), "img_size": data.get("img_size"), "channels": channels,
-            "bands": data.get("bands"), "scaling": SCALING.get(channels, SCALING["all"]),
+            "bands": data.get("bands"), "pixel_type": pixel_type, "rescale_factor": factor, "scaling": scaling,
             "mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]]}
 
 

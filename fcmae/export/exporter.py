@@ -23,7 +23,7 @@ from ..storage.run_lock import RunDirectoryUnwritable, check_writable
 from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
 from .convert import (decoder_state, FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
                       variant_of)
-from .described import input_description, write_timm_folder
+from .described import input_description, rescale_factor, write_timm_folder
 from .hf import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -278,9 +278,16 @@ def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, 
         result.update(err=err, what=what)
 
     log(f"read {src} ({layout} keys, {name})")
+    channels = data.get("channels") or "rgb"
+    rescale = rescale_factor(obj.get("pixel_type"), channels)
+    if rescale is None and not obj.get("pixel_type"):
+        log("warning: the source does not record its files' pixel type: the processor does not rescale; feed it "
+            "pixels as the run read them (integers divided by their type's largest value)")
+    described = input_description(obj)
     write_hf(canonical, depths, dims, out, int(data.get("img_size") or 224), data.get("mean") or IMAGENET_MEAN,
-             data.get("std") or IMAGENET_STD, metadata={"format": "hf", "model": name, "source_layout": layout},
-             check=check if verify else None)
+             data.get("std") or IMAGENET_STD, check=check if verify else None, rescale=rescale,
+             metadata={"format": "hf", "model": name, "source_layout": layout,
+                       **({"input": json.dumps(described)} if described else {})})
     params = sum(v.numel() for v in canonical.values())
     log(f"wrote {out}/ (transformers ConvNextV2Model: config.json, model.safetensors, preprocessor_config.json; "
         f"{params / 1e6:.2f}M encoder parameters)")

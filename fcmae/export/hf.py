@@ -62,12 +62,14 @@ def hf_config(depths, dims, image_size: int, num_channels: int = 3) -> dict:
     }
 
 
-def preprocessor_config(image_size: int, mean, std) -> dict:
-    """The evaluation transform of our fine-tuning (resize to size / 0.875, centre crop, normalise)."""
+def preprocessor_config(image_size: int, mean, std, rescale: float | None = 1 / 255) -> dict:
+    """The evaluation transform of our fine-tuning (resize to size / 0.875, centre crop, normalise), with
+    the run's own pixel scaling (``rescale``: 1/255 for 8-bit, 1/65535 for 16-bit files, None for floats),
+    so that raw pixels reach the model as they reached it in pretraining."""
     return {
         "image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "crop_pct": 0.875, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(mean), "image_std": list(std),
+        "crop_pct": 0.875, "resample": 3, "do_rescale": rescale is not None, "rescale_factor": rescale or 1.0,
+        "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
     }
 
 
@@ -81,7 +83,8 @@ def require_transformers():
 
 
 def write_hf(canonical: Mapping[str, torch.Tensor], depths, dims, out: Path, image_size: int = 224,
-             mean=IMAGENET_MEAN, std=IMAGENET_STD, metadata: dict | None = None, check=None) -> Path:
+             mean=IMAGENET_MEAN, std=IMAGENET_STD, metadata: dict | None = None, check=None,
+             rescale: float | None = 1 / 255) -> Path:
     """Write the folder next to ``out``, run ``check(folder)`` on it, and move it into place: an
     interrupted or failed export leaves no folder that looks whole. An existing ``out`` is replaced
     only if it is an earlier export."""
@@ -98,7 +101,7 @@ def write_hf(canonical: Mapping[str, torch.Tensor], depths, dims, out: Path, ima
             save_state_dict(canonical_to_hf(canonical, dims), tmp / "model.safetensors", metadata=metadata)
             config = hf_config(depths, dims, image_size, in_chans_of(canonical))
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std),
+            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std, rescale),
                                                                      indent=2) + "\n")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
