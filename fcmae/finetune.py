@@ -23,13 +23,16 @@ from .export.convert import canonical_to_format, infer_shape, variant_of
 from .storage.weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
                    class_names_of, eval_transform, finetune_transform, labelled_source, num_classes_of)
-from .distributed import DistInfo, all_reduce_sum
+from .data.image_io import auto_band_stats
+from .data.stats import band_stats
+from .distributed import DistInfo, all_reduce_sum, broadcast_object
+from .export.hf import IMAGENET_MEAN, IMAGENET_STD
 from .engine import LoopState, Task
 from .evaluation import inference
 from .loggers import track
 from .optim import adamw, layer_decay_groups
 from .run import RunData, hydra_entry, run_app
-from .run.init_weights import read_init_weights
+from .run.init_weights import read_init_weights, read_input_normalisation
 from .run.validation import validate_finetune
 
 log = logging.getLogger("fcmae")
@@ -177,6 +180,10 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     if not cfg.model.init_from:
         raise ConfigError("eval_only=true needs model.init_from=RUN_DIR_OR_CHECKPOINT (a fine-tuned classifier)")
     src, ck = read_checkpoint(cfg.model.init_from)
+    if cfg.data.mean is None or cfg.data.std is None or auto_band_stats(cfg.data):  # the run's own
+        data = (ck.get("config") or {}).get("data") or {}
+        cfg = OmegaConf.merge(cfg, {"data": {"mean": list(data.get("mean") or IMAGENET_MEAN),
+                                             "std": list(data.get("std") or IMAGENET_STD)}})
     weights = {"val": ck.get("model", ck)}
     if isinstance(ck.get("model_ema"), dict):
         weights["val_ema"] = ck["model_ema"]
@@ -206,6 +213,37 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     return out
 
 
+STATS_IMAGES = 1000  # data.mean=auto: a seeded draw of this many training images, as pretraining's default
+
+
+def resolve_normalisation(cfg, train_src, info: DistInfo):
+    """``data.mean/std`` for fine-tuning: as given; ``auto``: computed over the training images (rank 0,
+    shared); null: what ``model.init_from`` records (the pretraining run's, in its units), else ImageNet's
+    for 3 bands. Returns the config with the numbers in place (what checkpoints carry)."""
+    d, m = cfg.data, cfg.model
+    if auto_band_stats(d):
+        images = min(STATS_IMAGES, len(train_src))
+        stats = band_stats(train_src, images, cfg.trainer.seed, cfg.trainer.progress) if info.is_main else None
+        mean, std = broadcast_object(stats, info)
+        how = f"computed over {images} training images (data.mean=auto)"
+    elif d.mean is None or d.std is None:
+        described = read_input_normalisation(m.init_from) if m.init_from else None
+        if described and len(described["mean"]) == m.in_chans:
+            mean, std = described["mean"], described["std"]
+            how = f"from model.init_from={m.init_from} (pixels: {described.get('scaling', 'not recorded')})"
+        elif m.in_chans == 3:
+            mean, std, how = IMAGENET_MEAN, IMAGENET_STD, "ImageNet's (model.init_from records none)"
+        else:
+            raise ConfigError(f"data.mean/std: model.init_from records no normalisation for {m.in_chans} bands; "
+                              "pass data.mean=[...] data.std=[...] (fcmae-stats prints them) or data.mean=auto")
+    else:
+        return cfg
+    if info.is_main:
+        log.info("data.mean=[%s] data.std=[%s]: %s", ",".join(f"{v:.4g}" for v in mean),
+                 ",".join(f"{v:.4g}" for v in std), how)
+    return OmegaConf.merge(cfg, {"data": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}})
+
+
 class FinetuneApp:
     """``fcmae-finetune`` for :func:`fcmae.run.run_app`: labelled images, timm's dense ConvNeXt V2
     classifier, AdamW over the official layer-decay groups, cross-entropy with mixup and EMA."""
@@ -226,6 +264,8 @@ class FinetuneApp:
         train_src = labelled_source(d.source, d.train_root, "train", d.synthetic_images, d.synthetic_classes,
                                     d.img_size, t.seed, d.labels_per_class, d.labels_seed, channels=channels)
         check_bands(train_src, channels, "data.train_root")
+        cfg = resolve_normalisation(cfg, train_src, info)
+        d = cfg.data
         class_names = class_names_of(train_src)
         val_src, val_loader = build_val_loader(cfg, info, t.seed, class_names)
         num_classes = cfg.model.num_classes or num_classes_of(train_src)

@@ -144,3 +144,30 @@ def test_the_hf_processor_reproduces_the_pretraining_input(tmp_path, bits):
     x = read if bits == 16 else torch.from_numpy(np.asarray(read, dtype=np.float32) / 255).permute(2, 0, 1)
     want = (x - torch.tensor([0.3, 0.5, 0.4])[:, None, None]) / torch.tensor([0.2, 0.25, 0.3])[:, None, None]
     assert torch.allclose(got.float(), want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.slow
+def test_fine_tuning_takes_the_normalisation_of_its_source_or_computes_it(tmp_path, caplog):
+    """Before: a 4-band init without data.mean stopped asking for 4 numbers, and data.mean=auto was refused."""
+    import logging
+    import numpy as np
+    from test_finetune import FT_TINY, compose_cfg
+    from fcmae.finetune import run as finetune
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "tiles" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            np.save(tmp_path / "tiles" / f"c{c}" / f"{i}.npy", rng.integers(0, 65535, (64, 64, 4), dtype=np.uint16))
+    tiles = tmp_path / "tiles"
+    run(make_cfg("data.source=imagefolder", f"data.root={tiles}", "data.channels=all", "model.in_chans=4",
+                 "data.mean=auto", "trainer.max_steps=1"), tmp_path / "pre")
+    pre_mean = load_checkpoint(tmp_path / "pre/checkpoints/last.pt")["config"]["data"]["mean"]
+    data = [*FT_TINY, "data.source=imagefolder", f"data.train_root={tiles}", f"data.val_root={tiles}",
+            "data.channels=all", "model.in_chans=4", "trainer.max_steps=1", "data.auto_augment=null"]
+    with caplog.at_level(logging.INFO, logger="fcmae"):
+        finetune(compose_cfg("finetune", *data, f"model.init_from={tmp_path / 'pre'}"), tmp_path / "ft")
+    assert "from model.init_from=" in caplog.text and "uint16 files" in caplog.text
+    assert load_checkpoint(tmp_path / "ft/checkpoints/last.pt")["config"]["data"]["mean"] == pytest.approx(pre_mean)
+    finetune(compose_cfg("finetune", *data, "data.mean=auto"), tmp_path / "ft_auto")
+    auto_mean = load_checkpoint(tmp_path / "ft_auto/checkpoints/last.pt")["config"]["data"]["mean"]
+    assert len(auto_mean) == 4 and auto_mean == pytest.approx([0.5] * 4, abs=0.05)

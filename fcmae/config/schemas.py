@@ -232,8 +232,10 @@ class FinetuneDataConfig(ImageDataConfig):
     re_mode: str = "pixel"  # const | rand | pixel
     re_count: int = 1
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, centre crop (plain resize at >= 384)
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # no auto here: the pretraining's
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # null: from model.init_from's run or export where it records them, else ImageNet's (3 bands); auto:
+    # computed at start over the training images; or one number per band
+    mean: Any = None
+    std: Any = None
 
 
 @dataclass

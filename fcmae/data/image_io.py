@@ -252,7 +252,7 @@ def auto_band_stats(data_cfg) -> bool:
     return "auto" in (data_cfg.mean, data_cfg.std)
 
 
-def check_channels(d, in_chans: int, check, auto_stats: bool = False) -> None:
+def check_channels(d, in_chans: int, check, auto_stats: bool = False, from_source: bool = False) -> None:
     """data.channels / data.bands / data.mean / data.std against model.in_chans: one line per problem
     (``check(ok, message)`` collects them; :mod:`fcmae.run.validation` runs it with the config's own)."""
     check(d.channels in CHANNEL_MODES, f"data.channels={d.channels!r}; use rgb, grey or all")
@@ -270,6 +270,8 @@ def check_channels(d, in_chans: int, check, auto_stats: bool = False) -> None:
     for key in ("mean", "std"):
         value = getattr(d, key)
         if auto_stats and auto_band_stats(d):
+            continue
+        if from_source and value is None:  # resolved at start (the init's record, or ImageNet's)
             continue
         ok = isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
         ok = ok and all(isinstance(v, (int, float)) for v in value)

@@ -18,8 +18,8 @@ import torch
 
 from ..storage.files import write_atomic
 from ..storage.weights_file import save_state_dict
+from .hf import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 # How a file's pixels became the numbers the mean/std apply to (fcmae.data.image_io).
 SCALING = {

@@ -8,9 +8,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 from ..storage.checkpoint import read_checkpoint
 from ..distributed import DistInfo
 from ..export.convert import adapt_stem, decoder_state, to_canonical
+from ..export.described import input_description
 from .ranks import read_checkpoint_agreed
 
 log = logging.getLogger("fcmae")
@@ -33,3 +36,28 @@ def read_init_weights(path: str | Path, key: str, in_chans: int, info: DistInfo 
         log.warning("%s=%s holds RGB weights; model.in_chans=%d: the stem starts from %s", key, path, in_chans,
                     adapted)
     return InitWeights(Path(src), canonical, layout, decoder_state(obj) if not adapted else {})
+
+
+def read_input_normalisation(path: str | Path) -> dict | None:
+    """``{"mean", "std", "scaling"}`` an init source records (a run or its checkpoint, an export of ours:
+    safetensors metadata, a timm or transformers folder); None when it records none."""
+    path = Path(path)
+    try:
+        if path.is_dir() and (path / "preprocessor_config.json").is_file():
+            pre = json.loads((path / "preprocessor_config.json").read_text())
+            return {"mean": pre["image_mean"], "std": pre["image_std"], "scaling": "as the transformers processor says"}
+        if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+            cfg = json.loads((path / "config.json").read_text())
+            pre = cfg.get("pretrained_cfg") or {}
+            return {"mean": pre["mean"], "std": pre["std"],
+                    "scaling": (cfg.get("fcmae_input") or {}).get("scaling", "not recorded")}
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            described = json.loads(meta.get("input") or meta.get("fcmae_config") or "null")
+            return described if described and described.get("mean") else None
+        _, obj = read_checkpoint(path)
+        return input_description(obj)
+    except Exception:  # unreadable as a record: the init itself is read (and reported) later
+        return None

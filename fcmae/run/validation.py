@@ -25,9 +25,18 @@ def validate_finetune(cfg: Any) -> None:
     """``fcmae-finetune``'s config; :class:`ConfigError` listing every problem with its fix."""
     errors, check = collector()
     check_finetune(cfg, errors, check)
-    check_channels(cfg.data, cfg.model.in_chans, check)
+    check_channels(cfg.data, cfg.model.in_chans, check, auto_stats=True, from_source=True)
     check_divergence_stop(cfg.trainer.divergence_stop, check)
-    if not errors:  # the transform is built only from values that passed their own checks
-        check_finetune_transform(cfg.data, errors)
+    if not errors:  # the transform is built only from values that passed their own checks (placeholder stats)
+        check_finetune_transform(_with_placeholder_stats(cfg.data, cfg.model.in_chans), errors)
     raise_if_any(errors)
 
+
+
+def _with_placeholder_stats(d, in_chans: int):
+    """``d`` with unit statistics where the real ones are resolved only at start (null, auto)."""
+    from omegaconf import OmegaConf
+    if isinstance(d.mean, (list, tuple)) or OmegaConf.is_list(d.mean):
+        if isinstance(d.std, (list, tuple)) or OmegaConf.is_list(d.std):
+            return d
+    return OmegaConf.merge(d, {"mean": [0.0] * in_chans, "std": [1.0] * in_chans})
