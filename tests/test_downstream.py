@@ -171,3 +171,23 @@ def test_fine_tuning_takes_the_normalisation_of_its_source_or_computes_it(tmp_pa
     finetune(compose_cfg("finetune", *data, "data.mean=auto"), tmp_path / "ft_auto")
     auto_mean = load_checkpoint(tmp_path / "ft_auto/checkpoints/last.pt")["config"]["data"]["mean"]
     assert len(auto_mean) == 4 and auto_mean == pytest.approx([0.5] * 4, abs=0.05)
+
+
+@pytest.mark.slow
+def test_transformers_backbone_builds_from_the_hf_export_and_agrees_with_the_encoder(source_run, tmp_path):
+    """transformers' ConvNextV2Backbone (what AutoBackbone resolves a convnextv2 config to) from our HF
+    folder: its four maps are the encoder's stages under the backbone's own, freshly initialised,
+    per-stage LayerNorms (weight 1, bias 0)."""
+    transformers = pytest.importorskip("transformers")
+    folder = export(source_run, "hf", out=tmp_path / "hf", log=lambda _: None, verify=False)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert type(transformers.AutoBackbone.from_config(config)).__name__ == "ConvNextV2Backbone"
+    backbone = transformers.ConvNextV2Backbone.from_pretrained(
+        folder, out_features=["stage1", "stage2", "stage3", "stage4"]).eval()
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = backbone(imgs).feature_maps
+    ref = _stages(to_canonical(load_checkpoint(source_run / "checkpoints/last.pt"))[0], imgs)
+    normed = [nn.functional.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2], eps=config.layer_norm_eps).permute(0, 3, 1, 2)
+              for r in ref]
+    assert max(rel_err(a, b) for a, b in zip(maps, normed)) < 1e-5
