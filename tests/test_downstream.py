@@ -59,12 +59,17 @@ def test_a_timm_folder_carries_the_run_s_normalisation_and_builds_a_features_onl
     assert max(rel_err(a, b) for a, b in zip(feats, ref)) < 1e-5
 
 
-def test_a_twelve_band_export_builds_the_same_way(tmp_path):
+def _twelve_band_checkpoint(tmp_path):
     fcmae = FCMAE(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), in_chans=12, decoder_embed_dim=32)
     config = {"model": {"in_chans": 12}, "data": {"img_size": 64, "channels": "all", "bands": None,
                                                   "mean": [0.1 * i for i in range(12)], "std": [0.5] * 12}}
-    torch.save({"model": fcmae.state_dict(), "config": config}, tmp_path / "twelve.pt")
-    out = export(tmp_path / "twelve.pt", "timm-dir", out=tmp_path / "twelve", log=lambda _: None)
+    torch.save({"model": fcmae.state_dict(), "config": config, "pixel_type": "uint16"}, tmp_path / "twelve.pt")
+    return tmp_path / "twelve.pt", fcmae
+
+
+def test_a_twelve_band_export_builds_the_same_way(tmp_path):
+    source, fcmae = _twelve_band_checkpoint(tmp_path)
+    out = export(source, "timm-dir", out=tmp_path / "twelve", log=lambda _: None)
     assert '"in_chans": 12' in (out / "config.json").read_text() and "65535" in (out / "config.json").read_text()
     imgs = torch.randn(1, 12, 64, 64)
     feats = _backbone(out).eval()(imgs)
@@ -174,20 +179,26 @@ def test_fine_tuning_takes_the_normalisation_of_its_source_or_computes_it(tmp_pa
 
 
 @pytest.mark.slow
-def test_transformers_backbone_builds_from_the_hf_export_and_agrees_with_the_encoder(source_run, tmp_path):
+@pytest.mark.parametrize("bands", [3, 12])
+def test_transformers_backbone_builds_from_the_hf_export_and_agrees_with_the_encoder(source_run, tmp_path, bands):
     """transformers' ConvNextV2Backbone (what AutoBackbone resolves a convnextv2 config to) from our HF
     folder: its four maps are the encoder's stages under the backbone's own, freshly initialised,
     per-stage LayerNorms (weight 1, bias 0)."""
     transformers = pytest.importorskip("transformers")
-    folder = export(source_run, "hf", out=tmp_path / "hf", log=lambda _: None, verify=False)
+    if bands == 3:
+        source, ck = source_run, load_checkpoint(source_run / "checkpoints/last.pt")
+    else:
+        source, model = _twelve_band_checkpoint(tmp_path)
+        ck = {"model": model.state_dict()}
+    folder = export(source, "hf", out=tmp_path / "hf", log=lambda _: None, verify=False)
     config = transformers.AutoConfig.from_pretrained(folder)
     assert type(transformers.AutoBackbone.from_config(config)).__name__ == "ConvNextV2Backbone"
     backbone = transformers.ConvNextV2Backbone.from_pretrained(
         folder, out_features=["stage1", "stage2", "stage3", "stage4"]).eval()
-    imgs = torch.randn(2, 3, 64, 64)
+    imgs = torch.randn(2, bands, 64, 64)
     with torch.no_grad():
         maps = backbone(imgs).feature_maps
-    ref = _stages(to_canonical(load_checkpoint(source_run / "checkpoints/last.pt"))[0], imgs)
+    ref = _stages(to_canonical(ck)[0], imgs)
     normed = [nn.functional.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2], eps=config.layer_norm_eps).permute(0, 3, 1, 2)
               for r in ref]
     assert max(rel_err(a, b) for a, b in zip(maps, normed)) < 1e-5

@@ -212,9 +212,9 @@ def _export_full(src: Path, obj: Mapping, name: str, out: Path, verify: bool, lo
         raise CheckpointError(f"{src} holds no full FCMAE model (a decoder and the run's config): --format fcmae "
                               "exports a pretraining run or checkpoint of ours; use --format timm for encoder weights")
     sd = {k: v for k, v in obj["model"].items() if isinstance(v, torch.Tensor)}
-    config = full_model_config(obj)
+    config, described = full_model_config(obj), input_description(obj)
     save_state_dict(sd, out, metadata={"format": "fcmae", "model": name, "fcmae_config": json.dumps(config),
-                                       "step": obj.get("step")})
+                                       "step": obj.get("step"), **({"input": json.dumps(described)} if described else {})})
     log(f"read {src} (a pretraining checkpoint, {name}, step {obj.get('step')})")
     log(f"wrote {out} (fcmae format: encoder, decoder and mask token, {len(sd)} tensors, "
         f"{out.stat().st_size / 2**20:.1f} MiB); continue pretraining from it with init_from={out}")
