@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ..storage.checkpoint import (REQUIRED_KEYS, RESUMED_FROM, check_checkpoint, load_resolved,
                                   newest_good_checkpoint, restore_rng, set_aside_checkpoints)
