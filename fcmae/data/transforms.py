@@ -65,14 +65,18 @@ def finetune_transform(data_cfg):
     Data that is not 8-bit RGB (``data.channels`` grey or all) gets the same crop and flip on its
     tensors, normalisation and random erasing; RandAugment and colour jitter, whose colour ops mean
     nothing for such bands, are left out (said once, at start)."""
-    from timm.data import create_transform
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
     d = data_cfg
     if getattr(d, "channels", "rgb") != "rgb" or getattr(d, "bands", None) is not None:
         return band_finetune_transform(d)
+    # data.mean/std null (not yet resolved from model.init_from, as the app does first): ImageNet's, their meaning
+    # without an init
+    mean = tuple(d.mean) if d.mean is not None else IMAGENET_DEFAULT_MEAN
+    std = tuple(d.std) if d.std is not None else IMAGENET_DEFAULT_STD
     transform = create_transform(d.img_size, is_training=True, scale=tuple(d.crop_scale),
                                  hflip=0.5 if d.hflip else 0.0, color_jitter=d.color_jitter,
                                  auto_augment=d.auto_augment, interpolation=d.interpolation, re_prob=d.re_prob,
-                                 re_mode=d.re_mode, re_count=d.re_count, mean=tuple(d.mean), std=tuple(d.std))
+                                 re_mode=d.re_mode, re_count=d.re_count, mean=mean, std=std)
     for step in getattr(transform, "transforms", ()):
         for op in getattr(step, "ops", ()):  # RandAugment / AutoAugment ops
             if op.name.startswith("Posterize"):
