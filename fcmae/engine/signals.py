@@ -26,7 +26,7 @@ class Preempted(RuntimeError):
 class PreemptionGuard:
     """Turns SIGTERM/SIGUSR1/SIGUSR2/SIGINT into a flag the loop checks after each optimizer
     step, so the checkpoint is written at a clean step boundary; while the loop waits for a batch
-    (``reading``, :mod:`fcmae.engine.read_watch`) the signal interrupts the wait at once. A SIGINT or
+    (:mod:`fcmae.engine.read_watch`) the signal also bounds the wait. A SIGINT or
     SIGTERM after a first signal (whichever it was) raises KeyboardInterrupt at once (a write in
     progress removes its temporary file). Handlers that were installed before (e.g. submitit's
     requeue on SIGUSR2) are called after the checkpoint.
@@ -39,7 +39,7 @@ class PreemptionGuard:
 
     def __init__(self):
         self.signum: int | None = None
-        self.reading = False  # the loop is waiting for a batch: a stop signal interrupts the wait
+        self.on_signal_while_reading = None  # set during a fetch (read_watch): a stop signal bounds the wait
         self.previous: dict[int, object] = {}  # what to restore on exit
         self.launcher: dict[int, object] = {}  # the handlers from before any guard: chained to
 
@@ -65,9 +65,8 @@ class PreemptionGuard:
             self.signum = signum
             if signum == signal.SIGINT:
                 log.warning("caught SIGINT: stopping after this step's checkpoint (Ctrl-C again to exit at once)")
-        if self.reading:
-            from .read_watch import ReadInterrupted
-            raise ReadInterrupted(signum)
+        if self.on_signal_while_reading is not None:
+            self.on_signal_while_reading()
 
     def chain(self) -> None:
         """Call the launcher's handler for the signal (from before any guard), if it was a real one."""

@@ -18,7 +18,7 @@ from ..data import shutdown_workers
 from ..data.loaders import kill_workers
 from ..distributed import DistInfo, cleanup, init_distributed
 from ..engine import LoopSettings, LoopState, NonFiniteLoss, Preempted, PreemptionGuard, RunParts, Task, TrainLoop
-from ..engine.read_watch import ReadInterrupted
+from ..engine.read_watch import ReadInterrupted, ReadWatch
 from ..storage.files import write_atomic
 from ..loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
 from ..storage.run_lock import RunLock
@@ -121,16 +121,11 @@ def _build_data(app: App, cfg, info: DistInfo, setup: RunSetup) -> RunData:
     """The app's data stage, where a stop signal interrupts a read that blocks (the first images are read
     to check their bands: on a stalled mount that read never returns). One process only: under DDP the
     other ranks would be left in a collective."""
-    guard = PreemptionGuard._active
-    if guard is not None:
-        guard.reading = not info.enabled
     try:
-        return app.build_data(cfg, info)
+        with ReadWatch(PreemptionGuard._active, None, interruptible=not info.enabled).fetch():
+            return app.build_data(cfg, info)
     except ReadInterrupted as stop:
         raise Preempted(stop.signum, setup.start_step, None) from None
-    finally:
-        if guard is not None:
-            guard.reading = False
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
