@@ -187,7 +187,7 @@ class TrainLoop:
             self.readback.drain()
             path = self.checkpoints.saved_now()
         consumed = st.batch_in_epoch - self._epoch_start
-        files = self.task.describe_batch(self.sampler, consumed * s.batch_size, s.batch_size)
+        files = self._describe_batch(consumed * s.batch_size, s.batch_size)
         raise HungRead(f"no batch arrived in {s.read_timeout:g} s (data.read_timeout): a read hangs (a stalled network "
                        f"mount, a FIFO or device file among the images, a file that never ends); the batch being read "
                        f"holds {files}. "
@@ -328,6 +328,14 @@ class TrainLoop:
             self.sync.apply(self.state, *values[2:])
             self.sync.check_data_quality(self.state)
 
+    def _describe_batch(self, start: int, size: int) -> str:
+        """The files of the ``size`` samples from position ``start`` of this epoch's order, in words."""
+        keys = list(self.sampler)[start:start + size]
+        describe = getattr(getattr(self.sampler, "dataset", None), "describe_key", None)
+        if not keys or describe is None:
+            return f"samples {keys[:8]}"
+        return ", ".join(describe(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
     def _watch_loss(self, step: int, loss: float) -> None:
         """The divergence rules (:meth:`LoopState.watch_loss`): a warning when the loss leaves its range
         and when it comes back; past ``trainer.divergence_stop`` times its lowest, a stop (at once in one
@@ -346,7 +354,7 @@ class TrainLoop:
             log.warning("step %d: the loss is back in its range after the spike from step %d (peak %.4g); "
                         "checkpoints from here on are good again", step, first, peak)
         floor = st.loss_floor or 0.0
-        if bound is not None and loss > max(bound * floor, floor + bound):
+        if bound is not None and st.past(loss, bound):
             self.sync.diverged(LossDiverged(
                 f"the loss diverged: {loss:.4g} at step {step} is {loss / max(floor, 1e-12):.3g}x the run's lowest "
                 f"({floor:.4g}), past trainer.divergence_stop={bound:g}", step,

@@ -75,10 +75,15 @@ class LoopState:
             return f.default_factory() if f.default is MISSING else f.default
         return cls(**{f.name: d[f.name] if f.name in d else absent(f) for f in fields(cls)})
 
+    def past(self, loss: float, factor: float) -> bool:
+        """Whether a finite ``loss`` lies past ``factor`` times the lowest loss so far and at least ``factor``
+        above it (the second keeps a floor near 0 from calling noise a blow-up)."""
+        floor = self.loss_floor
+        return floor is not None and loss > max(factor * floor, floor + factor)
+
     def out_of_range(self, loss: float) -> bool:
-        """Whether ``loss`` lies past ``BLOWUP_FACTOR`` times the lowest loss so far (and at least that far above it)."""
-        return not math.isfinite(loss) or (self.loss_floor is not None and loss > max(
-            BLOWUP_FACTOR * self.loss_floor, self.loss_floor + BLOWUP_FACTOR))
+        """Whether ``loss`` is not finite or past ``BLOWUP_FACTOR`` (:meth:`past`)."""
+        return not math.isfinite(loss) or self.past(loss, BLOWUP_FACTOR)
 
     def watch_loss(self, step: int, loss: float) -> str | None:
         """Track the lowest loss and spikes: returns ``"left"`` at the step the loss leaves its range

@@ -28,17 +28,6 @@ class Task:
         ``final=True``); returns metrics to log, or None."""
         return None
 
-    def describe_batch(self, sampler, start: int, size: int) -> str:
-        """The files of the ``size`` samples from position ``start`` of ``sampler``'s epoch order, in words
-        (what a hung read was reading)."""
-        keys = list(sampler)[start:start + size]
-        dataset = getattr(sampler, "dataset", None)
-        describe = getattr(dataset, "describe_key", None)
-        if not keys or describe is None:
-            return f"samples {keys[:8]}"
-        names = [describe(k) for k in keys[:8]]
-        return ", ".join(names) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
     def state_dict(self) -> dict:
         """Task state saved at the top level of every checkpoint (e.g. EMA weights, best scores)."""
         return {}
