@@ -45,12 +45,12 @@ TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 1e-3), torch
 def self_test_images(grid: tuple[int, int], mask_ratio: float, dims: tuple[int, ...] = ATTO_DIMS,
                      device: torch.device = torch.device("cpu")) -> int:
     """Images enough that the weight grad's every loop runs at every stage on ``device``: more than one
-    chunk, and every chunk summing at least two groups of tiles (one tile per visible patch)."""
+    chunk, and every chunk summing at least two tile rows (one tile per visible patch)."""
     from .triton_dwconv import wgrad_plan
     visible = num_visible(grid[0] * grid[1], mask_ratio)
     for images in range(1, 100_000):
         plans = [wgrad_plan(images * visible, c, 8 >> stage, device) for stage, c in enumerate(dims)]
-        if all(p.chunks >= 2 and p.groups >= 2 * p.chunks for p in plans):
+        if all(p.chunks >= 2 and p.rows >= 2 * p.chunks for p in plans):
             return images
     raise ValueError(f"no batch runs every loop of the weight grad at widths {dims}")
 

@@ -26,10 +26,18 @@ class KernelConfig:
     kernel: str  # "forward" (also the input grad: the same kernel, taps reversed, no bias) or "wgrad"
     tile: int
     reach: int
+    channels: int  # a constexpr of the generated kernels: each width compiles its own binary
     block_c: int
+    warps: int
     dtype: str  # "bf16" | "fp32"
-    c_div16: bool = True  # the channel count divides by 16: the JIT specialises on it (16-byte loads)
-    even_c: bool = True  # the channel count divides by the channel block: no channel mask (forward)
+
+    @property
+    def pairs(self) -> bool:
+        return self.dtype == "bf16" and self.channels % 2 == 0
+
+    @property
+    def even_c(self) -> bool:
+        return self.channels % self.block_c == 0
 
 
 @dataclass
@@ -55,49 +63,38 @@ def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
 
 def stage_configs(tile: int, reach: int, channels: int, dtype: str) -> tuple[KernelConfig, KernelConfig]:
     """The forward's and the weight grad's configurations at one stage, as the ops choose them."""
-    from .triton_dwconv import _block_c, _wgrad_block_c, wgrad_group
-    div16 = channels % 16 == 0
-    block_c = _block_c(channels, tile * tile)
-    fwd = KernelConfig("forward", tile, reach, block_c, dtype, div16, channels % block_c == 0)
-    wg_block_c = _wgrad_block_c(channels, wgrad_group(tile) * tile * tile)
-    return fwd, KernelConfig("wgrad", tile, reach, wg_block_c, dtype, div16, channels % wg_block_c == 0)
+    from .triton_dwconv import launch_shape
+    block_c, warps = launch_shape(channels, dtype == "bf16" and channels % 2 == 0)
+    return tuple(KernelConfig(kind, tile, reach, channels, block_c, warps, dtype) for kind in ("forward", "wgrad"))
 
 
 def compile_kernel(cfg: KernelConfig, arch: int):
     """Triton's compiled kernel for ``cfg`` on ``sm_<arch>``, specialised as the JIT specialises the
-    launches that run: every pointer divisible by 16 (torch's allocations are), the channel count too
-    where it divides by 16 (the weight grad's chunk count is left unspecialised: it comes from the SM
-    count and the batch). Without it the table reads another binary (the forward at tile 8: 170
-    registers unspecialised on sm_90, 123 as it runs)."""
+    launches that run: every pointer divisible by 16 (torch's allocations are), the channel count a
+    constexpr (the weight grad's row and chunk counts are left unspecialised: they come from the batch
+    and the SM count). Without the pointers' divisibility the table would read another binary."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import triton_dwconv as k
+    from .row_kernels import Variant, kernel
     ptr = f"*{cfg.dtype}"
+    fn = kernel(Variant(cfg.kernel, cfg.tile, 7, cfg.pairs))
     if cfg.kernel == "forward":
-        fn = k._dwconv_tiles_kernel
-        sig = {"x_ptr": ptr, "w_ptr": "*fp32", "b_ptr": ptr, "halo_ptr": "*i32", "y_ptr": ptr, "C": "i32"}
-        # the encoder's depthwise convs have a bias; the input grad has none
-        consts = {"HAS_BIAS": True, "EVEN_C": cfg.even_c, "WIDE": False}
-        divisible = ["x_ptr", "w_ptr", "b_ptr", "halo_ptr", "y_ptr"]
+        sig = {"x_ptr": ptr, "w_ptr": "*fp32", "b_ptr": "*fp32", "halo_ptr": "*i32", "y_ptr": ptr}
+        consts = {"HAS_BIAS": True}  # the encoder's depthwise convs have a bias; the input grad has none
     else:
-        fn = k._dwconv_tiles_wgrad_kernel
-        sig = {"x_ptr": ptr, "g_ptr": ptr, "halo_ptr": "*i32", "out_ptr": "*fp32", "P": "i32", "C": "i32",
-               "CHUNKS": "i32"}
-        consts = {"GROUP": k.wgrad_group(cfg.tile), "WIDE": False}
-        divisible = ["x_ptr", "g_ptr", "halo_ptr", "out_ptr"]
-    if cfg.c_div16:
-        divisible.append("C")
+        sig = {"x_ptr": ptr, "g_ptr": ptr, "halo_ptr": "*i32", "out_ptr": "*fp32", "ROWS": "i32", "CHUNKS": "i32"}
+        consts = {}
+    divisible = [name for name, kind in sig.items() if kind.startswith("*")]
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    consts.update(TILE=cfg.tile, LOG2T=cfg.tile.bit_length() - 1, K=7, BLOCK_C=cfg.block_c)
+    consts.update(C=cfg.channels, BLOCK_C=cfg.block_c, EVEN_C=cfg.even_c)
     sig.update({name: "constexpr" for name in consts})
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     except TypeError:  # Triton releases before 3.3 called them constants
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constants=consts, attrs=attrs)
-    warps = k.NUM_WARPS if cfg.kernel == "forward" else k.WGRAD_NUM_WARPS
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}), warps
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.warps}), cfg.warps
 
 
 def _tool(name: str) -> str:
@@ -129,13 +126,15 @@ def compile_config(cfg: KernelConfig, arch: int, compiled=None) -> tuple[Resourc
 
 
 def bytes_per_site(cfg: KernelConfig) -> dict[str, int]:
-    """Global-memory bytes each kernel asks for per active site and channel (what cache must absorb):
-    the forward gathers every tap's input and writes one output; the weight grad reads the grad once
-    and every tap's input (the old tap-per-program layout read the grad 49 times as well)."""
+    """Global-memory bytes each kernel asks for per active site and channel at most (what cache must
+    absorb; masked sites are skipped): the forward reads each halo site once per output row it serves (a
+    tile row reads 7 halo rows) and writes one output; the weight grad reads the grad once per kernel row
+    and the input as the forward does."""
     elem = 2 if cfg.dtype == "bf16" else 4
+    halo_reads = -(-(cfg.tile + 6) * 7 // cfg.tile)  # a tile row's 7 halo rows of t + 6 sites, per output
     if cfg.kernel == "forward":
-        return {"read": TAPS * elem, "write": elem}
-    return {"read": (TAPS + 1) * elem, "write": 0}
+        return {"read": halo_reads * elem, "write": elem}
+    return {"read": (halo_reads + 7) * elem, "write": 0}
 
 
 @dataclass
@@ -146,30 +145,71 @@ class Loop:
     instructions: int
 
 
-def sass_loops(cubin: bytes) -> tuple[list[Loop], int]:
-    """The loops of a kernel's SASS (``nvdisasm -c``), innermost first, and the kernel's instruction
-    count. A loop is a backward branch to a label; on sm_80/sm_90 every instruction is 16 bytes."""
+def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """A cubin's SASS (``nvdisasm -c``): ``(address, instruction)`` in order, and each label's address."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-    labels, loops, last = {}, [], 0
-    pending = []
+    lines, labels, pending = [], {}, []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L\w+):", line)
         if m:
             pending.append(m.group(1))
             continue
-        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*)", line)
-        if not m:
-            continue
-        addr, text = int(m.group(1), 16), m.group(2)
-        for name in pending:
-            labels[name] = addr
-        pending, last = [], addr
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;?\s*$", line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update({name: addr for name in pending})
+            pending = []
+            lines.append((addr, m.group(2)))
+    return lines, labels
+
+
+def sass_loops(cubin: bytes) -> tuple[list[Loop], int]:
+    """The loops of a kernel's SASS, innermost first, and the kernel's instruction count. A loop is a
+    backward branch to a label; on sm_80/sm_90 every instruction is 16 bytes."""
+    lines, labels = disassemble(cubin)
+    loops = []
+    for addr, text in lines:
         b = re.search(r"BRA\s+`?\(?(\.L\w+)", text)
         if b and b.group(1) in labels and labels[b.group(1)] < addr:
             loops.append(Loop(labels[b.group(1)], addr, (addr - labels[b.group(1)]) // 16 + 1))
     loops.sort(key=lambda lp: lp.instructions)
-    return loops, last // 16 + 1
+    return loops, (lines[-1][0] // 16 + 1) if lines else 0
+
+
+@dataclass
+class Skip:
+    """Instructions a loop runs only where one halo site is active: a forward branch ``@!P BRA`` whose
+    predicate tests a halo index (``ISETP.GE ... RZ``) loaded at ``column`` * 4 bytes past the first index
+    of its halo row (None where the index could not be traced: count it as always run)."""
+    instructions: int
+    column: int | None
+
+
+def halo_skips(cubin: bytes, loop: Loop) -> list[Skip]:
+    """The branches over masked halo sites in ``loop`` (row_kernels.py emits one per halo column), traced
+    from the branch's predicate to the index load that set it."""
+    lines, labels = disassemble(cubin)
+    body = [(a, t) for a, t in lines if loop.start <= a <= loop.end]
+    loaded, tested, index_offsets, found = {}, {}, {}, []
+    for addr, text in body:
+        m = re.match(r"LDG\.E\s+(R\d+),\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]", text)
+        if m:  # a 32-bit unpredicated load: a halo index
+            offset = int(m.group(3), 16) if m.group(3) else 0
+            loaded[m.group(1)] = (m.group(2), offset)
+            index_offsets.setdefault(m.group(2), set()).add(offset)
+        m = re.match(r"ISETP\.GE\.AND\s+(P\d),\s*PT,\s*(R\d+),\s*RZ", text)
+        if m:
+            tested[m.group(1)] = loaded.get(m.group(2))
+        m = re.match(r"@!(P\d)\s+BRA\s+`?\(?(\.L\w+)", text)
+        if m and labels.get(m.group(2), 0) > addr:
+            source = tested.get(m.group(1))
+            found.append((addr, labels[m.group(2)], source))
+    skips = []
+    for addr, target, source in found:
+        column = None if source is None else (source[1] - min(index_offsets[source[0]])) // 4
+        skips.append(Skip((target - addr) // 16 - 1, column))
+    return skips
