@@ -93,8 +93,8 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
     """Why the tile kernel cannot be trusted on ``device`` in ``dtype``, or None when it can.
 
     As training runs it: fp32 inputs and parameters under autocast to ``dtype`` (none for fp32), at
-    every stage with its real width ``dims[k]`` (so Triton compiles the variants training runs: the
-    channel block, the 16-byte loads of a width divisible by 16, each tile size), on a 224-px grid
+    every stage with its real width ``dims[k]`` (the width is a compile-time constant of the kernels, so
+    these are the very binaries training runs: each tile size, channel block and dtype), on a 224-px grid
     with enough images that every loop of both kernels runs. Output, input grad and weight grad are
     compared element-wise with the canvas path computed exactly in fp32 from the same rounded inputs
     (:func:`_reference`, TF32 off). Any exception counts as a failure, with its text."""
