@@ -88,7 +88,8 @@ def compile_kernel(cfg: KernelConfig, arch: int):
     divisible = [name for name, kind in sig.items() if kind.startswith("*")]
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    consts.update(C=cfg.channels, BLOCK_C=cfg.block_c, EVEN_C=cfg.even_c)
+    consts.update(C=cfg.channels, C2=cfg.channels // 2 if cfg.pairs else cfg.channels, BLOCK_C=cfg.block_c,
+                  EVEN_C=cfg.even_c)
     sig.update({name: "constexpr" for name in consts})
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)

@@ -10,8 +10,9 @@ patch or off the image) is skipped by a branch on the index, uniform over the pr
 most taps outside the tile cost only their index read.
 
 bf16 inputs are read as 32-bit words of two channels and widened with one shift or mask each
-(channel ``2q`` is the low half, ``2q + 1`` the high half); their weights and outputs come and go
-in the same halves-split order (:func:`pair_order`). Other dtypes load and convert plainly.
+(channel ``2q`` is the low half, ``2q + 1`` the high half; ``C2 = C // 2`` words a row); their weights
+and outputs come and go in the same halves-split order (:func:`pair_order`). Other dtypes load and
+convert plainly (``C2 = C``). The code uses nothing newer than Triton 3.0's language (torch 2.4).
 
     python -m fcmae.sparse.row_kernels forward 8    # print the forward's source for 8x8 tiles
 """
@@ -108,15 +109,13 @@ def _load_values(src: _Source, depth: int, v: Variant, ptr: str, name: str, row:
     return [name]
 
 
-def _preamble(src: _Source, v: Variant) -> list[str]:
-    """Channel indices ``q`` (pairs: word indices), their mask, and the halves' names."""
+def _preamble(src: _Source, v: Variant, axis: int) -> list[str]:
+    """Channel indices ``q`` (pairs: word indices; ``C2`` words a row), their mask, the halves' names."""
     if v.pairs:
-        src(1, "C2: tl.constexpr = C // 2  # words of two channels a row")
-        src(1, "q = tl.program_id(PID_C) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)")
+        src(1, f"q = tl.program_id({axis}) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)")
         src(1, "xw = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)")
         return ["lo", "hi"]
-    src(1, "C2: tl.constexpr = C  # plain: one channel an element")
-    src(1, "q = tl.program_id(PID_C) * BLOCK_C + tl.arange(0, BLOCK_C)")
+    src(1, f"q = tl.program_id({axis}) * BLOCK_C + tl.arange(0, BLOCK_C)")
     src(1, "xw = x_ptr")
     return [""]
 
@@ -124,13 +123,12 @@ def _preamble(src: _Source, v: Variant) -> list[str]:
 def forward_source(v: Variant) -> str:
     """One program per (tile row, channel block): ``t`` outputs accumulated over ``k`` kernel rows."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
-    src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr, "
-                     "HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr)")
-    src(1, "PID_C: tl.constexpr = 1")
+    src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
+                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr)")
     src(1, "r = tl.program_id(0)")
     src(1, f"p = r // {t}")
     src(1, f"y = r % {t}")
-    halves = _preamble(src, v)
+    halves = _preamble(src, v, 1)
     src(1, "ok = q < C2")
     src(1, f"hrow = halo_ptr + p * {h * h} + y * {h}")
     for i in range(t):
@@ -179,12 +177,11 @@ def wgrad_source(v: Variant) -> str:
     ``chunk``, the products ``x[o + tap] * grad[o]`` of the row's ``k`` taps accumulate in registers;
     fp32 partial sums ``(CHUNKS, k * k, C)`` (pairs: channels in :func:`pair_order`)."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
-    src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, BLOCK_C: tl.constexpr, "
-                     "EVEN_C: tl.constexpr)")
-    src(1, "PID_C: tl.constexpr = 2")
+    src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, C2: tl.constexpr, "
+                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)")
     src(1, "chunk = tl.program_id(0)")
     src(1, "ky = tl.program_id(1)")
-    halves = _preamble(src, v)
+    halves = _preamble(src, v, 2)
     src(1, "ok = q < C2")
     src(1, "gw = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)" if v.pairs else "gw = g_ptr")
     for kx in range(k):

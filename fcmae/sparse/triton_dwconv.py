@@ -75,7 +75,8 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     block_c, warps = launch_shape(channels, pairs)
     grid = (halo.shape[0] * tile, triton.cdiv(channels, block_c))  # one program per tile row and channel block
     kernel(Variant("forward", tile, k, pairs, _wide(x)))[grid](
-        x, weight, bias32, halo, y, C=channels, BLOCK_C=block_c, HAS_BIAS=bias is not None,
+        x, weight, bias32, halo, y, C=channels, C2=channels // 2 if pairs else channels, BLOCK_C=block_c,
+        HAS_BIAS=bias is not None,
         EVEN_C=channels % block_c == 0, num_warps=warps)
     return y
 
@@ -117,7 +118,8 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, 
     partial = torch.empty(plan.chunks, taps, channels, device=x.device, dtype=torch.float32)  # every entry written
     grid = (plan.chunks, k, triton.cdiv(channels, plan.block_c))
     kernel(Variant("wgrad", tile, k, pairs, _wide(x)))[grid](
-        x, grad, halo, partial, plan.rows, plan.chunks, C=channels, BLOCK_C=plan.block_c,
+        x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=channels // 2 if pairs else channels,
+        BLOCK_C=plan.block_c,
         EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
     total = partial.sum(0)
     return unpair_order(total) if pairs else total
