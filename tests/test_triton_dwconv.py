@@ -100,6 +100,19 @@ def test_64_bit_offsets_give_the_same_values(monkeypatch, dtype):
         assert torch.equal(a, b)
 
 
+def test_a_grad_in_another_dtype_than_x_is_read_as_it_is():
+    """bf16 x with an fp32 grad: the weight grad reads both plainly (not as bf16 pairs, which would round
+    the grad), so it equals the same sums over x widened to fp32 beforehand, exactly."""
+    import fcmae.sparse.triton_dwconv as tk
+    layout = SparseLayout.from_mask(random_mask(2, (2, 2), seed=5).to(DEVICE), (2, 2), 4, None)
+    tiles = layout.tiles(1)
+    x = torch.randn(layout.stages[1].num_rows, 6, device=DEVICE).bfloat16()
+    grad = torch.randn(x.shape, device=DEVICE)
+    got = tk.dwconv_tiles_wgrad(x, grad, tiles.halo, 4, 49)
+    assert torch.equal(got, tk.dwconv_tiles_wgrad(x.float(), grad, tiles.halo, 4, 49))
+    assert not torch.equal(got, tk.dwconv_tiles_wgrad(x, grad.bfloat16(), tiles.halo, 4, 49))  # it would differ
+
+
 def test_the_kernel_sees_neighbours_a_tile_away():
     """A hand-derived case at 1x1 tiles (stage 3): one channel, one input site lit; the output at a
     site two patches to its right is the tap (row 3, col 1) of the kernel, masked sites read zero."""

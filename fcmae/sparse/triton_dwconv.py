@@ -110,8 +110,8 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, 
     """The weight grad ``(taps, C)`` in fp32: ``sum over active outputs o of grad[o] * x[o + tap]``."""
     torch._check(grad.shape == x.shape, lambda: f"grad {tuple(grad.shape)} vs x {tuple(x.shape)}")
     _check_halo(x, halo, tile, _taps(taps))
-    x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
-    channels, tiles, k, pairs = x.shape[1], halo.shape[0], _taps(taps), _pairs(x)
+    x, grad = x.contiguous(), grad.contiguous()
+    channels, tiles, k, pairs = x.shape[1], halo.shape[0], _taps(taps), _pairs(x) and _pairs(grad)
     if not tiles:
         return torch.zeros(taps, channels, device=x.device, dtype=torch.float32)
     plan = wgrad_plan(tiles, channels, tile, x.device, pairs=pairs, k=k)
@@ -119,8 +119,7 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, 
     grid = (plan.chunks, k, triton.cdiv(channels, plan.block_c))
     kernel(Variant("wgrad", tile, k, pairs, _wide(x)))[grid](
         x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=channels // 2 if pairs else channels,
-        BLOCK_C=plan.block_c,
-        EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
+        BLOCK_C=plan.block_c, EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
     total = partial.sum(0)
     return unpair_order(total) if pairs else total
 
