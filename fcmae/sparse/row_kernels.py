@@ -91,14 +91,14 @@ def _load(src: _Source, depth: int, target: str, address: str, other: str) -> No
     src(depth + 1, f"{target} = tl.load({address}, mask=ok, other={other})")
 
 
-def _load_values(src: _Source, depth: int, v: Variant, ptr: str, name: str, row: str) -> list[str]:
-    """Emit the load of one site's channel block (``row``: an element-row index expression, or
-    ``offset=``: an element offset) from ``ptr`` and its widening to fp32; returns the names of the fp32
-    tensors (the low and high halves, or one)."""
-    if row.startswith("offset="):
-        address = f"{ptr} + {row[len('offset='):]}"
-    else:
-        address = f"{ptr} + {row}.to(tl.int64) * C2 + q" if v.wide else f"{ptr} + {row} * C2 + q"
+def _site(v: Variant, ptr: str, row: str) -> str:
+    """The address of row ``row``'s channel block (an expression)."""
+    return f"{ptr} + {row}.to(tl.int64) * C2 + q" if v.wide else f"{ptr} + {row} * C2 + q"
+
+
+def _load_values(src: _Source, depth: int, v: Variant, address: str, name: str) -> list[str]:
+    """Emit the load of one site's channel block at ``address`` and its widening to fp32; returns the
+    names of the fp32 tensors (the low and high halves, or one)."""
     if v.pairs:
         _load(src, depth, "u", address, "0")
         src(depth, f"{name}lo = (u << 16).to(tl.float32, bitcast=True)")
@@ -148,7 +148,7 @@ def forward_source(v: Variant) -> str:
         for half, s in enumerate(halves):
             if lazy:
                 _load(src, 3, f"w{s}{j}", f"wrow + {j} * C + {half} * C2 + q", "0.0")
-        names = _load_values(src, 3, v, "xw", "x", f"i{j}")
+        names = _load_values(src, 3, v, _site(v, "xw", f"i{j}"), "x")
         for kx in range(k):
             if 0 <= j - kx < t:
                 for s, name in zip(halves, names):
@@ -193,12 +193,12 @@ def wgrad_source(v: Variant) -> str:
     base = f"(p * {t * t} + ({_y_bits(t)}))"
     src(2, f"grow = {base}.to(tl.int64) * C2 + q" if v.wide else f"grow = {base} * C2 + q")
     for i in range(t):  # the row's grads, read and widened once for the kernel row's taps
-        _load_values(src, 2, v, "gw", f"g{i}", f"offset=grow + {z_offset(0, i, t)} * C2")
+        _load_values(src, 2, v, f"gw + grow + {z_offset(0, i, t)} * C2", f"g{i}")
     src(2, f"hrow = halo_ptr + p * {h * h} + (y + ky) * {h}")
     for j in range(h):
         src(2, f"i{j} = tl.load(hrow + {j})")
         src(2, f"if i{j} >= 0:")
-        names = _load_values(src, 3, v, "xw", "x", f"i{j}")
+        names = _load_values(src, 3, v, _site(v, "xw", f"i{j}"), "x")
         for kx in range(k):
             if 0 <= j - kx < t:
                 for s, name in zip(halves, names):
