@@ -76,7 +76,7 @@ def compile_kernel(cfg: KernelConfig, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .row_kernels import Variant, kernel
+    from .row_kernels import Variant, kernel, words
     ptr = f"*{cfg.dtype}"
     fn = kernel(Variant(cfg.kernel, cfg.tile, 7, cfg.pairs))
     if cfg.kernel == "forward":
@@ -88,8 +88,7 @@ def compile_kernel(cfg: KernelConfig, arch: int):
     divisible = [name for name, kind in sig.items() if kind.startswith("*")]
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    consts.update(C=cfg.channels, C2=cfg.channels // 2 if cfg.pairs else cfg.channels, BLOCK_C=cfg.block_c,
-                  EVEN_C=cfg.even_c)
+    consts.update(C=cfg.channels, C2=words(cfg.channels, cfg.pairs), BLOCK_C=cfg.block_c, EVEN_C=cfg.even_c)
     sig.update({name: "constexpr" for name in consts})
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tiles import z_order
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -39,10 +41,12 @@ class Variant:
 
 def z_offset(y: int, x: int, tile: int) -> int:
     """Row offset of local site ``(y, x)`` inside a tile (:func:`fcmae.sparse.tiles.z_order`)."""
-    out = 0
-    for b in range(tile.bit_length() - 1):
-        out |= ((y >> b) & 1) << (2 * b + 1) | ((x >> b) & 1) << (2 * b)
-    return out
+    return int(z_order(torch.tensor(y), torch.tensor(x), tile))
+
+
+def words(channels: int, pairs: bool) -> int:
+    """``C2``, the elements of a row as the kernels index it: 32-bit words of two channels, or channels."""
+    return channels // 2 if pairs else channels
 
 
 def pair_order(t: torch.Tensor) -> torch.Tensor:

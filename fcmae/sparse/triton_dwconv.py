@@ -19,7 +19,7 @@ import torch
 import triton
 from torch.utils.flop_counter import register_flop_formula
 
-from .row_kernels import Variant, kernel, pair_order, unpair_order
+from .row_kernels import Variant, kernel, pair_order, unpair_order, words
 from .tiles import StageTiles
 
 # The weight grad's grid where no GPU says better (the interpreter): this many chunks at most.
@@ -75,9 +75,8 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     block_c, warps = launch_shape(channels, pairs)
     grid = (halo.shape[0] * tile, triton.cdiv(channels, block_c))  # one program per tile row and channel block
     kernel(Variant("forward", tile, k, pairs, _wide(x)))[grid](
-        x, weight, bias32, halo, y, C=channels, C2=channels // 2 if pairs else channels, BLOCK_C=block_c,
-        HAS_BIAS=bias is not None,
-        EVEN_C=channels % block_c == 0, num_warps=warps)
+        x, weight, bias32, halo, y, C=channels, C2=words(channels, pairs), BLOCK_C=block_c,
+        HAS_BIAS=bias is not None, EVEN_C=channels % block_c == 0, num_warps=warps)
     return y
 
 
@@ -118,7 +117,7 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, 
     partial = torch.empty(plan.chunks, taps, channels, device=x.device, dtype=torch.float32)  # every entry written
     grid = (plan.chunks, k, triton.cdiv(channels, plan.block_c))
     kernel(Variant("wgrad", tile, k, pairs, _wide(x)))[grid](
-        x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=channels // 2 if pairs else channels,
+        x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=words(channels, pairs),
         BLOCK_C=plan.block_c, EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
     total = partial.sum(0)
     return unpair_order(total) if pairs else total
