@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .storage.checkpoint import read_checkpoint
+from .storage.checkpoint_record import BEST_SCORES, CLASS_NAMES, EMA_WEIGHTS, read_for_inspection
+from .config.resume_rules import FINETUNE as RESUME_RULES
 from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs
 from .export.convert import canonical_to_format, infer_shape, variant_of
 from .storage.weights_file import CheckpointError
@@ -27,7 +28,7 @@ from .data.image_io import auto_band_stats
 from .data.stats import band_stats
 from .distributed import DistInfo, all_reduce_sum, broadcast_object
 from .export.hf import IMAGENET_MEAN, IMAGENET_STD
-from .engine import LoopState, Task
+from .engine import LoopState, Task, TaskContext
 from .evaluation import inference
 from .loggers import track
 from .optim import adamw, layer_decay_groups
@@ -37,7 +38,6 @@ from .run.validation import validate_finetune
 
 log = logging.getLogger("fcmae")
 
-_RESUME_MUST_MATCH = ("model", "data.img_size", "data.source", "data.labels_per_class", "data.labels_seed", "ema")
 
 
 def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_init_scale: float,
@@ -121,19 +121,19 @@ class ClassifyTask(Task):
             return torch.sum(-soft * F.log_softmax(model(imgs).float(), dim=-1), dim=-1).mean()
         return F.cross_entropy(model(imgs).float(), y, label_smoothing=self.smoothing)
 
-    def after_step(self, loop):
+    def after_step(self, run: TaskContext) -> None:
         if self.ema is not None:
-            self.ema.update(loop.raw_model)
+            self.ema.update(run.raw_model)
 
-    def evaluate(self, loop, final):
-        if not (final or loop.state.epoch % self.eval_every == 0):
+    def evaluate(self, run: TaskContext, final: bool) -> dict | None:
+        if not (final or run.state.epoch % self.eval_every == 0):
             return None
         out = {}
-        runs = [("val", loop.raw_model, "best.pt")]
+        runs = [("val", run.raw_model, "best.pt")]
         if self.ema_eval:
             runs.append(("val_ema", self.ema.module, "best-ema.pt"))
         for prefix, model, best_file in runs:
-            metrics = evaluate_classifier(model, self.val_loader, loop.dist.device, loop.dist, prefix)
+            metrics = evaluate_classifier(model, self.val_loader, run.dist.device, run.dist, prefix)
             best_key = f"{prefix}/best_top1"
             improved = self.best[best_key] is None or metrics[f"{prefix}/top1"] > self.best[best_key]
             if improved:
@@ -141,24 +141,24 @@ class ClassifyTask(Task):
             out.update(metrics)
             out[best_key] = self.best[best_key]
             if improved:  # every rank saw the same all-reduced metrics: all take part in the save
-                loop.save(best_file)
+                run.save(best_file)
         return out
 
     def state_dict(self) -> dict:
-        out = {"best": dict(self.best)}
+        out = {BEST_SCORES: dict(self.best)}
         if self.class_names:
-            out["classes"] = self.class_names
+            out[CLASS_NAMES] = self.class_names
         if self.ema is not None:
-            out["model_ema"] = self.ema.module.state_dict()
+            out[EMA_WEIGHTS] = self.ema.module.state_dict()
         return out
 
-    def load_state_dict(self, checkpoint: dict) -> None:
-        self.best.update(checkpoint.get("best", {}))
+    def load_state_dict(self, entries: dict) -> None:
+        self.best.update(entries.get(BEST_SCORES, {}))
         if self.ema is not None:
-            if "model_ema" not in checkpoint:
+            if EMA_WEIGHTS not in entries:
                 raise ConfigError("the checkpoint holds no EMA weights but ema.enabled=true; continue with "
                                   "ema.enabled=false, or start another run (run_name=...)")
-            self.ema.module.load_state_dict(checkpoint["model_ema"])
+            self.ema.module.load_state_dict(entries[EMA_WEIGHTS])
 
 
 def build_val_loader(cfg, info: DistInfo, seed: int, class_names=None):
@@ -179,19 +179,20 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
     directory; its EMA weights too when it has them) on the validation set."""
     if not cfg.model.init_from:
         raise ConfigError("eval_only=true needs model.init_from=RUN_DIR_OR_CHECKPOINT (a fine-tuned classifier)")
-    src, ck = read_checkpoint(cfg.model.init_from)
+    found = read_for_inspection(cfg.model.init_from)
+    src, record = found.source, found.record
     if cfg.data.mean is None or cfg.data.std is None or auto_band_stats(cfg.data):  # the run's own
-        data = (ck.get("config") or {}).get("data") or {}
-        cfg = OmegaConf.merge(cfg, {"data": {"mean": list(data.get("mean") or IMAGENET_MEAN),
-                                             "std": list(data.get("std") or IMAGENET_STD)}})
-    weights = {"val": ck.get("model", ck)}
-    if isinstance(ck.get("model_ema"), dict):
-        weights["val_ema"] = ck["model_ema"]
-    head = weights["val"].get("head.fc.weight") if isinstance(weights["val"], dict) else None
+        own = record is not None and record.setting("data.mean") not in (None, "auto")
+        cfg = OmegaConf.merge(cfg, {"data": {"mean": list(record.setting("data.mean") if own else IMAGENET_MEAN),
+                                             "std": list(record.setting("data.std") if own else IMAGENET_STD)}})
+    weights = {"val": record.model if record is not None else found.other}
+    if record is not None and record.ema_weights is not None:
+        weights["val_ema"] = record.ema_weights
+    head = weights["val"].get("head.fc.weight")
     if head is None:
         raise CheckpointError(f"{src} holds no classifier head (an fcmae-export file or a pretraining checkpoint?); "
                               "eval_only needs a fcmae-finetune checkpoint or run directory")
-    class_names = ck.get("classes")
+    class_names = record.class_names if record is not None else None
     if cfg.data.source in ROOTED_LABELLED and not class_names:
         log.warning("%s does not name its classes (an older checkpoint): val folders are matched to its "
                     "outputs by sorted position", src)
@@ -227,8 +228,8 @@ def resolve_normalisation(cfg, train_src, info: DistInfo):
         mean, std = broadcast_object(stats, info)
         how = f"computed over {images} training images (data.mean=auto)"
     elif d.mean is None or d.std is None:
-        described = read_input_normalisation(m.init_from) if m.init_from else None
-        if described and len(described["mean"]) == m.in_chans:
+        described = read_input_normalisation(m.init_from, m.in_chans) if m.init_from else None
+        if described:
             mean, std = described["mean"], described["std"]
             how = f"from model.init_from={m.init_from} (pixels: {described.get('scaling', 'not recorded')})"
         elif m.in_chans == 3:
@@ -248,7 +249,7 @@ class FinetuneApp:
     """``fcmae-finetune`` for :func:`fcmae.run.run_app`: labelled images, timm's dense ConvNeXt V2
     classifier, AdamW over the official layer-decay groups, cross-entropy with mixup and EMA."""
 
-    resume_must_match = _RESUME_MUST_MATCH
+    resume_rules = RESUME_RULES  # what a resume does with each changed key (fcmae.config.resume_rules)
 
     def validate(self, cfg) -> None:
         validate_finetune(cfg)

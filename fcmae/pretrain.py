@@ -16,14 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import torch
 
+from .config.resume_rules import PRETRAIN as RESUME_RULES
 from .config import CONFIG_PATH, ConfigError, register_configs
-from .storage.checkpoint import read_checkpoint
+from .storage.checkpoint_record import read_for_inspection
 from .storage.files import append_line
 from .storage.weights_file import CheckpointError
 from .data import band_stats, build_pretrain_loader, build_source, channels_of, check_bands
 from .data.image_io import auto_band_stats
 from .distributed import DistInfo, broadcast_object
-from .engine import LoopState, Task, TrainLoop
+from .engine import LoopState, Task, TaskContext
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
 from .optim import adamw, param_groups
@@ -36,9 +37,6 @@ from .visualize import save_reconstruction_grid
 
 log = logging.getLogger("fcmae")
 
-# Config keys that must match to continue a run from its checkpoint.
-# encoder.dwconv picks a kernel for the same arithmetic: a run may resume with another
-_RESUME_MUST_MATCH = ("model", "encoder.backend", "encoder.grn_stats", "data.img_size", "init_from")
 
 
 class PretrainTask(Task):
@@ -57,25 +55,25 @@ class PretrainTask(Task):
         self.last_batch = (imgs, pred.detach(), mask)
         return loss
 
-    def visualize(self, loop: TrainLoop) -> None:
-        if not loop.dist.is_main or self.last_batch is None:
+    def visualize(self, run: TaskContext) -> None:
+        if not run.dist.is_main or self.last_batch is None:
             return
         imgs, pred, mask = self.last_batch
-        step = loop.state.step
-        path = loop.run_dir / "reconstructions" / f"step-{step:07d}.png"
-        loop.write_output(lambda: save_reconstruction_grid(path, imgs, pred, mask, self.norm_pix, self.mean, self.std,
+        step = run.state.step
+        path = run.run_dir / "reconstructions" / f"step-{step:07d}.png"
+        run.write_output(lambda: save_reconstruction_grid(path, imgs, pred, mask, self.norm_pix, self.mean, self.std,
                                                            bands=self.vis_bands))
-        if path.is_file() and (step % self.image_every == 0 or step >= loop.settings.stop_step):
-            loop.write_output(lambda: loop.tracker.log_image("reconstruction", path, step))
+        if path.is_file() and (step % self.image_every == 0 or step >= run.settings.stop_step):
+            run.write_output(lambda: run.tracker.log_image("reconstruction", path, step))
 
-    def after_step(self, loop):
-        if loop.state.step % self.vis_every == 0 or loop.state.step >= loop.settings.stop_step:
-            self.visualize(loop)
+    def after_step(self, run: TaskContext) -> None:
+        if run.state.step % self.vis_every == 0 or run.state.step >= run.settings.stop_step:
+            self.visualize(run)
 
-    def evaluate(self, loop, final):
-        if self.evaluator is None or not self.evaluator.due(loop.state.epoch, final):
+    def evaluate(self, run: TaskContext, final: bool) -> dict | None:
+        if self.evaluator is None or not self.evaluator.due(run.state.epoch, final):
             return None
-        return self.evaluator(loop.raw_model.encoder, loop.dist)
+        return self.evaluator(run.raw_model.encoder, run.dist)
 
 
 
@@ -138,21 +136,24 @@ def load_encoder_init(model: FCMAE, path: str, info: DistInfo | None = None) -> 
 def evaluate_run(cfg, run_dir: Path, info: DistInfo) -> dict:
     """``eval_only=true``: score the run directory's newest whole checkpoint with ``eval=...``
     (the encoder, nothing masked), log the scores and append them to ``RUN_DIR/evals.jsonl``."""
-    src, ck = read_checkpoint(run_dir)
+    found = read_for_inspection(run_dir)
+    src, record = found.source, found.record
+    if record is None:
+        raise CheckpointError(f"{src} is not a training checkpoint of ours; eval_only scores a pretraining run")
     if auto_band_stats(cfg.data):  # the statistics the run trained with
-        cfg = OmegaConf.merge(cfg, {"data": {"mean": ck["config"]["data"]["mean"], "std": ck["config"]["data"]["std"]}})
+        cfg = OmegaConf.merge(cfg, {"data": {"mean": record.setting("data.mean"), "std": record.setting("data.std")}})
     model = build_model(cfg)
     try:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(record.model)
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{src} does not hold this run's model ({str(exc)[:200]}); evaluate with the "
                               "overrides the run was trained with") from None
     evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info, cfg.model.in_chans)
     scores = evaluator(model.encoder.to(info.device), info)
     if info.is_main:
-        record = {"step": ck["step"], "checkpoint": str(src), "eval": cfg.eval.name, **scores}
-        append_line(run_dir / "evals.jsonl", json.dumps(record), "evaluation log")
-        log.info("%s (step %d): %s; appended to %s", src, ck["step"], format_metrics(scores),
+        line = {"step": record.step, "checkpoint": str(src), "eval": cfg.eval.name, **scores}
+        append_line(run_dir / "evals.jsonl", json.dumps(line), "evaluation log")
+        log.info("%s (step %d): %s; appended to %s", src, record.step, format_metrics(scores),
                  run_dir / "evals.jsonl")
     return scores
 
@@ -179,7 +180,7 @@ class PretrainApp:
     """``fcmae-pretrain`` for :func:`fcmae.run.run_app`: masked images in, an FCMAE model, AdamW over
     its decay groups, the reconstruction task."""
 
-    resume_must_match = _RESUME_MUST_MATCH
+    resume_rules = RESUME_RULES  # what a resume does with each changed key (fcmae.config.resume_rules)
 
     def validate(self, cfg) -> None:
         validate(cfg)

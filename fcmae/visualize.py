@@ -52,7 +52,7 @@ def reconstruction_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tens
 
 
 def save_reconstruction_grid(path: str | Path, *args, **kwargs) -> Path:
-    """Write the grid as a PNG, whole or not at all (:func:`fcmae.files.write_atomic`)."""
+    """Write the grid as a PNG, whole or not at all (:func:`fcmae.storage.files.write_atomic`)."""
     rows = reconstruction_grid(*args, **kwargs)
     return write_atomic(path, lambda tmp: save_image(rows, tmp, nrow=rows.shape[0] // 3, padding=2, format="png"),
                         "reconstruction image")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmae.storage.checkpoint import CheckpointWriteError, load_checkpoint, read_checkpoint
+from fcmae.storage.checkpoint import CheckpointWriteError, load_checkpoint
+from fcmae.storage.checkpoint_record import read_for_inspection
 from fcmae.storage.checkpoint_store import CheckpointManager
 from fcmae.storage.weights_file import CheckpointError
 from fcmae.pretrain import run
@@ -62,9 +63,9 @@ def test_a_flipped_byte_is_caught_by_the_checksum_and_export_takes_the_older(tmp
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a zip may still load with a flipped tensor byte; the CRC may not
     newest.write_bytes(bytes(data))
-    src, ck = read_checkpoint(tmp_path)  # what fcmae-export, init_from and eval_only use
+    found = read_for_inspection(tmp_path); src = found.source; ck = found.record.to_dict()  # what fcmae-export, init_from and eval_only use
     assert src.name == "checkpoint-0000001.pt" and ck["step"] == 1
-    src, _ = read_checkpoint(tmp_path / "checkpoints" / "last.pt")  # the pointer resolves the same way
+    found = read_for_inspection(tmp_path / "checkpoints" / "last.pt"); src = found.source  # the pointer resolves the same way
     assert src.name == "checkpoint-0000001.pt"
 
 

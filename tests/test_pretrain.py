@@ -179,7 +179,7 @@ def test_range_errors_before_data_is_read(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     run(make_cfg("trainer.max_steps=1"), tmp_path)
-    with pytest.raises(ConfigError, match="different setup.*decoder_embed_dim"):
+    with pytest.raises(ConfigError, match="trained with another model.decoder_embed_dim: 32 -> 16"):
         run(make_cfg("trainer.max_steps=2", "model.decoder_embed_dim=16"), tmp_path)
 
 

@@ -16,7 +16,8 @@ import torch
 
 import fcmae.storage.checkpoint as ckmod
 from fcmae.storage.checkpoint_store import CheckpointManager
-from fcmae.storage.checkpoint import CheckpointUnreadable, load_checkpoint, read_checkpoint
+from fcmae.storage.checkpoint import CheckpointUnreadable, load_checkpoint
+from fcmae.storage.checkpoint_record import read_for_inspection
 from fcmae.config import ConfigError
 from fcmae.storage.weights_file import CheckpointError
 from fcmae.engine import NonFiniteLoss, Preempted
@@ -120,7 +121,7 @@ def test_an_allocation_error_renames_nothing_and_stops(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(ckmod.torch, "load", no_memory)
     with pytest.raises(CheckpointUnreadable, match="checkpoint-0000002.pt is intact.*nothing was renamed"):
-        read_checkpoint(run_dir)  # fcmae-export, eval_only, init_from
+        read_for_inspection(run_dir)  # fcmae-export, eval_only, init_from
     with pytest.raises(CheckpointUnreadable, match="checkpoint-0000002.pt"):
         run(make_cfg(*EVERY_STEP, "trainer.max_steps=3"), run_dir)
     monkeypatch.setattr(ckmod.torch, "load", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
@@ -138,7 +139,7 @@ def test_read_only_commands_skip_damage_without_renaming(tmp_path, caplog):
     run(make_cfg(*EVERY_STEP, "trainer.max_steps=2"), tmp_path)
     (tmp_path / "checkpoints/checkpoint-0000002.pt").write_bytes(b"not a checkpoint")
     with caplog.at_level("WARNING", logger="fcmae"):
-        src, ck = read_checkpoint(tmp_path)
+        found = read_for_inspection(tmp_path); src = found.source; ck = found.record.to_dict()
     assert src.name == "checkpoint-0000001.pt" and ck["step"] == 1
     assert "skipping it (left in place" in caplog.text
     assert (tmp_path / "checkpoints/checkpoint-0000002.pt").is_file()
@@ -200,7 +201,7 @@ def test_a_flipped_byte_is_caught_without_a_readable_sum(tmp_path, caplog, sidec
     {"missing": lambda: sums.unlink(), "empty": lambda: sums.write_text(""),
      "garbage": lambda: sums.write_bytes(b"\xff\x00{"), "a list": lambda: sums.write_text("[1]")}[sidecar]()
     with caplog.at_level("WARNING", logger="fcmae"):
-        src, ck = read_checkpoint(tmp_path)
+        found = read_for_inspection(tmp_path); src = found.source; ck = found.record.to_dict()
     assert src.name == "checkpoint-0000001.pt" and ck["step"] == 1
     assert "checkpoint-0000002.pt is unverified" in caplog.text and "fails its CRC-32" in caplog.text
 
@@ -352,7 +353,7 @@ def test_without_links_last_pt_is_a_text_pointer_not_a_copy(tmp_path, monkeypatc
     run(make_cfg(*EVERY_STEP, "trainer.max_steps=3"), run_dir)
     last = run_dir / "checkpoints/last.pt"
     assert not last.is_symlink() and last.read_text().strip() == "checkpoint-0000003.pt"
-    assert load_checkpoint(last)["step"] == 3 and read_checkpoint(last)[1]["step"] == 3
+    assert load_checkpoint(last)["step"] == 3 and read_for_inspection(last).step == 3
     assert run(make_cfg(*EVERY_STEP, "trainer.max_steps=4"), run_dir).step == 4
     assert last.stat().st_size < 100 and _numbered(run_dir) == ["checkpoint-0000003.pt", "checkpoint-0000004.pt"]
     _assert_same_weights(tmp_path / "straight", run_dir)
@@ -436,15 +437,16 @@ def test_config_values_that_overflow_float32_are_config_errors(tmp_path, overrid
 # ---------------------------------------------------------------- #33 item 3: world size on resume
 
 def test_another_world_size_keeps_the_effective_batch_or_says_how():
-    from fcmae.run.settings import adapt_to_world_size, checkpoint_world
+    from fcmae.storage.checkpoint_record import TrainingCheckpoint
+    from fcmae.run.settings import adapt_to_world_size
     assert adapt_to_world_size(1, 8, 2, 2) == 2  # 2 x 2 x 2 = 8
     assert adapt_to_world_size(4, 64, 8, 8) == 1
     with pytest.raises(ConfigError, match=r"effective batch of 8 on 1 process.*resume on 1 process.*data.batch_size"):
         adapt_to_world_size(1, 8, 3, 2)
     # checkpoints from before world_size/effective_batch were saved: read from the config and RNG states
-    old = {"rng": [{}, {}], "config": {"data": {"batch_size": 4}, "optim": {"effective_batch_size": None},
-                                       "trainer": {"accum_iter": 3}}}
-    assert checkpoint_world(old) == (2, 24)
+    old = {"model": {}, "optimizer": {}, "step": 3, "epoch": 0, "batch_in_epoch": 3, "rng": [{}, {}],
+           "config": {"data": {"batch_size": 4}, "optim": {"effective_batch_size": None}, "trainer": {"accum_iter": 3}}}
+    assert TrainingCheckpoint.from_dict(old).world() == (2, 24)
 
 
 @pytest.mark.slow

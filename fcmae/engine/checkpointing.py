@@ -11,7 +11,7 @@ import torch
 from ..storage.checkpoint import capture_rng, non_finite_tensors
 from ..distributed import all_gather_objects, all_reduce_max_tensor
 from ..storage.files import DiskWriteError
-from .checkpoint_record import TrainingCheckpoint
+from ..storage.checkpoint_record import TrainingCheckpoint
 from .state import LoopSettings, LoopState, NonFiniteLoss
 from .step_sync import StepSync
 from .task import RunParts, Task
@@ -25,7 +25,8 @@ class Checkpointing:
         self.saved_step: int | None = None  # the step of this process's last numbered checkpoint
         self.saved_path: Path | None = None
 
-    def contents(self) -> dict:
+    def record(self) -> TrainingCheckpoint:
+        """What a checkpoint of this moment holds (every rank takes part: the RNG states are gathered)."""
         p = self.parts
         return TrainingCheckpoint(
             model=p.raw_model.state_dict(), optimizer=p.optimizer.state_dict(),
@@ -34,7 +35,7 @@ class Checkpointing:
             effective_batch=self.settings.batch_size * self.settings.accum * p.dist.world_size, config=p.config,
             data_images=len(p.sampler.dataset) if hasattr(p.sampler, "dataset") else None,
             pixel_type=getattr(getattr(p.sampler, "dataset", None), "pixel_type", None),
-            task=self.task.state_dict()).to_dict()
+            task=self.task.state_dict())
 
     def due(self) -> bool:
         """A periodic checkpoint after this step (not the last one: the run's end saves its own)."""
@@ -47,8 +48,10 @@ class Checkpointing:
         write (this one, or an earlier image or log line) stops every rank at this point, none
         left waiting in a collective; a stop signal caught while writing stops the run right after
         it. Weights or optimizer state that are not finite are never written."""
-        state = self.contents()
-        self.check_finite(state)
+        record = self.record()
+        self.check_finite(record)
+        state = record.to_dict()
+        del record
         path, failure, dist = None, None, self.parts.dist
         if dist.is_main:
             try:
@@ -69,10 +72,10 @@ class Checkpointing:
         self.sync.agree_to_stop(bool(stop))  # acted on now, not after another step
         return path
 
-    def check_finite(self, state: dict) -> None:
+    def check_finite(self, record: TrainingCheckpoint) -> None:
         """Every rank holds the same weights and optimizer state (DDP), so every rank decides alike."""
-        bad = non_finite_tensors(state["model"])
-        bad += [f"optimizer.{k}" for k in non_finite_tensors(state["optimizer"].get("state", {}))]
+        bad = non_finite_tensors(record.model)
+        bad += [f"optimizer.{k}" for k in non_finite_tensors(record.optimizer.get("state", {}))]
         if bad:
             st = self.state
             blowup = st.blowup_step if st.blowup_step is not None else st.step + 1

@@ -33,7 +33,7 @@ from .signals import Preempted, PreemptionGuard
 from .state import LoopSettings, LoopState, LossDiverged, NonFiniteLoss
 from .step_log import StepLog
 from .step_sync import StepSync
-from .task import RunParts, Task
+from .task import RunParts, Task, TaskContext
 
 log = logging.getLogger("fcmae")
 
@@ -51,11 +51,13 @@ class TrainLoop:
         self.checkpoints = Checkpointing(task, parts, settings, state, self.sync)
         self.step_log = StepLog(settings, state, parts.dist, parts.optimizer, metrics_file, parts.tracker, self.sync)
         self.readback = StepReadback(parts.dist.device)
+        self.context = TaskContext(state, settings, parts.dist, parts.raw_model, parts.optimizer, self.run_dir,
+                                   parts.tracker, self.save, self.write_output)  # what tasks and callbacks see
         self._last_read: tuple[float, float] | None = None  # the newest (loss, grad norm) read
 
     # ------------------------------------------------------------ what tasks call
     def state_dict(self) -> dict:
-        return self.checkpoints.contents()
+        return self.checkpoints.record().to_dict()
 
     def save(self, name: str | None = None) -> Path | None:
         self.readback.drain()  # the steps a checkpoint holds are checked before it is written
@@ -205,7 +207,7 @@ class TrainLoop:
             self.step_log.reset_throughput()  # img/s counts training only
 
     def _evaluate(self, final: bool) -> None:
-        metrics = self.task.evaluate(self, final)
+        metrics = self.task.evaluate(self.context, final)
         if metrics:
             self.log_metrics(metrics)
             if self.dist.is_main:
@@ -243,7 +245,7 @@ class TrainLoop:
         self._after_step(grad_norm)
         self._loss_sum.zero_()
         for cb in s.callbacks:
-            cb(self)
+            cb(self.context)
         return True
 
     def _count(self, batch: tuple) -> None:
@@ -306,7 +308,7 @@ class TrainLoop:
             self.readback.ready()  # the previous step's values: the device has run (or is running) it
         loss, norm = self._last_read if self._last_read is not None else (None, None)
         self.step_log.step(self._loss_sum, loss, norm, self._scheduled_lr)
-        self.task.after_step(self)
+        self.task.after_step(self.context)
         if save_now:
             self.save()
         if st.step % s.log_every == 0:

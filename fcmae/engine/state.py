@@ -10,11 +10,11 @@ consumed (``batch_in_epoch``, always a multiple of the accumulation at a checkpo
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
-from ..storage.checkpoint import describe_divergence
+from ..storage.checkpoint_record import RunPosition
 
 # A step's loss past this many times the lowest loss of the run (and at least this far above it) is
 # taken as the start of a blow-up: checkpoints whose weights fed such a step are not "good".
@@ -45,35 +45,9 @@ def check_divergence_stop(value: float | None, check) -> None:
           "its lowest is already warned of), or null to never stop a run whose loss stays finite")
 
 
-@dataclass
-class LoopState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    bad_images: int = 0  # over all ranks
-    seen_images: int = 0  # over all ranks
-    finished: bool = False  # the final evaluation and checkpoint of stop_step are done
-    loss_floor: float | None = None  # the lowest step loss so far (this rank's), for the blow-up bound
-    blowup_step: int | None = None  # the first step of the spike under way (None: the loss is in range)
-    blowup_peak: float | None = None  # the spike's highest loss so far
-    calm_steps: int = 0  # steps in a row back in range during a spike (RECOVERY_STEPS end it)
-    spikes: list = field(default_factory=list)  # [first step, recovered at step, peak loss] of each spike recovered from
-
-    # what a checkpoint written before a field existed means by its absence
-    _OLD_FILE_DEFAULTS = {"finished": True}
-
-    def to_dict(self) -> dict:
-        """The fields as a checkpoint stores them (flat, beside the weights)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoopState":
-        """The position a checkpoint stores; a field it lacks (an older file) takes its old meaning."""
-        def absent(f):
-            if f.name in cls._OLD_FILE_DEFAULTS:
-                return cls._OLD_FILE_DEFAULTS[f.name]
-            return f.default_factory() if f.default is MISSING else f.default
-        return cls(**{f.name: d[f.name] if f.name in d else absent(f) for f in fields(cls)})
+class LoopState(RunPosition):
+    """Where a run is (the fields, as every checkpoint records them: :class:`RunPosition`), with the
+    rules of the loss's range the loop applies to it."""
 
     def past(self, loss: float, factor: float) -> bool:
         """Whether a finite ``loss`` lies past ``factor`` times the lowest loss so far and at least ``factor``
@@ -104,10 +78,6 @@ class LoopState:
         if math.isfinite(loss) and (self.loss_floor is None or loss < self.loss_floor):
             self.loss_floor = loss
         return event
-
-    def describe_spikes(self) -> str:
-        """The spikes recovered from (and one under way), in words; empty when there was none."""
-        return describe_divergence(self.to_dict())
 
 
 @dataclass

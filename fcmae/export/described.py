@@ -43,22 +43,26 @@ def rescale_factor(pixel_type: str | None, channels: str = "rgb") -> float | Non
     return 1 / float(np.iinfo(kind).max) if kind.kind in "iu" else None
 
 
-def input_description(obj: Mapping) -> dict | None:
-    """The input a training checkpoint's model expects: ``in_chans``, ``img_size``, ``channels``, ``bands``
-    (indices into the files' bands, from 0), ``scaling``, ``mean``, ``std`` (after the scaling)."""
-    cfg = obj.get("config") if isinstance(obj, Mapping) else None
-    data, model = (cfg or {}).get("data") or {}, (cfg or {}).get("model") or {}
-    if not data or data.get("mean") in (None, "auto"):
+def input_description(record) -> dict | None:
+    """The input a training checkpoint's model expects (``record``: a
+    :class:`fcmae.storage.checkpoint_record.TrainingCheckpoint`, None for weights from elsewhere):
+    ``in_chans``, ``img_size``, ``channels``, ``bands`` (indices into the files' bands, from 0),
+    ``scaling``, ``mean``, ``std`` (after the scaling)."""
+    if record is None:
         return None
-    channels = data.get("channels") or "rgb"
-    pixel_type = obj.get("pixel_type")
+    mean, std = record.setting("data.mean"), record.setting("data.std")
+    if mean in (None, "auto") or std in (None, "auto"):
+        return None
+    channels = record.setting("data.channels", "rgb")
+    pixel_type = record.pixel_type
     factor = rescale_factor(pixel_type, channels)
     scaling = SCALING.get(channels, SCALING["all"])
     if pixel_type:
         scaling = f"{pixel_type} files: " + (f"x {factor:.10g} (1 / {round(1 / factor)})" if factor else "as they are")
-    return {"in_chans": model.get("in_chans", 3), "img_size": data.get("img_size"), "channels": channels,
-            "bands": data.get("bands"), "pixel_type": pixel_type, "rescale_factor": factor, "scaling": scaling,
-            "mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]]}
+    return {"in_chans": record.setting("model.in_chans", 3), "img_size": record.setting("data.img_size"),
+            "channels": channels, "bands": record.setting("data.bands"), "pixel_type": pixel_type,
+            "rescale_factor": factor, "scaling": scaling, "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std]}
 
 
 def write_timm_folder(sd: Mapping[str, torch.Tensor], out: Path, architecture: str, described: dict | None,

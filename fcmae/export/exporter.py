@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from ..storage.checkpoint import describe_divergence, read_checkpoint
+from ..storage.checkpoint_record import read_for_inspection
 from ..storage.files import DiskWriteError
 from ..models.convnextv2 import ConvNeXtV2
 from ..models.variants import find_variant
@@ -140,16 +140,17 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     or MinkowskiEngine sparse layout), not one of ours or a timm file.
     ``ema``: export the checkpoint's EMA weights (``model_ema``) instead of ``model``.
     """
-    src, obj = read_checkpoint(checkpoint)
-    divergence = describe_divergence(obj)
+    found = read_for_inspection(checkpoint)
+    src, record, obj = found.source, found.record, found.weights
+    divergence = record.divergence() if record is not None else ""
     if divergence:
         log(f"warning: {src} comes from a run whose {divergence}: its weights may be worse than its loss "
             "curve's best; look at metrics.jsonl before using them")
     if ema:
-        if not isinstance(obj.get("model_ema"), dict):
-            raise CheckpointError(f"{src} holds no EMA weights ('model_ema'); they exist in fcmae-finetune "
-                                  "checkpoints trained with ema.enabled=true")
-        obj = obj["model_ema"]
+        if record is None or record.ema_weights is None:
+            raise CheckpointError(f"{src} holds no EMA weights; they exist in fcmae-finetune checkpoints trained "
+                                  "with ema.enabled=true")
+        obj = record.ema_weights
     canonical, layout = to_canonical(obj, source=f"{src} (EMA weights)" if ema else str(src))
     if require_official and layout not in OFFICIAL_LAYOUTS:
         raise CheckpointError(f"{src} has the {layout} layout, not an official FCMAE one (dense or "
@@ -169,10 +170,10 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     variant = variant_of(canonical)
     name = f"convnextv2_{variant.name}" if variant else f"custom depths={list(depths)} dims={list(dims)}"
     if format == "hf":
-        return _export_hf(src, obj, canonical, layout, name, out, verify, log)
+        return _export_hf(src, obj, record, canonical, layout, name, out, verify, log)
     if format == "fcmae":
-        return _export_full(src, obj, name, Path(out) if out else default_out, verify, log)
-    described = input_description(obj)
+        return _export_full(src, record, name, Path(out) if out else default_out, verify, log)
+    described = input_description(record)
     metadata = {"format": format, "model": name, "source_layout": layout,
                 **({"input": json.dumps(described)} if described else {})}
     if format == "timm-dir":
@@ -193,29 +194,26 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     return out
 
 
-def full_model_config(obj: Mapping) -> dict:
+def full_model_config(record) -> dict:
     """What builds the FCMAE model a pretraining checkpoint holds, and how its input is made: the
     model keys of its config, the patch size, and the data's normalisation and bands."""
-    cfg = obj.get("config") or {}
-    model, data = cfg.get("model") or {}, cfg.get("data") or {}
     keys = ("name", "depths", "dims", "in_chans", "decoder_depth", "decoder_embed_dim", "mask_ratio", "norm_pix_loss")
-    return {**{k: model.get(k) for k in keys}, "patch_size": 32, "img_size": data.get("img_size"),
-            "mean": data.get("mean"), "std": data.get("std"), "channels": data.get("channels"),
-            "bands": data.get("bands")}
+    return {**{k: record.setting(f"model.{k}") for k in keys}, "patch_size": 32,
+            **{k: record.setting(f"data.{k}") for k in ("img_size", "mean", "std", "channels", "bands")}}
 
 
-def _export_full(src: Path, obj: Mapping, name: str, out: Path, verify: bool, log) -> Path:
+def _export_full(src: Path, record, name: str, out: Path, verify: bool, log) -> Path:
     """``--format fcmae``: the whole FCMAE model of a pretraining checkpoint (encoder, decoder, mask token,
     prediction head) in our own keys, with the model's config in the metadata: what ``init_from`` needs to
     continue pretraining where the source stopped."""
-    if not isinstance(obj.get("model"), Mapping) or not decoder_state(obj) or not obj.get("config"):
+    if record is None or not decoder_state({"model": record.model}) or not record.config:
         raise CheckpointError(f"{src} holds no full FCMAE model (a decoder and the run's config): --format fcmae "
                               "exports a pretraining run or checkpoint of ours; use --format timm for encoder weights")
-    sd = {k: v for k, v in obj["model"].items() if isinstance(v, torch.Tensor)}
-    config, described = full_model_config(obj), input_description(obj)
+    sd = {k: v for k, v in record.model.items() if isinstance(v, torch.Tensor)}
+    config, described = full_model_config(record), input_description(record)
     save_state_dict(sd, out, metadata={"format": "fcmae", "model": name, "fcmae_config": json.dumps(config),
-                                       "step": obj.get("step"), **({"input": json.dumps(described)} if described else {})})
-    log(f"read {src} (a pretraining checkpoint, {name}, step {obj.get('step')})")
+                                       "step": record.step, **({"input": json.dumps(described)} if described else {})})
+    log(f"read {src} (a pretraining checkpoint, {name}, step {record.step})")
     log(f"wrote {out} (fcmae format: encoder, decoder and mask token, {len(sd)} tensors, "
         f"{out.stat().st_size / 2**20:.1f} MiB); continue pretraining from it with init_from={out}")
     if verify:
@@ -256,11 +254,12 @@ def _check_writable(folder: Path, default: bool) -> None:
         raise DiskWriteError(f"cannot write the export in {folder} ({cause}){hint}") from None
 
 
-def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, verify: bool, log) -> Path:
+def _export_hf(src: Path, obj: Mapping, record, canonical, layout: str, name: str, out, verify: bool, log) -> Path:
     """``--format hf``: a transformers folder, checked in place before it is moved to ``out``."""
     from .hf import hf_features, require_transformers, write_hf
     depths, dims = infer_shape(canonical)
-    data = (obj.get("config") or {}).get("data") or {}  # the pretraining run's image size and normalisation
+    def data(key, default=None):  # the pretraining run's image size and normalisation
+        return record.setting(f"data.{key}", default) if record is not None else default
     out = Path(out) if out else src.with_name(f"{src.stem}_hf")
     result = {}
 
@@ -278,14 +277,14 @@ def _export_hf(src: Path, obj: Mapping, canonical, layout: str, name: str, out, 
         result.update(err=err, what=what)
 
     log(f"read {src} ({layout} keys, {name})")
-    channels = data.get("channels") or "rgb"
-    rescale = rescale_factor(obj.get("pixel_type"), channels)
-    if rescale is None and not obj.get("pixel_type"):
+    pixel_type = record.pixel_type if record is not None else None
+    rescale = rescale_factor(pixel_type, data("channels", "rgb"))
+    if rescale is None and not pixel_type:
         log("warning: the source does not record its files' pixel type: the processor does not rescale; feed it "
             "pixels as the run read them (integers divided by their type's largest value)")
-    described = input_description(obj)
-    write_hf(canonical, depths, dims, out, int(data.get("img_size") or 224), data.get("mean") or IMAGENET_MEAN,
-             data.get("std") or IMAGENET_STD, check=check if verify else None, rescale=rescale,
+    described = input_description(record)
+    write_hf(canonical, depths, dims, out, int(data("img_size", 224)), data("mean", IMAGENET_MEAN),
+             data("std", IMAGENET_STD), check=check if verify else None, rescale=rescale,
              metadata={"format": "hf", "model": name, "source_layout": layout,
                        **({"input": json.dumps(described)} if described else {})})
     params = sum(v.numel() for v in canonical.values())

@@ -22,8 +22,8 @@ from ..engine.read_watch import ReadInterrupted, ReadWatch
 from ..storage.files import write_atomic
 from ..loggers import Loggers, MetricsFile, NullLogger, TensorBoardLogger, WandbLogger
 from ..storage.run_lock import RunLock
-from .resume import RunSetup, prepare_run, restore_or_seed
-from .resume_checks import check_same_data
+from .resume import RunSetup, commit_resume, prepare_run, restore_or_seed
+from .resume_checks import check_resolved_data
 from .seeding import seed_everything
 from .settings import loop_settings
 
@@ -44,7 +44,7 @@ class RunData:
 class App(Protocol):
     """What one training app (``fcmae-pretrain``, ``fcmae-finetune``) adds to the shared run."""
 
-    resume_must_match: tuple[str, ...]  # config keys a checkpoint must share to be continued
+    resume_rules: dict  # what a resume does with each changed key (fcmae.config.resume_rules)
 
     def validate(self, cfg) -> None: ...
 
@@ -84,11 +84,13 @@ def run_app(app: App, cfg, run_dir: str | Path, callbacks=()):
 
 
 def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLock) -> LoopState:
-    setup = prepare_run(cfg, run_dir, info, lock)
+    setup = prepare_run(cfg, run_dir, info, lock, app.resume_rules)
     data = _build_data(app, cfg, info, setup)
     cfg = data.cfg
     if setup.resume is not None:
-        check_same_data(setup.resume[0], setup.resume[1], cfg, len(data.sampler.dataset), info)
+        check_resolved_data(setup.resume.path, setup.resume.record, cfg, app.resume_rules,
+                            len(data.sampler.dataset), info)
+    commit_resume(setup, run_dir, info)  # every check passed: only now does the run directory change
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint, resolved values included
     settings = loop_settings(cfg, len(data.sampler) // cfg.data.batch_size, setup.accum, setup.base_lr,
                              setup.precision, cfg.data.max_bad_fraction, callbacks)
@@ -98,8 +100,8 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
         app.load_initial_weights(model, cfg, info)
     task = app.build_task(cfg, model, data)
     optimizer = app.build_optimizer(cfg, model, setup.base_lr)
-    state, scaler = restore_or_seed(setup, config, app.resume_must_match, model, optimizer, info, cfg.trainer.seed,
-                                    task)
+    state, scaler = restore_or_seed(setup, model, optimizer, info, cfg.trainer.seed, cfg.data.batch_size, task,
+                                    _optimizer_as_saved(app, cfg, model, setup))
     train_model = wrap_model(model, cfg.trainer.compile, info)
     tracker = open_tracker(cfg, run_dir, config, info, setup.start_step)
     if info.is_main:
@@ -117,12 +119,25 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
     return final
 
 
+def _optimizer_as_saved(app: App, cfg, model, setup: RunSetup):
+    """A builder of the optimizer the checkpoint's own config made (its parameter groups), for
+    :func:`fcmae.run.resume.load_optimizer_state`; None on a fresh start or for a checkpoint without one."""
+    if setup.resume is None or not setup.resume.record.config.get("optim"):
+        return None
+    saved = setup.resume.record.config["optim"]
+
+    def build():
+        old = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), {"optim": saved})
+        return app.build_optimizer(old, model, setup.base_lr)
+    return build
+
+
 def _build_data(app: App, cfg, info: DistInfo, setup: RunSetup) -> RunData:
     """The app's data stage, where a stop signal interrupts a read that blocks (the first images are read
     to check their bands: on a stalled mount that read never returns). One process only: under DDP the
     other ranks would be left in a collective."""
     try:
-        with ReadWatch(PreemptionGuard._active, None, interruptible=not info.enabled).fetch():
+        with ReadWatch(PreemptionGuard.current(), None, interruptible=not info.enabled).fetch():
             return app.build_data(cfg, info)
     except ReadInterrupted as stop:
         raise Preempted(stop.signum, setup.start_step, None) from None

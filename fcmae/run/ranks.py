@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..storage.checkpoint import read_checkpoint
+from ..storage.checkpoint_record import Inspected, read_for_inspection
 from ..distributed import DistInfo, all_reduce_max, broadcast_object
 from ..errors import UserError, user_error
 from ..storage.weights_file import CheckpointError
@@ -47,13 +47,13 @@ def on_every_rank(load: Callable[[], object], info: DistInfo, what: str):
     return out
 
 
-def read_checkpoint_agreed(path: str | Path, info: DistInfo) -> tuple[Path, dict]:
-    """:func:`read_checkpoint` with rank 0 choosing the file (a run directory's newest whole
-    checkpoint) and every other rank reading that same file."""
+def read_agreed(path: str | Path, info: DistInfo) -> Inspected:
+    """:func:`fcmae.storage.checkpoint_record.read_for_inspection` with rank 0 choosing the file (a run
+    directory's newest whole checkpoint) and every other rank reading that same file."""
     box = {}
 
     def resolve() -> str:
-        box["read"] = read_checkpoint(path)
-        return str(box["read"][0])
+        box["read"] = read_for_inspection(path)
+        return str(box["read"].source)
     src = on_rank_zero(resolve, info)
-    return on_every_rank((lambda: box["read"]) if info.is_main else (lambda: read_checkpoint(src)), info, src)
+    return on_every_rank((lambda: box["read"]) if info.is_main else (lambda: read_for_inspection(src)), info, src)

@@ -1,69 +1,101 @@
-"""What a resume may change, checked against the checkpoint's own config and data. A change that
-would alter the run under way without a word is refused or adapted, always with a message naming
-the key:
-
-- the keys an app names (the model, the image size, ...) and ``trainer.seed`` (the data order and the
-  masks of the epoch under way): refused;
-- the effective batch (``data.batch_size``, ``trainer.accum_iter``, ``optim.effective_batch_size``, the
-  world size): kept by the accumulation where only the batch size or the world size changed, else
-  refused (it sets the lr, the steps per epoch and the data order);
-- the lr and the schedule (``optim.blr``, ...): taken, and said (the advice after a blow-up asks for it);
-- the data: another root with another image count is another dataset (refused); the same root with
-  another count, or another root with the same count, is said.
+"""What a resume may change, checked against the checkpoint's own config and data, by the rules of
+:mod:`fcmae.config.resume_rules` (one table for every key of both apps). Every check here runs before
+anything in the run directory changes (:func:`fcmae.run.resume.prepare_run` sets checkpoints aside and
+trims the logs only once they all passed): a refused command leaves the run as it was.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..config.resume_rules import APPLY, BATCH, DATA, INPUT, REFUSE, rule_of
 from ..distributed import DistInfo
+from ..storage.checkpoint_record import TrainingCheckpoint
 from ..errors import ConfigError
-from .settings import adapt_to_world_size, checkpoint_world
+from .settings import adapt_to_world_size
 
 log = logging.getLogger("fcmae")
 
-REFUSED = ("trainer.seed",)
-EXPLICIT_BATCH = ("trainer.accum_iter", "optim.effective_batch_size")
-ANNOUNCED = ("optim.blr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad", "optim.layer_decay",
-             "schedule.warmup_epochs", "schedule.warmup_steps", "trainer.epochs")
-DATA_ROOTS = ("data.root", "data.train_root")  # pretraining's, fine-tuning's
 ANOTHER_RUN = "start another run (run_name=..., or resume=never in a new directory)"
+# values the run resolves when it reads the data (data.mean=auto, model.num_classes=null, fine-tuning's
+# data.mean=null): checked once resolved (check_resolved_data)
+RESOLVED_LATER = (None, "auto")
+WHY_REFUSED = {
+    REFUSE: "they give the checkpoint's weights their meaning (the model, its data, the seed that orders the data "
+            "and draws the masks of the epoch under way)",
+    INPUT: "they change every input the weights see (the normalisation, the bands, how a file becomes the input)",
+}
 
 
-def changed_keys(old: dict, new: dict, keys) -> list[str]:
-    """``"key: old -> new"`` for each of ``keys`` whose value differs between two configs."""
-    out = []
-    old, new = OmegaConf.create(old), OmegaConf.create(new)
-    for key in keys:
-        a, b = OmegaConf.select(old, key), OmegaConf.select(new, key)
-        if a != b:
-            out.append(f"{key}: {OmegaConf.to_container(a) if OmegaConf.is_config(a) else a} -> "
-                       f"{OmegaConf.to_container(b) if OmegaConf.is_config(b) else b}")
+def leaves(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested config (lists are values)."""
+    out = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(leaves(value, name + "."))
+        else:
+            out[name] = value
     return out
 
 
-def check_setup(path, ck: dict, cfg, info: DistInfo, accum: int, effective: int) -> tuple[int, int]:
-    """The seed and the effective batch against checkpoint ``ck`` (read from ``path``): returns the
-    ``(accum, effective batch)`` the resumed run trains with."""
-    old = ck.get("config") or {}
-    new = OmegaConf.to_container(cfg, resolve=True)
-    refused = changed_keys(old, new, REFUSED) if old else []
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def changes(old: dict, new: dict, table: dict) -> dict[str, list[tuple[str, Any, Any]]]:
+    """``{rule: [(key, old, new), ...]}`` over the keys both configs record whose values differ (a key the
+    checkpoint does not record, from before it existed, is not a change)."""
+    a, b = leaves(old), leaves(new)
+    out: dict[str, list] = {}
+    for key in sorted(set(a) & set(b)):
+        if _plain(a[key]) != _plain(b[key]):
+            out.setdefault(rule_of(table, key) or "unclassified", []).append((key, a[key], b[key]))
+    return out
+
+
+def said(items) -> str:
+    return "; ".join(f"{k}: {a} -> {b}" for k, a, b in items)
+
+
+def check_resume(path, record: TrainingCheckpoint, cfg, table: dict, info: DistInfo, accum: int,
+                 effective: int) -> tuple[int, int]:
+    """Every check that needs no data, against checkpoint ``record`` (read from ``path``): refused keys and
+    input description, the effective batch; the training settings that change are said. Returns the
+    ``(accum, effective batch)`` the resumed run trains with. Raises :class:`ConfigError` naming the keys."""
+    old, new = record.config, OmegaConf.to_container(cfg, resolve=True)
+    diff = changes(old, new, table) if old else {}
+    _refuse(path, [c for c in diff.get(REFUSE, []) + diff.get(INPUT, []) if c[2] not in RESOLVED_LATER], table)
+    accum, effective = _check_batch(path, record, diff.get(BATCH, []), cfg, info, accum, effective)
+    applied = diff.get(APPLY, [])
+    if applied and info.is_main:
+        log.warning("resuming %s with %s: in effect from step %d on", path, said(applied), record.step)
+    return accum, effective
+
+
+def _refuse(path, refused, table: dict) -> None:
     if refused:
-        raise ConfigError(f"{path} was trained with another {'; '.join(refused)}: the seed orders the data and "
-                          "draws the masks of the epoch under way; continue with the original value, or " + ANOTHER_RUN)
-    old_world, old_effective = checkpoint_world(ck)
+        why = "; ".join(WHY_REFUSED[r] for r in (REFUSE, INPUT) if any(rule_of(table, k) == r for k, _, _ in refused))
+        raise ConfigError(f"{path} was trained with another {said(refused)}: {why}; continue with the original "
+                          "value, or " + ANOTHER_RUN)
+
+
+def _check_batch(path, record: TrainingCheckpoint, changed, cfg, info: DistInfo, accum: int,
+                 effective: int) -> tuple[int, int]:
+    old_world, old_effective = record.world()
     if not old_effective or old_effective == effective:
         return accum, effective
-    explicit = changed_keys(old, new, EXPLICIT_BATCH) if old else []
+    explicit = [c for c in changed if c[0] != "data.batch_size"]
     if explicit:
-        raise ConfigError(f"{path} was trained with an effective batch of {old_effective}; {'; '.join(explicit)} "
+        raise ConfigError(f"{path} was trained with an effective batch of {old_effective}; {said(explicit)} "
                           f"would make it {effective}, changing the lr, the steps per epoch and the data order of the "
                           "epoch under way: continue with the original values, or " + ANOTHER_RUN)
     accum = adapt_to_world_size(old_world, old_effective, cfg.data.batch_size, info.world_size,
                                 run_dir=Path(path).parent.parent)
-    what = changed_keys(old, new, ("data.batch_size",)) if old else []
+    what = [said([c]) for c in changed if c[0] == "data.batch_size"]
     if old_world != info.world_size:
         what.append(f"processes: {old_world} -> {info.world_size}")
     if info.is_main:
@@ -74,38 +106,30 @@ def check_setup(path, ck: dict, cfg, info: DistInfo, accum: int, effective: int)
     return accum, old_effective
 
 
-def announce_changes(path, ck: dict, cfg, info: DistInfo) -> None:
-    """Say which lr and schedule keys differ from the checkpoint's (they take effect from its step on)."""
-    old = ck.get("config") or {}
-    changed = changed_keys(old, OmegaConf.to_container(cfg, resolve=True), ANNOUNCED) if old else []
-    if changed and info.is_main:
-        log.warning("resuming %s with %s: in effect from step %d on", path, "; ".join(changed), ck.get("step", 0))
-
-
-def data_root(config) -> tuple[str | None, object]:
-    """``(key, value)`` of the config's data folder (None, None for data without one)."""
-    for key in DATA_ROOTS:
-        value = OmegaConf.select(OmegaConf.create(config), key, default=None)
-        if value is not None:
-            return key, value
-    return None, None
-
-
-def check_same_data(path, ck: dict, cfg, images: int, info: DistInfo) -> None:
-    """A resumed run must train on the data it started on: another root that holds another number of
-    images is another dataset (refused); a changed count or a moved root alone is said."""
-    old_images = ck.get("data_images")
-    key, old_root = data_root(ck.get("config") or {})
-    _, new_root = data_root(OmegaConf.to_container(cfg, resolve=True))
-    moved = key is not None and str(old_root) != str(new_root)
-    counted = old_images is not None and int(old_images) != images
+def check_resolved_data(path, record: TrainingCheckpoint, cfg, table: dict, images: int, info: DistInfo) -> None:
+    """The checks that need the data read: a resumed run must train on the data it started on (another
+    root that holds another number of images is another dataset: refused; a changed count or a moved root
+    alone is said), and a normalisation the run resolved itself (``data.mean=auto``, or fine-tuning's from
+    ``model.init_from``) is compared with the checkpoint's (a difference is said)."""
+    old, new = record.config, OmegaConf.to_container(cfg, resolve=True)
+    diff = changes(old, new, table) if old else {}
+    _refuse(path, diff.get(REFUSE, []), table)  # values resolved from the data (model.num_classes=null)
+    moved = diff.get(DATA, [])
+    counted = record.data_images is not None and int(record.data_images) != images
     if moved and counted:
-        raise ConfigError(f"{path} was trained on {key}={old_root} ({old_images} images); {new_root} holds {images}: "
-                          f"another dataset does not continue this run. Go back to {key}={old_root}, or "
+        key, old_root, new_root = moved[0]
+        raise ConfigError(f"{path} was trained on {key}={old_root} ({record.data_images} images); {new_root} holds "
+                          f"{images}: another dataset does not continue this run. Go back to {key}={old_root}, or "
                           + ANOTHER_RUN)
     if info.is_main and moved:
+        key, old_root, new_root = moved[0]
         log.warning("%s: %s: %s -> %s holds the same number of images (%d): taken as the same data, moved", path,
                     key, old_root, new_root, images)
     elif info.is_main and counted:
         log.warning("the data changed since %s: %d images then, %d now; the steps per epoch and the schedule's "
-                    "length follow the new count", path, old_images, images)
+                    "length follow the new count", path, record.data_images, images)
+    resolved = diff.get(INPUT, [])
+    if resolved and info.is_main:
+        log.warning("resuming %s: the normalisation this run resolved differs from the checkpoint's (%s): every input "
+                    "is normalised the new way from step %d on; pass the checkpoint's values to keep them",
+                    path, said(resolved), record.step)

@@ -48,19 +48,6 @@ def _dividing_batch(effective: int, world_size: int, at_most: int) -> int:
     return max((b for b in range(1, at_most + 1) if effective % (b * world_size) == 0), default=1)
 
 
-def checkpoint_world(ck: dict) -> tuple[int, int]:
-    """``(world size, effective batch)`` a checkpoint was trained with (read from its config and its
-    per-process RNG states for checkpoints from before both were saved)."""
-    world = int(ck.get("world_size") or len(ck.get("rng") or [None]))
-    if ck.get("effective_batch"):
-        return world, int(ck["effective_batch"])
-    cfg = ck.get("config") or {}
-    batch = (cfg.get("data") or {}).get("batch_size")
-    target = (cfg.get("optim") or {}).get("effective_batch_size")
-    accum = (cfg.get("trainer") or {}).get("accum_iter") or 1
-    return world, int(target or (batch or 0) * world * accum)
-
-
 def adapt_to_world_size(old_world: int, old_effective: int, batch_size: int, world_size: int,
                         run_dir: Path | str | None = None) -> int:
     """The accumulation that keeps a resumed run's effective batch (and so its lr and schedule) on

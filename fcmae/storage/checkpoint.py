@@ -33,13 +33,12 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 
 from .files import fsync_dir
-from .weights_file import CheckpointError, load_state_dict_file
+from .weights_file import CheckpointError
 
 from .checkpoint_write import (CheckpointWriteError, _file_crc, _point, _sum_path,  # noqa: F401 (re-exported)
                                non_finite_tensors, state_bytes)
@@ -260,41 +259,20 @@ def run_checkpoint_dir(path: Path) -> Path | None:
     return None
 
 
-def load_resolved(path: str | Path) -> tuple[Path, dict | None]:
-    """``(file, checkpoint)``: for a run directory (or its ``last.pt``) the newest whole
-    training checkpoint, already loaded (damaged ones skipped, never renamed: this is the
-    read-only path of export, evaluation and ``init_from``); for any other file the file itself
-    (``checkpoint`` None: the caller reads its format)."""
-    path = Path(path)
-    ck_dir = run_checkpoint_dir(path)
-    if ck_dir is not None:
-        found = newest_good_checkpoint(ck_dir, quarantine=False)
-        if found is None:
-            raise CheckpointError(f"{path} holds no checkpoint yet ({ck_dir}/checkpoint-*.pt); "
-                                  "pass a pretraining run directory or a checkpoint file")
-        log.info("using %s (step %d), the newest whole checkpoint of %s", found[0], found[1]["step"], path)
-        return found
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory without checkpoints ({CHECKPOINT_DIR}/checkpoint-*.pt); "
-                              "pass a pretraining run directory or a checkpoint file")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    return resolve_pointer(path), None
-
-
-def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
-    """``(file, contents)`` of any checkpoint we accept: a run directory (or its ``last.pt``)
-    gives its newest whole checkpoint; a file is read by its format (``.safetensors``, or a
-    torch pickle read weights-only)."""
-    src, ck = load_resolved(path)
-    return src, ck if ck is not None else load_state_dict_file(src)
-
-
-
 def load_checkpoint(path: str | Path) -> dict:
-    """Load one of our training checkpoints (tensors and plain containers only); a text
-    ``last.pt`` pointer is followed."""
-    return torch.load(resolve_pointer(Path(path)), map_location="cpu", weights_only=True)
+    """One training checkpoint file (a text ``last.pt`` pointer is followed) as the flat dict on disk,
+    verified as every read verifies it: for tools and tests that look at raw entries. The app reads
+    checkpoints through :mod:`fcmae.storage.checkpoint_record`."""
+    return check_checkpoint(resolve_pointer(Path(path)), required=())
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint file holds, read without loading its tensors (memory-mapped); None when it
+    cannot be read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # unreadable or not a training checkpoint: the caller leaves it where it is
+        return None
 
 
 def capture_rng() -> dict:
@@ -315,12 +293,3 @@ def restore_rng(state: dict) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def describe_divergence(obj: Mapping) -> str:
-    """What a training checkpoint records of its loss leaving its range (``spikes`` recovered from, a
-    ``blowup_step`` under way), in words; empty for a clean run or a plain weights file."""
-    parts = [f"at step {a} (peak {peak:.3g}) and recovered by step {b}" for a, b, peak in obj.get("spikes") or []]
-    if obj.get("blowup_step") is not None:
-        parts.append(f"at step {obj['blowup_step']} and had not come back by then")
-    return ("loss left its range " + "; ".join(parts)) if parts else ""

@@ -15,7 +15,7 @@ from pathlib import Path
 from .files import WRITE_ERRNOS, free_space, fsync_dir, write_atomic
 
 from .checkpoint import (ABANDONED_SUFFIX, CHECKPOINT_DIR, DIVERGED_SUFFIX, LAST, NUMBERED, RESUMED_FROM, _quarantine,
-                         _repoint_last, numbered_checkpoints, pointed_at, resolve_pointer)
+                         _repoint_last, numbered_checkpoints, pointed_at, resolve_pointer, step_of)
 from .checkpoint_write import CheckpointWriteError, _atomic_save, _point, _sum_path, state_bytes
 
 log = logging.getLogger("fcmae")
@@ -97,21 +97,34 @@ class CheckpointManager:
         return moved
 
     def roll_back_to(self, step: int, source: Path) -> list[Path]:
-        """A resume from ``source`` (step ``step``): the numbered checkpoints of later steps belong to a
-        timeline the run abandons: renamed ``*.abandoned`` (kept, never resumed from); ``last.pt`` follows.
-        The decision is recorded (:data:`RESUMED_FROM`), so that a rerun of the same command (a requeue)
-        continues the new timeline instead of rolling back again."""
+        """A resume from ``source`` (step ``step``): the numbered checkpoints of later steps, and the named
+        extras (``best.pt``) written after it, belong to a timeline the run abandons: renamed
+        ``*.abandoned`` (kept, never resumed from); ``last.pt`` follows. The decision is recorded
+        (:meth:`record_resume`)."""
         moved = [_quarantine(p, ABANDONED_SUFFIX) for s, p in numbered_checkpoints(self.dir) if s > step]
+        moved += [_quarantine(p, ABANDONED_SUFFIX) for p in self._named_extras() if (step_of(p) or 0) > step]
         newest = self.newest()
         if newest is not None:
             self.point_last_at(newest[1])
         elif moved and (self.last.is_symlink() or self.last.is_file()):
             self.last.unlink(missing_ok=True)
+        self.record_resume(step, source, [p.name for p in moved])
+        return moved
+
+    def record_resume(self, step: int, source: Path, abandoned: list[str] = ()) -> None:
+        """Record a ``resume=PATH`` decision (:data:`RESUMED_FROM`), so that a rerun of the same command (a
+        requeue) continues the run's timeline instead of going back to ``source`` again."""
         self._mkdir()
-        record = {"path": str(Path(source).absolute()), "step": step, "abandoned": [p.name for p in moved],
+        record = {"path": str(Path(source).absolute()), "step": step, "abandoned": list(abandoned),
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_atomic(self.dir / RESUMED_FROM, lambda tmp: tmp.write_text(json.dumps(record) + "\n"), "resume record")
-        return moved
+
+    def _named_extras(self) -> list[Path]:
+        """The checkpoints kept by name (``best.pt``, ``best-ema.pt``): outside the rotation."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("*.pt") if p.name != LAST and not NUMBERED.fullmatch(p.name)
+                      and p.is_file() and not p.is_symlink())
 
     def resumed_from(self) -> dict | None:
         """The record of the last ``resume=PATH`` in this directory (None: none, or unreadable)."""

@@ -1,7 +1,7 @@
 """Weight files read and written safely: ``.safetensors`` or a torch pickle loaded without running
 code (:func:`load_state_dict_file`), written whole or not at all (:func:`save_state_dict`), and
 :class:`CheckpointError`, which every unusable checkpoint raises. The checkpoints of a run
-(:mod:`fcmae.checkpoint`) and the converter (:mod:`fcmae.export.convert`) both build on it."""
+(:mod:`fcmae.storage.checkpoint`) and the converter (:mod:`fcmae.export.convert`) both build on it."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None,
                     advice: str = "write it elsewhere (fcmae-export --out PATH)") -> Path:
     """Write ``.safetensors`` or ``.pth`` atomically (temporary file, then rename); a disk that
-    refuses the write raises :class:`fcmae.files.DiskWriteError` and leaves nothing behind."""
+    refuses the write raises :class:`fcmae.storage.files.DiskWriteError` and leaves nothing behind."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"{path}: output must end in .safetensors, .pth or .pt")
