@@ -13,7 +13,7 @@ from .loop import TrainLoop
 from .signals import PREEMPT_SIGNALS, Preempted, PreemptionGuard
 from .state import BLOWUP_FACTOR, LossDiverged, LoopSettings, LoopState, NonFiniteLoss
 from .step_sync import DataQualityError
-from .task import RunParts, Task
+from .task import RunParts, Task, TaskContext
 
 __all__ = ["BLOWUP_FACTOR", "DataQualityError", "LoopSettings", "LoopState", "LossDiverged", "NonFiniteLoss", "PREEMPT_SIGNALS",
-           "Preempted", "PreemptionGuard", "RunParts", "Task", "TrainLoop"]
+           "Preempted", "PreemptionGuard", "RunParts", "Task", "TaskContext", "TrainLoop"]

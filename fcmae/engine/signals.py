@@ -31,7 +31,7 @@ class PreemptionGuard:
     progress removes its temporary file). Handlers that were installed before (e.g. submitit's
     requeue on SIGUSR2) are called after the checkpoint.
 
-    Guards nest: the apps hold one from their start (``runner.hydra_entry``), so a signal that
+    Guards nest: the apps hold one from their start (:func:`fcmae.run.entry.hydra_entry`), so a signal that
     arrives while data and model are still being set up (a Slurm warning due early) is not lost:
     the loop's own guard inherits it and stops after the first step, with a checkpoint."""
 
@@ -42,6 +42,12 @@ class PreemptionGuard:
         self.on_signal_while_reading = None  # set during a fetch (read_watch): a stop signal bounds the wait
         self.previous: dict[int, object] = {}  # what to restore on exit
         self.launcher: dict[int, object] = {}  # the handlers from before any guard: chained to
+
+    @classmethod
+    def current(cls) -> "PreemptionGuard | None":
+        """The innermost guard in force (None outside every guard): what a read watched before the loop
+        starts (:mod:`fcmae.engine.read_watch`) reports a stop signal to."""
+        return cls._active
 
     def __enter__(self):
         self._outer = PreemptionGuard._active

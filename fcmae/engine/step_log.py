@@ -3,6 +3,7 @@ layer decay), the gradient norm, throughput since the last log step and the unre
 the progress bar, the metrics file and the tracker (rank 0)."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -12,6 +13,8 @@ from ..loggers import Progress
 from .state import LoopSettings, LoopState
 from .step_sync import StepSync
 
+log = logging.getLogger("fcmae")
+
 
 class StepLog:
     def __init__(self, settings: LoopSettings, state: LoopState, dist: DistInfo, optimizer, metrics_file, tracker,
@@ -19,12 +22,15 @@ class StepLog:
         self.settings, self.state, self.dist, self.optimizer = settings, state, dist, optimizer
         self.metrics_file, self.tracker, self.sync = metrics_file, tracker, sync
         self.progress: Progress | None = None
+        self.first_step_said = False
         self.reset_throughput()
+        self.t_open = self.t_last
 
     def open(self) -> None:
         self.progress = Progress(self.settings.stop_step, self.state.step, self.settings.progress,
                                  enabled=self.dist.is_main)
         self.reset_throughput()
+        self.t_open = self.t_last
 
     def close(self) -> None:
         if self.progress is not None:
@@ -43,6 +49,13 @@ class StepLog:
         collective is safe) the global batch's mean replaces it."""
         s, st = self.settings, self.state
         log_now = st.step % s.log_every == 0 or st.step >= s.stop_step
+        if not self.first_step_said:
+            self.first_step_said = True
+            if self.dist.is_main and not log_now:  # a sign of life before the first log step
+                following = (st.step // s.log_every + 1) * s.log_every
+                log.info("step %d done in %.1f s (the first includes start-up: the loader's first batches, any "
+                         "compile); the loss is logged every %d steps (trainer.log_every), next at step %d", st.step,
+                         time.perf_counter() - self.t_open, s.log_every, min(following, s.stop_step))
         if log_now:
             loss = all_reduce_mean(loss_sum, self.dist)
         if not (log_now or self.progress.bar is not None) or loss is None:
