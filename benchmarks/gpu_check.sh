@@ -76,9 +76,9 @@ print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'pyt
 # 1. correctness on the device: the tile kernel against the canvas (every stage, both grads, the self-test
 #    and its failure injection) and the device decoder against the CPU path (the corrupt JPEG included)
 if [ "$DRY" = 1 ]; then
-  stage correctness python3 -m pytest -q -p no:cacheprovider tests/test_triton_dwconv.py -k "picks_the_tile_kernel"
+  stage correctness python3 -m pytest -q -p no:cacheprovider tests/sparse/test_triton_dwconv.py -k "picks_the_tile_kernel"
 else
-  stage correctness python3 -m pytest -q -p no:cacheprovider --full -rf tests/test_triton_dwconv.py tests/test_gpu_decode.py
+  stage correctness python3 -m pytest -q -p no:cacheprovider --full -rf tests/sparse/test_triton_dwconv.py tests/data/test_gpu_decode.py
 fi
 # 2. the start-up self-test as the app runs it for base (and what it picks), timed: well under 2 s wanted
 stage selftest python3 - "$DEV" "$DTYPE" "$DRY" "$WORK/selftest.json" <<'EOF'

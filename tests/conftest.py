@@ -1,17 +1,25 @@
 import os
 
-# The Triton kernels run on the CPU in interpreter mode (tests/test_triton_dwconv.py). Triton decides
+# The Triton kernels run on the CPU in interpreter mode (tests/sparse/test_triton_dwconv.py). Triton decides
 # how its jit'd helpers are called when it is first imported (torch, torchvision or timm may import
 # it), so this must be set before anything imports torch. A GPU machine runs the compiled kernels
 # with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys
+from pathlib import Path
 from typing import Mapping
 
 import pytest
 import torch
 
 from fcmae.sparse.me_kernels import dense_conv_to_me, dense_depthwise_to_me
+
+# Tests live in a folder per package they cover (DEVELOPING.md has the map); their shared helpers
+# (test_pretrain.make_cfg, test_finetune.compose_cfg, ...) import by module name from any folder.
+for _folder in sorted(Path(__file__).parent.iterdir()):
+    if _folder.is_dir() and _folder.name.isidentifier() and any(_folder.glob("test_*.py")):
+        sys.path.insert(0, str(_folder))
 
 pytest_plugins = ["tiers", "pytester"]  # tiers: the fast tier and the full set, time limits, the budget
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 # What a run directory's name holds. Every key that changes the trained weights names it (through
 # run_name or Hydra's override_dirname); the keys below do not, so the same command with one of them
 # changed continues the same run. conf/<app>.yaml's hydra exclude_keys must list exactly these plus
-# the config groups (tests/test_run_names.py walks the schemas: a new key must be classified here).
+# the config groups (tests/config/test_run_names.py walks the schemas: a new key must be classified here).
 UNTRAINED_KEYS = frozenset({
     # where and how often things are written, logged, launched, evaluated; how data is fed
     "trainer.max_steps", "trainer.device", "trainer.compile", "trainer.progress", "trainer.log_every",

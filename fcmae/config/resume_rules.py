@@ -1,5 +1,5 @@
 """What a resume does with each config key that differs from the checkpoint's: the one table both apps
-and :mod:`fcmae.run.resume_checks` read (``tests/test_resume_rules.py`` walks both schemas: a key without
+and :mod:`fcmae.run.resume_checks` read (``tests/run/test_resume.py`` walks both schemas: a key without
 a rule fails it).
 
 - ``refuse``: the key gives the checkpoint's numbers their meaning (the model, the input the weights were

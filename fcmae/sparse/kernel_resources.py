@@ -4,7 +4,7 @@ Triton's wheel bundles (``-v``: registers, spill stores, shared memory).
 
 A configuration is what the kernels are specialised on: tile side (one per stage: 8, 4, 2, 1 sites at
 the 1/4 ... 1/32 grids), reach, channel block and dtype. The image size changes how many tiles there
-are, not the code, so one image size covers all. Used by ``tests/test_kernel_resources.py`` (no
+are, not the code, so one image size covers all. Used by ``tests/sparse/test_kernel_resources.py`` (no
 spills anywhere) and ``benchmarks/kernel_resources.py`` (the table in docs/benchmarks.md).
 """
 from __future__ import annotations

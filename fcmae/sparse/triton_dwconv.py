@@ -35,7 +35,7 @@ def launch_shape(channels: int, pairs: bool) -> tuple[int, int]:
     """``(BLOCK_C, num_warps)`` of both kernels: one channel block for the whole width where it fits, 8
     channels a thread in 16-bit dtypes (one 16-byte load a site) and 4 in fp32, so a site's index read and
     branch are shared by as many values as a thread can hold (chosen from the SASS counts of
-    benchmarks/kernel_cost.py; tests/test_kernel_resources.py keeps every launch free of spills)."""
+    benchmarks/kernel_cost.py; tests/sparse/test_kernel_resources.py keeps every launch free of spills)."""
     block_c = max(32, min(triton.next_power_of_2(channels), MAX_BLOCK_C))
     per_thread = 8 if pairs else 4
     return block_c, max(1, min(4, block_c // (32 * per_thread)))

@@ -18,7 +18,7 @@ from fcmae.pretrain import run
 from test_pretrain import make_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
-OLD_RUN = ROOT / "tests" / "data" / "run-written-by-8c7d94e"  # written by main at 8c7d94e (2026-12-03)
+OLD_RUN = ROOT / "tests" / "fixtures" / "run-written-by-8c7d94e"  # written by main at 8c7d94e (2026-12-03)
 OLD_OVERRIDES = ["model.name=custom_tiny", "model.depths=[1,1,1,1]", "model.dims=[8,16,32,64]",
                  "model.decoder_embed_dim=16", "trainer.ckpt_every=1"]
 

@@ -14,7 +14,7 @@ from fcmae.models.masking import random_mask
 
 from conftest import rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _model(backend="sparse", grn_stats="sample"):

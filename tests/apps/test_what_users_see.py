@@ -14,7 +14,7 @@ from fcmae.pretrain import run
 
 from test_pretrain import make_cfg, metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _clean_env(home: Path) -> dict:

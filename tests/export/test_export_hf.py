@@ -103,7 +103,7 @@ def test_hf_export_refuses_to_overwrite_a_foreign_folder_and_names_the_extra(pre
 
 def test_the_documented_transformers_snippet_runs(pretrained, tmp_path, monkeypatch):
     from pathlib import Path
-    page = (Path(__file__).resolve().parents[1] / "docs" / "export_and_finetune.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "export_and_finetune.md").read_text()
     snippet = next(block.split("```", 1)[0] for block in page.split("```python\n")[1:]
                    if "ConvNextV2ForImageClassification" in block)
     _, path = pretrained

@@ -217,7 +217,7 @@ def test_a_large_batch_under_a_low_open_file_limit_finishes_without_bad_images(t
                            "model.decoder_embed_dim=32", "trainer.max_steps=2", "trainer.log_every=1",
                            "trainer.epochs=2", f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     import json
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

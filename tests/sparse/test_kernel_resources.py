@@ -14,7 +14,7 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 if not PTXAS.is_file():
     pytest.skip("this Triton has no bundled ptxas", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The compiler must not run in interpreter mode (conftest sets TRITON_INTERPRET=1 for the value tests),
 # and Triton reads that when first imported: compile in a fresh interpreter.

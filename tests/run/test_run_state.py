@@ -234,7 +234,7 @@ def test_a_run_refused_by_the_lock_leaves_the_running_run_s_hydra_record_alone(t
     with RunLock(run_dir):  # the running run
         proc = subprocess.run([sys.executable, "-m", "fcmae.pretrain", "trainer.max_steps=1", "data.num_workers=0",
                                f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert proc.returncode == 1 and "is in use by another run" in proc.stderr, proc.stderr[-2000:]
     assert record.read_text() == "- trainer.max_steps=100\n"
 

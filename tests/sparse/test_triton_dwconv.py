@@ -3,7 +3,7 @@ replaces (scatter to a zero canvas, dense conv, gather: fcmae/sparse/compact.py)
 gradient, at all four stage geometries, on the CPU under TRITON_INTERPRET=1 (CI has no GPU; the
 interpreter runs the same kernels, slowly, so the shapes are small; conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton). On a GPU machine,
-``TRITON_INTERPRET=0 pytest tests/test_triton_dwconv.py`` runs the compiled kernels on CUDA."""
+``TRITON_INTERPRET=0 pytest tests/sparse/test_triton_dwconv.py`` runs the compiled kernels on CUDA."""
 import os
 
 import pytest

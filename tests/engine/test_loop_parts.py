@@ -193,7 +193,7 @@ def test_a_plain_optimizer_reports_one_lr():
 def test_the_loop_reads_in_short_methods():
     """No method of the loop or its parts over ~50 lines, and a step's sequence is named in
     TrainLoop._train_micro_batch (forward/backward, optimizer step, the step's hooks)."""
-    engine = Path(__file__).resolve().parents[1] / "fcmae" / "engine"
+    engine = Path(__file__).resolve().parents[2] / "fcmae" / "engine"
     long = []
     for path in engine.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -18,7 +18,7 @@ from fcmae.storage.run_lock import RunLock
 
 from test_pretrain import make_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fifo_folder(root: Path, n: int = 8) -> Path:

@@ -20,7 +20,7 @@ import torch
 
 from fcmae.storage.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "local_slurm.sh"
 STEPS = 12
 # atto at 64 px, 2 images per task, a run of STEPS steps; the same config for every job here.
