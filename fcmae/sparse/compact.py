@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.convnextv2 import GRN, Block
+from .grn import grn_per_sample
 from .layout import SparseLayout, StageSites
 
 
@@ -68,10 +69,9 @@ def grn_rows(grn: GRN, x: torch.Tensor, layout: SparseLayout, stage: int, stats:
     """GRN on rows; the L2 norm is over a sample's active sites, or the whole batch's."""
     if stats == "batch":
         nx = grn.normalizer(torch.linalg.vector_norm(x, ord=2, dim=0, keepdim=True))
-    elif layout.rows_per_sample is not None:
+    elif layout.rows_per_sample is not None:  # the training path: one autograd function on the (N, R, C) view
         n, r = layout.batch, layout.rows_per_sample[stage]
-        gx = torch.linalg.vector_norm(x.view(n, r, -1), ord=2, dim=1)
-        nx = per_sample_expand(grn.normalizer(gx), layout, stage)
+        return grn_per_sample(x.view(n, r, -1), grn.gamma, grn.beta, grn.eps).view(x.shape)
     else:
         gx = per_sample_reduce(x * x, layout, stage).sqrt()
         nx = per_sample_expand(grn.normalizer(gx), layout, stage)
@@ -104,15 +104,27 @@ def depthwise_rows(conv: torch.nn.Conv2d, x: torch.Tensor, layout: SparseLayout,
     return gather_from_canvas(depthwise_conv_channels_last(conv, canvas), sites)
 
 
+def layer_norm_rows(norm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of ``(R, C)`` rows, in x's dtype: CUDA autocast would run it in fp32 and
+    hand the next Linear a full-size fp32 tensor to cast back (forward and backward); the kernel accumulates
+    its statistics in fp32 either way, and its weight and bias stay fp32 parameters (mixed-dtype LayerNorm)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def block_rows(block: Block, x: torch.Tensor, layout: SparseLayout, stage: int, grn_stats: str,
                dwconv: str = "auto"):
     """One ConvNeXt V2 block on ``(R, C)`` rows."""
     y = depthwise_rows(block.dwconv, x, layout, stage, dwconv)
-    y = block.act(block.pwconv1(block.norm(y)))
+    y = block.act(block.pwconv1(layer_norm_rows(block.norm, y)))
     y = block.pwconv2(grn_rows(block.grn, y, layout, stage, grn_stats))
     scale = block.drop_path.sample_scale(layout.batch, y)
     if scale is not None:
-        y = y * per_sample_expand(scale[:, None], layout, stage)
+        rows = layout.rows_per_sample
+        if rows is not None:  # broadcast over the (N, R, C) view: no expanded copy
+            y = (y.view(layout.batch, rows[stage], -1) * scale[:, None, None].to(y.dtype)).view(y.shape)
+        else:
+            y = y * per_sample_expand(scale[:, None], layout, stage)
     return x + y
 
 
@@ -127,7 +139,7 @@ def stem_rows(stem, imgs: torch.Tensor, sites: StageSites) -> torch.Tensor:
     k = conv.kernel_size[0]
     cells = imgs.view(n, c, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * k * k)
     x = F.linear(cells.index_select(0, sites.canvas_index), conv.weight.flatten(1), conv.bias)
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return layer_norm_rows(norm, x)
 
 
 def downsample_rows(down, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +149,7 @@ def downsample_rows(down, x: torch.Tensor) -> torch.Tensor:
     order, so the conv is one Linear over the concatenated children.
     """
     norm, conv = down[0], down[1]
-    x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    x = layer_norm_rows(norm, x)
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (out, dy, dx, in)
     return F.linear(x.reshape(-1, 4 * x.shape[1]), weight, conv.bias)
 
