@@ -26,6 +26,7 @@ BUDGET_S=540
 
 # name:limit of every stage, in the order they run; the sum is checked before anything runs
 LIMITS=(env:15 correctness:90 selftest:30 step_eager:60 step_compiled:200 loader:45 e2e:75 host_syncs:25)
+ROOFLINE_LIMIT=120  # in the background beside the others (CPU only): not part of the sequential budget
 total=0
 for entry in "${LIMITS[@]}"; do total=$((total + ${entry#*:})); done
 if [ "$total" -gt "$BUDGET_S" ]; then
@@ -66,6 +67,14 @@ stage() {  # stage NAME COMMAND...: run under the stage's limit, log it, record 
   echo "{\"stage\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $secs, \"limit_s\": $lim}" >> "$STAGES"
   echo "--- $name: $status in ${secs} s (rc $rc)" | tee -a "$LOG"
 }
+
+# 5 (started first): the roofline's prediction of the step below (fake tensors on the CPU, no GPU), in the
+# background beside the GPU stages; its summary sits beside the profile of the compiled steps
+if [ "$DRY" = 1 ]; then ROOF=(--model atto --batch 2 --img 64); else ROOF=(--model base --batch 128); fi
+( start=$(date +%s); timeout --kill-after=5 "$ROOFLINE_LIMIT" nice -n 10 python3 benchmarks/step_roofline.py "${ROOF[@]}" \
+    --gpu h200 --json "$WORK/roofline.json" > "$WORK/roofline.log" 2>&1; echo $? > "$WORK/roofline.rc"
+  echo $(( $(date +%s) - start )) > "$WORK/roofline.secs" ) &
+ROOF_PID=$!
 
 # 0. what ran where
 stage env python3 -c "
@@ -114,8 +123,10 @@ else
   BACKEND=inductor
 fi
 stage step_eager python3 benchmarks/step_time.py "${SIZE[@]}" --variants sparse sparse-canvas --json "$WORK/step_eager.json"
+#    ... and the compiled steps split: torch.profiler over 3 steps of each after the timing (the compile is
+#    done by then), kernels per step grouped by the roofline's op classes, with launch counts
 stage step_compiled python3 benchmarks/step_time.py "${SIZE[@]}" --variants sparse mae --compile --only-compiled \
-  --compile-backend "$BACKEND" --json "$WORK/step_compiled.json"
+  --compile-backend "$BACKEND" --profile 3 --json "$WORK/step_compiled.json"
 # 4. the loader alone (CPU workers vs device decode), then end to end vs the step alone (tiny)
 if [ "$DRY" = 1 ]; then
   stage loader python3 benchmarks/loader_rate.py --make-jpegs 96 --cache "$WORK/jpegs" --workers 0 --decode cpu \
@@ -132,6 +143,15 @@ else
   stage host_syncs python3 benchmarks/host_syncs.py --model tiny --batch 64 --steps 24 --log-every 8 \
     --json "$WORK/host_syncs.json"
 fi
+# 5. the roofline's prediction, started first (below) in the background: collected here
+wait "$ROOF_PID"
+roof_rc=$(cat "$WORK/roofline.rc" 2>/dev/null || echo 1)
+{ echo "=== roofline (background, limit ${ROOFLINE_LIMIT} s)"; cat "$WORK/roofline.log"; } >> "$LOG"
+roof_status=ok
+[ "$roof_rc" = 124 ] || [ "$roof_rc" = 137 ] && roof_status=timeout
+[ "$roof_rc" != 0 ] && [ "$roof_status" = ok ] && roof_status=failed
+echo "{\"stage\": \"roofline\", \"status\": \"$roof_status\", \"rc\": $roof_rc, \"seconds\": $(cat "$WORK/roofline.secs" 2>/dev/null || echo 0), \"limit_s\": $ROOFLINE_LIMIT, \"background\": true}" >> "$STAGES"
+echo "--- roofline: $roof_status (background, rc $roof_rc)" | tee -a "$LOG"
 
 # The summary: every stage with its results, then the rules on $OUT that the device tool enforces
 python3 - "$WORK" "$OUT" "$BUDGET_S" "$DRY" <<'EOF'
@@ -146,7 +166,23 @@ for s in stages:
             s["results"] = json.loads(f.read_text())
         except ValueError as exc:
             s["results_error"] = str(exc)
-summary = {"dry_run": dry, "budget_s": budget, "limits_s": sum(s["limit_s"] for s in stages), "stages": stages}
+summary = {"dry_run": dry, "budget_s": budget, "limits_s": sum(s["limit_s"] for s in stages if not s.get("background")),
+           "stages": stages}
+# the measured split beside the modelled one: per op class, profiled ms a step (compiled) and the roofline's
+# fused-rule floor
+by = {s["stage"]: s.get("results") for s in stages}
+split = {}
+for r in ((by.get("step_compiled") or {}).get("results") or []):
+    name = "fcmae" if r["variant"].startswith("sparse") else "mae"
+    if r.get("profile"):
+        split[name] = {"profiled_ms": r["profile"]["by_class"], "profiled_total_ms": r["profile"]["total_ms"],
+                       "step_ms": r.get("step_ms")}
+for name in ("fcmae", "mae"):
+    model = (by.get("roofline") or {}).get(name)
+    if model:
+        split.setdefault(name, {})["roofline_fused"] = {c: round(v["ms"], 3) for c, v in model["b"]["classes"].items()}
+        split[name]["roofline_fused_total_ms"] = model["b"]["total"]["ms"]
+summary["step_split"] = split
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 files = [p for p in out.rglob("*") if p.is_file()]
 problems = []

@@ -74,6 +74,7 @@ class Result:
     mfu: float | None = None  # 3 x forward FLOPs / step time / --peak-tflops
     dwconv: str | None = None  # the sparse backend's depthwise conv that ran: tiles | canvas
     samples: dict = field(default_factory=dict)
+    profile: dict | None = None  # --profile: kernels (CUDA) or ops (CPU) per step, by op class and the top ones
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,18 +223,41 @@ def state_bytes(case: Case) -> int:
     return total
 
 
-def profile_steps(case: Case, imgs, mask, grad, steps: int, top: int = 15) -> str:
-    """``torch.profiler`` over ``steps`` full training steps of ``case`` (after its warm-up): the
-    kernels (CUDA) or ops (CPU) by self time, with their share, as a table."""
+def profile_steps(case: Case, imgs, mask, grad, steps: int, top: int = 15) -> tuple[str, dict]:
+    """``torch.profiler`` over ``steps`` full training steps of ``case`` (after its warm-up): the kernels
+    (CUDA) or ops (CPU) by self time, as a table, and a summary per step grouped by the op classes of
+    ``step_roofline.py`` (with launch counts) and the top 30 by name, for the device check's summary."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if imgs.is_cuda else [])
+    from step_roofline import kernel_class
+    cuda = imgs.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             case.step(imgs, mask, grad)
-        if imgs.is_cuda:
+        if cuda:
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if imgs.is_cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    rows = []
+    for e in averages:
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if us <= 0:
+            continue
+        rows.append({"name": e.key[:160], "ms": us / 1e3 / steps, "count": e.count / steps,
+                     "class": kernel_class(e.key)})
+    rows.sort(key=lambda r: -r["ms"])
+    by_class: dict = {}
+    for r in rows:
+        c = by_class.setdefault(r["class"], {"ms": 0.0, "launches": 0.0})
+        c["ms"] += r["ms"]
+        c["launches"] += r["count"]
+    summary = {"per_step": True, "steps": steps, "what": "CUDA kernels" if cuda else "CPU ops (self time)",
+               "total_ms": sum(r["ms"] for r in rows), "launches": sum(r["count"] for r in rows),
+               "by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1]["ms"])), "top": rows[:30]}
+    return averages.table(sort_by=key, row_limit=top), summary
 
 
 def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log,
@@ -274,13 +298,16 @@ def run_config(cfg: dict, variants: list[str], warmup: int, repeats: int, log,
                     delta = torch.cuda.max_memory_allocated() - base
                     peaks[(c.variant, kind)] = max(peaks.get((c.variant, kind), 0), delta + state_bytes(c))
         log(f"  {kind}: done")
+    profiles = {}
     if profile:
         for c in cases:
-            log(f"  profile of {profile} steps, {c.variant}:\n{profile_steps(c, imgs, masks[0], grad, profile)}")
+            text, profiles[c.variant] = profile_steps(c, imgs, masks[0], grad, profile)
+            log(f"  profile of {profile} steps, {c.variant}:\n{text}")
     results = []
     for c in cases:
         r = Result(cfg["model"], n, size, cfg["mask_ratio"], cfg["dtype"], device.type, c.variant)
         r.dwconv = getattr(c, "dwconv", None)
+        r.profile = profiles.get(c.variant)
         if not c.variant.startswith("minkowski"):  # MinkowskiEngine's ops are invisible to the counter
             r.fwd_gflop_per_img = c.forward_flops(imgs, masks[0]) / n / 1e9
         for kind in ("encoder", "step"):
