@@ -188,8 +188,11 @@ def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTil
     c, _, k, _ = conv.weight.shape
     if x.is_floating_point() and _autocast_dtype(x.device.type) is not None:
         x = x.to(_autocast_dtype(x.device.type))
-    # the weight rounded to x's dtype, as a conv in that dtype uses it, then held in fp32 for the kernel
-    weight = conv.weight.view(c, k * k).t().to(x.dtype).float()
+    # the weight rounded to x's dtype, as a conv in that dtype uses it, then held in fp32 for the kernel; the
+    # rounding is kept out of the backward (straight through), so the weight grad reaches the fp32 parameter
+    # as the kernel summed it in fp32, not rounded to x's dtype on the way
+    weight = conv.weight.view(c, k * k).t()
+    weight = weight + (weight.to(x.dtype).float() - weight).detach()
     bias = None if conv.bias is None else conv.bias.to(x.dtype)
     return dwconv_tiles(x, weight, bias, tiles.halo, tiles.tile)
 

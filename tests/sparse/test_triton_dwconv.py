@@ -292,6 +292,38 @@ def test_the_self_test_fails_on_one_wrong_element_of_the_weight_grad(monkeypatch
     assert error is not None and "weight grad at stage 2" in error and "Mismatched elements: 1 /" in error, error
 
 
+def test_the_self_test_fails_on_a_weight_grad_one_percent_off_in_bf16(monkeypatch):
+    """Issue 49 item 7: the weight grad was compared at bf16's tolerance (1.6e-2) though training's is fp32,
+    so a weight grad scaled by 0.99 passed; now it is held to fp32's against the fp32 reference."""
+    import fcmae.sparse.triton_dwconv as tk
+    real = tk.dwconv_tiles_wgrad
+    monkeypatch.setattr(tk, "dwconv_tiles_wgrad", lambda *a: real(*a) * 0.99)
+    error = _small_check(DEVICE, torch.bfloat16)
+    assert error is not None and "weight grad at stage 0" in error, error
+    monkeypatch.undo()
+    assert _small_check(DEVICE, torch.bfloat16) is None
+
+
+def test_the_weight_grad_reaches_the_parameter_unrounded_in_bf16():
+    """The weight is rounded to bf16 for the forward (as a bf16 conv uses it), but its grad is the kernel's
+    fp32 sum, not that sum rounded to bf16 on its way back (a straight-through rounding)."""
+    torch.manual_seed(0)
+    grid, dims = (2, 2), (16,)
+    mask = torch.tensor([[0, 1, 0, 0]])
+    layout = SparseLayout.from_mask(mask.to(DEVICE), grid, 1, None)
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16).to(DEVICE)
+    x = torch.randn(layout.stages[0].num_rows, 16, device=DEVICE)
+    grad = torch.randn_like(x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = depthwise_rows(conv, x, layout, 0, "tiles")
+    (gw,) = torch.autograd.grad(y, [conv.weight], grad.to(y.dtype))
+    import fcmae.sparse.triton_dwconv as tk
+    direct = tk.dwconv_tiles_wgrad(x.bfloat16(), grad.bfloat16(), layout.tiles(0, 7).halo, layout.tiles(0, 7).tile,
+                                   49)
+    assert torch.equal(gw.view(16, 49).t(), direct)  # the kernel's fp32 sums, bit for bit
+    assert not torch.equal(gw, gw.bfloat16().float())  # which bf16 could not hold
+
+
 def test_auto_falls_back_to_the_canvas_on_an_injected_mismatch_or_exception(monkeypatch):
     import fcmae.sparse.triton_dwconv as tk
     real = tk.depthwise_conv_tiles
