@@ -109,6 +109,14 @@ if not dry:  # again, compiled kernels cached: the cost of the test itself
     start = time.perf_counter()
     resolve_dwconv("auto", device, dtype, dims=dims)
     result["seconds_cached"] = round(time.perf_counter() - start, 3)
+json.dump(result, open(out, "w"))
+if not dry and kernel == "tiles":  # what encoder.dwconv=auto then picks, stage by stage, at base's b128 shapes
+    from fcmae.sparse.dwconv_choice import auto_by_speed, cuda_timer
+    start = time.perf_counter()
+    key = {"device": torch.cuda.get_device_name(device), "dtype": "bf16", "dims": list(dims), "batch": 128,
+           "img_size": 224, "mask_ratio": 0.6}
+    choice, how = auto_by_speed(None, key, cuda_timer(device, dtype, dims, 128, 224, 0.6), len(dims))
+    result["by_speed"] = {"choice": choice, "how": how, "seconds": round(time.perf_counter() - start, 2)}
 print(json.dumps(result))
 json.dump(result, open(out, "w"))
 sys.exit(0 if kernel == "tiles" else 1)

@@ -280,7 +280,7 @@ class FinetuneApp:
                                              d.persistent_workers)
         return RunData(cfg, loader, sampler, {"val_loader": val_loader, "class_names": class_names})
 
-    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str) -> nn.Module:
+    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str, run_dir: Path | None = None) -> nn.Module:
         m = cfg.model
         return build_classifier(m.name, m.num_classes, m.drop_path_rate, m.head_init_scale, m.in_chans).to(info.device)
 

@@ -85,19 +85,36 @@ def build_model(cfg) -> FCMAE:
                  dwconv=cfg.encoder.dwconv, in_chans=m.in_chans)
 
 
-def choose_dwconv(model: FCMAE, encoder_cfg, info: DistInfo, precision: str) -> str:
+def choose_dwconv(model: FCMAE, cfg, info: DistInfo, precision: str, run_dir: Path | None = None,
+                  measure=None) -> str | list[str]:
     """Settle ``encoder.dwconv`` before training (``sparse`` backend): ``auto`` runs the tile kernel's
-    self-test on CUDA and falls back to the canvas with a warning that says why. Returns the kernel."""
+    self-test on CUDA (falling back to the canvas with a warning that says why), then takes, stage by stage,
+    the faster of the two at the run's batch shapes (``measure(path, stage) -> ms``; CUDA events by default),
+    recorded in the run directory so a resume on the same GPU keeps the choice. Returns the kernel(s)."""
+    encoder_cfg = cfg.encoder
     if encoder_cfg.backend != "sparse":
         return "n/a"
-    from .sparse.dwconv_choice import resolve_dwconv
+    from .sparse.dwconv_choice import auto_by_speed, cuda_timer, resolve_dwconv
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dims = tuple(model.encoder.dims)
     try:
-        kernel, why = resolve_dwconv(encoder_cfg.dwconv, info.device, dtype, dims=tuple(model.encoder.dims))
+        kernel, why = resolve_dwconv(encoder_cfg.dwconv, info.device, dtype, dims=dims)
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
     if kernel == "canvas" and encoder_cfg.dwconv == "auto" and "self-test" in why:
         log.warning("encoder.dwconv=auto: using the canvas depthwise conv: %s", why)
+    elif kernel == "tiles" and encoder_cfg.dwconv == "auto":
+        d = cfg.data
+        device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else str(info.device)
+        key = {"device": device_name, "dtype": precision, "dims": list(dims), "batch": d.batch_size,
+               "img_size": d.img_size, "mask_ratio": cfg.model.mask_ratio}
+        measure = measure or cuda_timer(info.device, dtype, dims, d.batch_size, d.img_size, cfg.model.mask_ratio)
+        kernel, how = auto_by_speed(run_dir, key, measure, len(dims), info.is_main)
+        if info.is_main:
+            log.info("depthwise conv by stage: %s (encoder.dwconv=auto: %s; encoder.dwconv=tiles|canvas forces one)",
+                     ", ".join(kernel), how)
+        if len(set(kernel)) == 1:
+            kernel = kernel[0]
     elif info.is_main:
         log.info("depthwise conv: %s (%s)", kernel, why)
     model.encoder.dwconv = kernel
@@ -197,9 +214,9 @@ class PretrainApp:
         evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info, cfg.model.in_chans)
         return RunData(cfg, loader, sampler, {"evaluator": evaluator})
 
-    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str) -> FCMAE:
+    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str, run_dir: Path | None = None) -> FCMAE:
         model = build_model(cfg).to(info.device)
-        choose_dwconv(model, cfg.encoder, info, precision)
+        choose_dwconv(model, cfg, info, precision, run_dir)
         return model
 
     def load_initial_weights(self, model: FCMAE, cfg, info: DistInfo) -> None:

@@ -52,7 +52,8 @@ class App(Protocol):
 
     def build_data(self, cfg, info: DistInfo) -> RunData: ...  # first: bad data fails before a model exists
 
-    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str) -> torch.nn.Module: ...  # on device
+    def build_model(self, cfg, data: RunData, info: DistInfo, precision: str,
+                    run_dir: Path | None = None) -> torch.nn.Module: ...  # on device; run_dir: for choices it records
 
     def load_initial_weights(self, model: torch.nn.Module, cfg, info: DistInfo) -> None: ...  # a fresh start only
 
@@ -95,7 +96,7 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
     settings = loop_settings(cfg, len(data.sampler) // cfg.data.batch_size, setup.accum, setup.base_lr,
                              setup.precision, cfg.data.max_bad_fraction, callbacks)
     seed_everything(cfg.trainer.seed)
-    model = app.build_model(cfg, data, info, setup.precision)
+    model = app.build_model(cfg, data, info, setup.precision, run_dir)
     if setup.resume_path is None:
         app.load_initial_weights(model, cfg, info)
     task = app.build_task(cfg, model, data)

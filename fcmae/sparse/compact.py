@@ -162,6 +162,8 @@ def encoder_forward(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple
     for k, stage in enumerate(encoder.stages):
         if k > 0:
             x = downsample_rows(encoder.downsample_layers[k], x)
+        dwconv = getattr(encoder, "dwconv", "auto")  # one choice, or one a stage (encoder.dwconv=auto by speed)
         for block in stage:
-            x = block_rows(block, x, layout, k, encoder.grn_stats, getattr(encoder, "dwconv", "auto"))
+            x = block_rows(block, x, layout, k, encoder.grn_stats, dwconv[k] if isinstance(dwconv, (list, tuple))
+                           else dwconv)
     return scatter_to_canvas(x, layout.stages[-1], layout.batch).contiguous()

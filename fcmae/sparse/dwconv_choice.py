@@ -1,8 +1,15 @@
 """Which depthwise conv the ``sparse`` backend runs (``encoder.dwconv``), decided once at start-up:
-the Triton tile kernel only where it has just been shown to agree with the canvas reference."""
+the Triton tile kernel only where it has just been shown to agree with the canvas reference, and with
+``auto`` only at the stages where it is faster on this GPU (:func:`choose_by_speed`), a choice the run
+directory records and a resume on the same GPU reuses."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -11,6 +18,9 @@ from .compact import _triton_installed, depthwise_rows
 from .layout import SparseLayout
 
 ATTO_DIMS = (40, 80, 160, 320)  # a default; the app passes its model's stage widths
+CHOICE_FILE = "dwconv_choice.json"  # in the run directory: auto's per-stage choice and the timings behind it
+
+log = logging.getLogger("fcmae")
 
 
 def resolve_dwconv(choice: str, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -139,3 +149,83 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
     except Exception as exc:  # any failure here means: do not use the tile kernel
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else 'no detail'}"
     return None
+
+
+# ---------------------------------------------------------------- auto: the faster path, stage by stage
+
+def stage_rows(batch: int, img_size: int, mask_ratio: float, stages: int = 4) -> list[int]:
+    """Active rows at each stage for a batch (visible patches x the sites a patch has there)."""
+    visible = num_visible((img_size // 32) ** 2, mask_ratio)
+    return [batch * visible * 4 ** (stages - 1 - k) for k in range(stages)]
+
+
+def cuda_timer(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], batch: int, img_size: int,
+               mask_ratio: float, warmup: int = 2, repeats: int = 5) -> Callable[[str, int], float]:
+    """``measure(path, stage) -> ms``: forward and backward of one block's depthwise conv at the batch's real
+    shapes, the median of ``repeats`` after ``warmup``, timed with CUDA events."""
+    grid = (img_size // 32, img_size // 32)
+    g = torch.Generator().manual_seed(0)
+    keep = num_visible(grid[0] * grid[1], mask_ratio)
+    mask = torch.ones(batch, grid[0] * grid[1], dtype=torch.long)
+    mask.scatter_(1, torch.rand(batch, grid[0] * grid[1], generator=g).argsort(1)[:, :keep], 0)
+    layout = SparseLayout.from_mask(mask.to(device), grid, len(dims), keep)
+
+    def measure(path: str, stage: int) -> float:
+        c = dims[stage]
+        conv = torch.nn.Conv2d(c, c, 7, padding=3, groups=c).to(device)
+        x = torch.randn(layout.stages[stage].num_rows, c, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn_like(x)
+
+        def once():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = depthwise_rows(conv, x, layout, stage, path)
+            torch.autograd.grad(y, [x, conv.weight], grad.to(y.dtype))
+        for _ in range(warmup):
+            once()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            once()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+    return measure
+
+
+def choose_by_speed(measure: Callable[[str, int], float], stages: int) -> tuple[list[str], list[dict]]:
+    """The faster path at each stage, and the timings (ms) behind each choice."""
+    choice, timings = [], []
+    for stage in range(stages):
+        ms = {path: float(measure(path, stage)) for path in ("tiles", "canvas")}
+        choice.append(min(ms, key=ms.get))
+        timings.append(ms)
+    return choice, timings
+
+
+def auto_by_speed(run_dir: Path | None, key: dict, measure: Callable[[str, int], float], stages: int,
+                  is_main: bool = True) -> tuple[list[str], str]:
+    """``encoder.dwconv=auto`` once the tile kernel passed its self-test: the per-stage choice recorded in
+    ``run_dir`` for the same ``key`` (GPU name, dtype, widths, batch shapes: a resume keeps its numerics), else
+    measured now (``measure``) and recorded. Returns the choice and how it was made, in words."""
+    path = Path(run_dir) / CHOICE_FILE if run_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            record = None
+        if record and record.get("key") == key and len(record.get("choice", [])) == stages:
+            return list(record["choice"]), (f"the choice recorded in {path} on {key['device']} (tiles / canvas ms a "
+                                            f"block: {_said(record['timings'])})")
+    choice, timings = choose_by_speed(measure, stages)
+    if path is not None and is_main:
+        from ..storage.files import write_atomic
+        record = {"key": key, "choice": choice, "timings": timings, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"), "dwconv choice")
+    return choice, f"measured on {key['device']}, tiles / canvas ms a block, forward + backward: {_said(timings)}"
+
+
+def _said(timings: list[dict]) -> str:
+    return "; ".join(f"stage {k} {t['tiles']:.3f} / {t['canvas']:.3f}" for k, t in enumerate(timings))
