@@ -123,9 +123,9 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
 def _optimizer_as_saved(app: App, cfg, model, setup: RunSetup):
     """A builder of the optimizer the checkpoint's own config made (its parameter groups), for
     :func:`fcmae.run.resume.load_optimizer_state`; None on a fresh start or for a checkpoint without one."""
-    if setup.resume is None or not setup.resume.record.config.get("optim"):
+    saved = setup.resume.record.setting("optim") if setup.resume is not None else None
+    if not saved:
         return None
-    saved = setup.resume.record.config["optim"]
 
     def build():
         old = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), {"optim": saved})
