@@ -47,6 +47,23 @@ def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_in
                              head_init_scale=head_init_scale, in_chans=in_chans)
 
 
+def set_activation_checkpointing(model: nn.Module, how: str) -> None:
+    """``trainer.activation_checkpointing`` on timm's ConvNeXt V2: ``block`` is timm's own (each block's
+    activations recomputed in the backward), ``stage`` recomputes each stage's blocks as one; ``off``."""
+    if how == "block":
+        model.set_grad_checkpointing(True)
+    elif how == "stage":
+        from torch.utils.checkpoint import checkpoint
+
+        def forward(stage, x):
+            x = stage.downsample(x)
+            if torch.is_grad_enabled():
+                return checkpoint(stage.blocks, x, use_reentrant=False, preserve_rng_state=True)
+            return stage.blocks(x)
+        for stage in model.stages:
+            stage.forward = forward.__get__(stage)
+
+
 def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInfo | None = None) -> str:
     """Encoder weights from an export file, a pretraining checkpoint or a run directory
     (any layout the converter reads; rank 0 picks the file, every rank reads that one); the
@@ -282,7 +299,9 @@ class FinetuneApp:
 
     def build_model(self, cfg, data: RunData, info: DistInfo, precision: str, run_dir: Path | None = None) -> nn.Module:
         m = cfg.model
-        return build_classifier(m.name, m.num_classes, m.drop_path_rate, m.head_init_scale, m.in_chans).to(info.device)
+        model = build_classifier(m.name, m.num_classes, m.drop_path_rate, m.head_init_scale, m.in_chans)
+        set_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+        return model.to(info.device)
 
     def load_initial_weights(self, model: nn.Module, cfg, info: DistInfo) -> None:
         if cfg.model.init_from:

@@ -217,6 +217,7 @@ class PretrainApp:
     def build_model(self, cfg, data: RunData, info: DistInfo, precision: str, run_dir: Path | None = None) -> FCMAE:
         model = build_model(cfg).to(info.device)
         choose_dwconv(model, cfg, info, precision, run_dir)
+        model.encoder.activation_checkpointing = cfg.trainer.activation_checkpointing
         return model
 
     def load_initial_weights(self, model: FCMAE, cfg, info: DistInfo) -> None:

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..models.variants import VARIANTS
 from ..optim import LAYER_DECAY_TYPES
 from ..sparse import BACKENDS, DWCONV, GRN_STATS
-from .schemas import (COMPILE_CHOICES, DECODE_CHOICES, LABELLED_SOURCES, LOGGERS, PRETRAIN_SOURCES,
+from .schemas import (CHECKPOINTING_CHOICES, COMPILE_CHOICES, DECODE_CHOICES, LABELLED_SOURCES, LOGGERS, PRETRAIN_SOURCES,
                       ROOTED_LABELLED, FinetuneConfig, PretrainConfig)
 
 Check = Callable[[bool, str], None]
@@ -85,6 +85,10 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
     check(m.decoder_depth >= 1 and m.decoder_embed_dim >= 1, "model.decoder_depth and decoder_embed_dim must be >= 1")
     check(cfg.encoder.backend in BACKENDS,
           f"encoder.backend={cfg.encoder.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    check(cfg.trainer.activation_checkpointing == "off" or cfg.encoder.backend == "sparse",
+          f"trainer.activation_checkpointing={cfg.trainer.activation_checkpointing} recomputes the sparse backend's "
+          f"blocks; encoder.backend={cfg.encoder.backend} has none to recompute: use encoder.backend=sparse or "
+          "trainer.activation_checkpointing=off")
     check(cfg.encoder.dwconv in DWCONV, f"encoder.dwconv={cfg.encoder.dwconv!r}; use auto, canvas or tiles")
     check(cfg.encoder.grn_stats in GRN_STATS, f"encoder.grn_stats={cfg.encoder.grn_stats!r}; use {' or '.join(GRN_STATS)}")
     if cfg.encoder.backend == "minkowski":
@@ -184,6 +188,8 @@ def _check_training(cfg, check) -> None:
     check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}; use auto, cpu or cuda")
     check(t.progress in ("auto", "bar", "log"), f"trainer.progress={t.progress!r}; use auto, bar or log")
     check(str(t.compile).lower() in COMPILE_CHOICES, f"trainer.compile={t.compile!r}; use auto, true or false")
+    check(t.activation_checkpointing in CHECKPOINTING_CHOICES,
+          f"trainer.activation_checkpointing={t.activation_checkpointing!r}; use off, stage or block")
     check(min(t.log_every, t.vis_every, t.ckpt_every, t.keep_checkpoints) > 0,
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
     check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}; use logger=none, wandb, tensorboard or "

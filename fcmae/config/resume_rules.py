@@ -34,6 +34,7 @@ _COMMON = {
     "trainer.device": FREE, "trainer.compile": FREE, "trainer.seed": REFUSE, "trainer.log_every": FREE,
     "trainer.vis_every": FREE, "trainer.ckpt_every": FREE, "trainer.keep_checkpoints": FREE,
     "trainer.progress": FREE, "trainer.divergence_stop": FREE,
+    "trainer.activation_checkpointing": FREE,  # the same gradients, recomputed
     "logger.*": FREE, "launcher.*": FREE,
     "run_name": FREE, "resume": FREE, "eval_only": FREE,
 }

@@ -15,6 +15,7 @@ _SOURCE_CONF = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_PATH = str(_SOURCE_CONF) if _SOURCE_CONF.is_dir() else "pkg://fcmae.conf"
 
 COMPILE_CHOICES = ("auto", "true", "false")
+CHECKPOINTING_CHOICES = ("off", "stage", "block")
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 LOGGERS = ("none", "wandb", "tensorboard", "wandb+tensorboard")
 PRETRAIN_SOURCES = ("synthetic", "imagefolder", "folder", "filelist", "shards", "fashion_mnist")
@@ -123,6 +124,9 @@ class TrainerConfig:
     progress: str = "auto"  # auto (bar on a TTY) | bar | log
     # stop when a step's loss passes this many times the run's lowest (finite, but diverged); null: never
     divergence_stop: Optional[float] = 1000.0
+    # recompute activations in the backward instead of keeping them: off | stage | block (less memory, more time;
+    # the same gradients)
+    activation_checkpointing: str = "off"
 
 
 @dataclass

@@ -49,6 +49,7 @@ class SparseConvNeXtV2Encoder(nn.Module):
             raise ValueError(f"dwconv={dwconv!r} is not supported; use {' or '.join(map(repr, DWCONV))}")
         self.set_backend(backend)
         self.grn_stats, self.dwconv = grn_stats, dwconv
+        self.activation_checkpointing = "off"  # off | stage | block: the sparse backend recomputes in the backward
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
         self.apply(init_weights)

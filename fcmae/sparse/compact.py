@@ -159,11 +159,25 @@ def encoder_forward(encoder, imgs: torch.Tensor, mask: torch.Tensor, grid: tuple
     """``(N, 3, H, W)`` + mask ``(N, L)`` -> ``(N, C_last, H/32, W/32)``, zeros at masked sites."""
     layout = SparseLayout.from_mask(mask, grid, len(encoder.stages), visible_per_sample)
     x = stem_rows(encoder.downsample_layers[0], imgs, layout.stages[0])
+    recompute = getattr(encoder, "activation_checkpointing", "off") if encoder.training else "off"
     for k, stage in enumerate(encoder.stages):
         if k > 0:
             x = downsample_rows(encoder.downsample_layers[k], x)
         dwconv = getattr(encoder, "dwconv", "auto")  # one choice, or one a stage (encoder.dwconv=auto by speed)
-        for block in stage:
-            x = block_rows(block, x, layout, k, encoder.grn_stats, dwconv[k] if isinstance(dwconv, (list, tuple))
-                           else dwconv)
+        dwconv = dwconv[k] if isinstance(dwconv, (list, tuple)) else dwconv
+
+        def run_blocks(x, blocks=tuple(stage), k=k, dwconv=dwconv):
+            for block in blocks:
+                x = _checkpointed(block_rows, recompute == "block", block, x, layout, k, encoder.grn_stats, dwconv)
+            return x
+        x = _checkpointed(run_blocks, recompute == "stage", x)
     return scatter_to_canvas(x, layout.stages[-1], layout.batch).contiguous()
+
+
+def _checkpointed(fn, recompute: bool, *args):
+    """``fn(*args)``, its activations recomputed in the backward when ``recompute`` (non-reentrant, the RNG
+    state of drop path preserved: the same gradients)."""
+    if not recompute or not torch.is_grad_enabled():
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
