@@ -64,7 +64,7 @@ def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
 def stage_configs(tile: int, reach: int, channels: int, dtype: str) -> tuple[KernelConfig, KernelConfig]:
     """The forward's and the weight grad's configurations at one stage, as the ops choose them."""
     from .triton_dwconv import launch_shape
-    block_c, warps = launch_shape(channels, dtype == "bf16" and channels % 2 == 0)
+    block_c, warps = launch_shape(channels, dtype == "bf16" and channels % 2 == 0, tile)
     return tuple(KernelConfig(kind, tile, reach, channels, block_c, warps, dtype) for kind in ("forward", "wgrad"))
 
 
@@ -81,7 +81,7 @@ def compile_kernel(cfg: KernelConfig, arch: int):
     fn = kernel(Variant(cfg.kernel, cfg.tile, 7, cfg.pairs))
     if cfg.kernel == "forward":
         sig = {"x_ptr": ptr, "w_ptr": "*fp32", "b_ptr": "*fp32", "halo_ptr": "*i32", "y_ptr": ptr}
-        consts = {"HAS_BIAS": True}  # the encoder's depthwise convs have a bias; the input grad has none
+        consts = {"HAS_BIAS": True, "FLIP": False}  # the encoder's convs have a bias; the input grad has none
     else:
         sig = {"x_ptr": ptr, "g_ptr": ptr, "halo_ptr": "*i32", "out_ptr": "*fp32", "ROWS": "i32", "CHUNKS": "i32"}
         consts = {}
@@ -187,6 +187,8 @@ class Skip:
     of its halo row (None where the index could not be traced: count it as always run)."""
     instructions: int
     column: int | None
+    start: int = 0  # the branch's address: the skipped instructions lie in (start, end)
+    end: int = 0
 
 
 def halo_skips(cubin: bytes, loop: Loop) -> list[Skip]:
@@ -211,5 +213,133 @@ def halo_skips(cubin: bytes, loop: Loop) -> list[Skip]:
     skips = []
     for addr, target, source in found:
         column = None if source is None else (source[1] - min(index_offsets[source[0]])) // 4
-        skips.append(Skip((target - addr) // 16 - 1, column))
+        skips.append(Skip((target - addr) // 16 - 1, column, addr, target))
     return skips
+
+
+_REG = re.compile(r"\bR(\d+)(\.64)?\b")
+_WIDTH = {"": 4, ".64": 8, ".128": 16, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
+
+
+def _registers(operand: str) -> set[int]:
+    """The registers an operand names (``R4.64`` is R4 and R5; ``RZ`` none)."""
+    out = set()
+    for m in _REG.finditer(operand):
+        n = int(m.group(1))
+        out.update((n, n + 1) if m.group(2) else (n,))
+    return out
+
+
+@dataclass
+class LoadTraffic:
+    """What one warp's trip through a loop asks of the memory system, expected over the halo sites'
+    activity (a branch's or a predicate's column, as :func:`halo_skips` traces them), for a given memory
+    latency:
+
+    - ``cycles``: the warp's own time for a trip, alone: one instruction a cycle, and an instruction that
+      reads (or overwrites) the result of a load still in flight waits until it lands (``latency`` cycles
+      after its issue). Loads issued together wait once; a load used right after its issue (the
+      branch-per-site pattern) waits a full latency each time;
+    - ``round_trips``: the trip's stalls in units of the latency (how many full memory round trips the
+      warp waits through one after the other);
+    - ``bytes``: bytes the trip's loads request from L2 (a 32-bit load of a halo index is the same
+      address in every lane: one 32-byte sector; a vector load is 32 lanes x its width);
+    - ``in_flight``: the most bytes the warp has outstanding at once (Little's law: what an SM keeps in
+      flight is this times its resident warps)."""
+    cycles: float
+    round_trips: float
+    bytes: float
+    in_flight: float
+    loads: int
+
+
+def _index_test(text: str) -> tuple[str, int] | None:
+    """``(predicate, register)`` where ``text`` sets a predicate to ``register >= 0`` (``ISETP.GE ... RZ``
+    or ``ISETP.GT ... -0x1``: the two ways ptxas writes a halo index's test)."""
+    m = re.match(r"ISETP\.GE\.AND\s+(P\d),\s*PT,\s*R(\d+),\s*RZ", text) or \
+        re.match(r"ISETP\.GT\.AND\s+(P\d),\s*PT,\s*R(\d+),\s*-0x1\b", text)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def load_traffic(cubin: bytes, loop: Loop, activity: list[float], latency: float = 500.0) -> LoadTraffic:
+    """Walk ``loop``'s body in program order (SASS issues in order) and time one warp's trip through it,
+    each instruction weighted by the share of trips that run it (1 outside the halo-site branches; a
+    branch's or a guarding predicate's column activity inside): its issue cycle and its stall count with
+    that weight, a load's bytes too. Expected values, not a cycle-exact simulation: enough to tell a trip
+    that waits once from one that waits once per site."""
+    lines, _ = disassemble(cubin)
+    skips = [s for s in halo_skips(cubin, loop) if s.column is not None]
+    return walk_loads([(a, t) for a, t in lines if loop.start <= a <= loop.end], skips, activity, latency)
+
+
+def walk_loads(body: list[tuple[int, str]], skips: list[Skip], activity: list[float],
+               latency: float = 500.0) -> LoadTraffic:
+    """:func:`load_traffic` on a loop body given as ``(address, SASS instruction)`` in order."""
+    offsets: dict[str, set] = {}
+    for _, text in body:
+        m = re.match(r"LDG\.E\s+R\d+,\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]", text)
+        if m:
+            offsets.setdefault(m.group(1), set()).add(int(m.group(2), 16) if m.group(2) else 0)
+    column_of: dict[int, int] = {}  # register -> the halo column of the index it holds (as last loaded)
+    index_load: set[int] = set()  # registers that are ever tested as halo indices
+    for _, text in body:
+        tested = _index_test(text)
+        if tested:
+            index_load.add(tested[1])
+    predicate_column: dict[str, int] = {}  # predicate -> the column whose activity it tests (as last set)
+
+    def weight_at(addr: int, guard: str | None) -> float:
+        w = 1.0
+        for s in skips:
+            if s.start < addr < s.end:
+                w = min(w, activity[s.column])
+        if guard and guard.startswith("@P") and guard[1:] in predicate_column:
+            w = min(w, activity[predicate_column[guard[1:]]])
+        return w
+
+    pending: list[tuple[set[int], float, float, float]] = []  # (registers, bytes, lands at, share issued)
+    # twice through: the first trip leaves in flight what the loop issues ahead for the next (a pipelined
+    # load at the end of the body waited for at its start); only the second trip counts
+    clock = stalled = traffic = in_flight = 0.0
+    loads = 0
+    for addr, text in body + [(None, None)] + body:
+        if addr is None:
+            start, stalled, traffic, in_flight, loads = clock, 0.0, 0.0, 0.0, 0
+            continue
+        m = re.match(r"(@!?P\d\s+)?(\S+)\s*(.*)", text)
+        guard, op, rest = (m.group(1) or "").strip() or None, m.group(2), m.group(3)
+        operands = [o.strip() for o in rest.split(",")] if rest else []
+        w = weight_at(addr, guard)
+        m = re.match(r"LDG\.E\s+R(\d+),\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]", text)
+        if m:  # a 32-bit load: a halo index where its base register reads indices
+            column_of[int(m.group(1))] = ((int(m.group(3), 16) if m.group(3) else 0) - min(offsets[m.group(2)])) // 4 \
+                % len(activity)  # a halo row holds len(activity) indices
+        tested = _index_test(text)
+        if tested and tested[1] in column_of:
+            predicate_column[tested[0]] = column_of[tested[1]]
+        is_load = op.startswith("LDG")
+        if op.startswith(("STG", "ST.", "RED")):
+            dest, sources = set(), set().union(*(_registers(o) for o in operands))
+        else:
+            dest = _registers(operands[0]) if operands and not operands[0].startswith(("P", "UP", "desc")) else set()
+            sources = set().union(*(_registers(o) for o in operands[1:])) if len(operands) > 1 else set()
+        touched = sources | dest
+        waited = [(lands, lw) for regs, _, lands, lw in pending if regs & touched]
+        if waited:
+            # an instruction run w of the trips, waiting on loads issued at most max(lw) of them
+            stall = max(0.0, max(lands for lands, _ in waited) - clock) * w * max(lw for _, lw in waited)
+            clock += stall
+            stalled += stall
+            # in expectation: what was waited for, and every load issued before it, has landed
+            pending = [p for p in pending if p[2] > max(lands for lands, _ in waited)]
+        clock += w
+        if is_load:
+            suffix = re.match(r"LDG\.E((?:\.(?:64|128|U16|S16|U8|S8))?)", op)
+            width = _WIDTH[suffix.group(1)] if suffix else 4
+            first = min(dest) if dest else -1
+            nbytes = (32 if first in index_load else 32 * width) * w
+            pending.append(({first + i for i in range(max(1, width // 4))}, nbytes, clock + latency, w))
+            traffic += nbytes
+            loads += 1
+            in_flight = max(in_flight, sum(b for _, b, lands, _ in pending if lands > clock))
+    return LoadTraffic(clock - start, stalled / latency, traffic, in_flight, loads)

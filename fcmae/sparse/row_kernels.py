@@ -6,13 +6,16 @@ those outputs. Triton has no register arrays, so the ``t`` accumulators and the 
 row are written out as plain variables by this generator: each input is loaded and converted once
 per halo row and used from registers by every output that reads it (the gather-per-tap kernels it
 replaces loaded and converted it once per tap: 49 times). A site whose halo entry is -1 (a masked
-patch or off the image) is skipped by a branch on the index, uniform over the program: at mask 0.6
-most taps outside the tile cost only their index read.
+patch or off the image) is read by a predicated load that touches no memory and gives zeros. A trip
+(one kernel row, or one tile row of the weight grad) issues all its loads (the next trip's halo
+indices too) before a barrier and uses them after it, so it waits on memory about once (#49; a branch
+around each site's load had made it wait once per active site).
 
 bf16 inputs are read as 32-bit words of two channels and widened with one shift or mask each
-(channel ``2q`` is the low half, ``2q + 1`` the high half; ``C2 = C // 2`` words a row); their weights
-and outputs come and go in the same halves-split order (:func:`pair_order`). Other dtypes load and
-convert plainly (``C2 = C``). The code uses nothing newer than Triton 3.0's language (torch 2.4).
+(channel ``2q`` is the low half, ``2q + 1`` the high half; ``C2 = C // 2`` words a row); the fp32
+weights, bias and weight grads are read and written in their own channel order (a thread's two halves
+at ``2q`` and ``2q + 1``), so no reordered copy is made around a launch. Other dtypes load and convert
+plainly (``C2 = C``). The code uses nothing newer than Triton 3.0's language (torch 2.4).
 
     python -m fcmae.sparse.row_kernels forward 8    # print the forward's source for 8x8 tiles
 """
@@ -49,17 +52,6 @@ def words(channels: int, pairs: bool) -> int:
     return channels // 2 if pairs else channels
 
 
-def pair_order(t: torch.Tensor) -> torch.Tensor:
-    """``(..., C)`` -> the same values with even channels first, then odd: the order the pair kernels
-    read weights in and write weight grads in."""
-    return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-
-
-def unpair_order(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`pair_order`."""
-    return t.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
-
-
 class _Source:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -71,9 +63,9 @@ class _Source:
         return "\n".join(self.lines) + "\n"
 
 
-def _header(v: Variant, signature: str) -> _Source:
+def _header(v: Variant, signature: str, jit: str = "@triton.jit") -> _Source:
     src = _Source()
-    for line in ("import triton", "import triton.language as tl", "", "", "@triton.jit", f"def {signature}:"):
+    for line in ("import triton", "import triton.language as tl", "", "", jit, f"def {signature}:"):
         src(0, line)
     what = f"{v.tile}x{v.tile} tiles and a {v.k}x{v.k} kernel" + (", bf16 as pairs" if v.pairs else "")
     src(1, f'"""Generated for {what}: see fcmae/sparse/row_kernels.py."""')
@@ -86,9 +78,16 @@ def _y_bits(tile: int) -> str:
     return " | ".join(f"(((y >> {b}) & 1) << {2 * b + 1})" for b in range(bits)) if bits else "0"
 
 
-def _load(src: _Source, depth: int, target: str, address: str, other: str) -> None:
+def _load(src: _Source, depth: int, target: str, address: str, other: str, active: str | None = None) -> None:
     """Emit ``target = tl.load(address)``, masked to the channels only where the channel count does not
-    fill the last block (a mask costs a predicate and a zero fill per register)."""
+    fill the last block (a mask costs a predicate and a zero fill per register), and to ``active`` (a
+    condition uniform over the program: a predicated load, no branch) where given."""
+    if active:
+        src(depth, "if EVEN_C:")
+        src(depth + 1, f"{target} = tl.load({address}, mask=({active}) & (q >= 0), other={other})")
+        src(depth, "else:")
+        src(depth + 1, f"{target} = tl.load({address}, mask=({active}) & ok, other={other})")
+        return
     src(depth, "if EVEN_C:")
     src(depth + 1, f"{target} = tl.load({address})")
     src(depth, "else:")
@@ -100,17 +99,30 @@ def _site(v: Variant, ptr: str, row: str) -> str:
     return f"{ptr} + {row}.to(tl.int64) * C2 + q" if v.wide else f"{ptr} + {row} * C2 + q"
 
 
-def _load_values(src: _Source, depth: int, v: Variant, address: str, name: str) -> list[str]:
-    """Emit the load of one site's channel block at ``address`` and its widening to fp32; returns the
-    names of the fp32 tensors (the low and high halves, or one)."""
+def _load_raw(src: _Source, depth: int, v: Variant, address: str, name: str, active: str | None = None) -> str:
+    """Emit the load of one site's channel block at ``address`` (predicated on ``active`` where given), as
+    stored (pairs: 32-bit words); returns its name."""
+    raw = f"u{name}"
+    _load(src, depth, raw, address, "0" if v.pairs else "0.0", active)
+    return raw
+
+
+def _widen(src: _Source, depth: int, v: Variant, raw: str, name: str) -> list[str]:
+    """Emit the widening of a loaded block ``raw`` to fp32; returns the names of the fp32 tensors (the low
+    and high halves, or one)."""
     if v.pairs:
-        _load(src, depth, "u", address, "0")
-        src(depth, f"{name}lo = (u << 16).to(tl.float32, bitcast=True)")
-        src(depth, f"{name}hi = (u & -65536).to(tl.float32, bitcast=True)")
+        src(depth, f"{name}lo = ({raw} << 16).to(tl.float32, bitcast=True)")
+        src(depth, f"{name}hi = ({raw} & -65536).to(tl.float32, bitcast=True)")
         return [f"{name}lo", f"{name}hi"]
-    _load(src, depth, name, address, "0.0")
-    src(depth, f"{name} = {name}.to(tl.float32)")
+    src(depth, f"{name} = {raw}.to(tl.float32)")
     return [name]
+
+
+def _load_values(src: _Source, depth: int, v: Variant, address: str, name: str,
+                 active: str | None = None) -> list[str]:
+    """Emit the load of one site's channel block at ``address`` (predicated on ``active`` where given) and
+    its widening to fp32; returns the names of the fp32 tensors (the low and high halves, or one)."""
+    return _widen(src, depth, v, _load_raw(src, depth, v, address, name, active), name)
 
 
 def _preamble(src: _Source, v: Variant, axis: int) -> list[str]:
@@ -124,11 +136,29 @@ def _preamble(src: _Source, v: Variant, axis: int) -> list[str]:
     return [""]
 
 
+def _channel(v: Variant, half: int) -> str:
+    """The channel of a thread's word ``q``, half ``half``, in the weights' own order (pairs: ``2q``, ``2q + 1``)."""
+    return f"2 * q + {half}" if v.pairs else "q"
+
+
+def _weight_loads(src: _Source, depth: int, v: Variant, prefix: str, row: str) -> None:
+    """Emit the loads of kernel row ``row``'s ``k`` taps of the fp32 ``(k * k, C)`` weights, as they are
+    stored (channels in their order, taps row-major), into ``{prefix}{half}{kx}``; with ``FLIP`` the taps
+    are read reversed (the input grad's conv), so no reversed copy of the weights is made."""
+    k, halves = v.k, ("lo", "hi") if v.pairs else ("",)
+    for name, tap in (("FLIP", f"({k * k - 1} - {row} * {k} - {{kx}})"), (None, f"({row} * {k} + {{kx}})")):
+        src(depth, "if FLIP:" if name else "else:")
+        for kx in range(k):
+            for half, s in enumerate(halves):
+                _load(src, depth + 1, f"{prefix}{s}{kx}", f"w_ptr + {tap.format(kx=kx)} * C + {_channel(v, half)}",
+                      "0.0")
+
+
 def forward_source(v: Variant) -> str:
     """One program per (tile row, channel block): ``t`` outputs accumulated over ``k`` kernel rows."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
     src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr)")
+                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, FLIP: tl.constexpr)")
     src(1, "r = tl.program_id(0)")
     src(1, f"p = r // {t}")
     src(1, f"y = r % {t}")
@@ -138,28 +168,33 @@ def forward_source(v: Variant) -> str:
     for i in range(t):
         for s in halves:
             src(1, f"acc{s}{i} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
-    src(1, f"for ky in range({k}):")
-    src(2, f"wrow = w_ptr + ky * {k} * C")
-    # a tap's weights serve t halo sites; with one (1x1 tiles) they are read only where the site is active
-    lazy = t == 1
-    for kx in range(k):
-        for half, s in enumerate(halves):
-            if not lazy:
-                _load(src, 2, f"w{s}{kx}", f"wrow + {kx} * C + {half} * C2 + q", "0.0")
+    # as in the weight grad: a kernel row's halo indices are loaded one trip ahead, its sites' values by
+    # predicated loads (a masked site: no memory access, zeros), all issued before a barrier and used
+    # after it, so a trip waits on memory about once, not once per active site
+    # (the kernel row's weights too: loaded within the trip, the compiler put each load just before its
+    # first multiply-add, a wait apiece)
     for j in range(h):
-        src(2, f"i{j} = tl.load(hrow + ky * {h} + {j})")
-        src(2, f"if i{j} >= 0:")
-        for half, s in enumerate(halves):
-            if lazy:
-                _load(src, 3, f"w{s}{j}", f"wrow + {j} * C + {half} * C2 + q", "0.0")
-        names = _load_values(src, 3, v, _site(v, "xw", f"i{j}"), "x")
+        src(1, f"i{j} = tl.load(hrow + {j})")
+    _weight_loads(src, 1, v, "w", "0")
+    src(1, f"for ky in range({k}):")
+    loaded = [_load_raw(src, 2, v, _site(v, "xw", f"i{j}"), f"x{j}", active=f"i{j} >= 0") for j in range(h)]
+    src(2, f"nky = tl.minimum(ky + 1, {k - 1})  # the next kernel row (the last trip reads its own again)")
+    for j in range(h):
+        src(2, f"i{j} = tl.load(hrow + nky * {h} + {j})")
+    _weight_loads(src, 2, v, "n", "nky")
+    src(2, "tl.debug_barrier()")
+    for j in range(h):
+        names = _widen(src, 2, v, loaded[j], f"x{j}")
         for kx in range(k):
             if 0 <= j - kx < t:
                 for s, name in zip(halves, names):
-                    src(3, f"acc{s}{j - kx} += {name} * w{s}{kx}")
+                    src(2, f"acc{s}{j - kx} += {name} * w{s}{kx}")
+    for kx in range(k):
+        for s in halves:
+            src(2, f"w{s}{kx} = n{s}{kx}")
     src(1, "if HAS_BIAS:")
     for half, s in enumerate(halves):
-        src(2, f"b{s} = tl.load(b_ptr + {half} * C2 + q, mask=ok, other=0.0)  # fp32")
+        src(2, f"b{s} = tl.load(b_ptr + {_channel(v, half)}, mask=ok, other=0.0)  # fp32, channels in their order")
         for i in range(t):
             src(2, f"acc{s}{i} += b{s}")
     base = f"(p * {t * t} + ({_y_bits(t)}))"
@@ -178,11 +213,21 @@ def forward_source(v: Variant) -> str:
 
 def wgrad_source(v: Variant) -> str:
     """One program per (chunk, kernel row ``ky``, channel block): over every ``CHUNKS``-th tile row from
-    ``chunk``, the products ``x[o + tap] * grad[o]`` of the row's ``k`` taps accumulate in registers;
-    fp32 partial sums ``(CHUNKS, k * k, C)`` (pairs: channels in :func:`pair_order`)."""
+    ``chunk``, the products ``x[o + tap] * grad[o]`` of the row's ``k`` taps accumulate in registers, and
+    the ``ky == 0`` programs also sum the grads (the bias grad, which would otherwise read every grad
+    again). fp32 partial sums ``(CHUNKS, k * k + 1, C)``, channels in their own order, row ``k * k`` the
+    bias grad's.
+
+    A trip issues all its loads before it uses any: the grads, the halo indices, then every halo site's
+    values as *predicated* loads (a masked site's lanes load nothing and read as zero), so the trip waits
+    on memory about twice (indices, then values) rather than once per active site, as a branch around
+    each site's load made it (#49: ~10 dependent L2 round trips a trip at stage 0). The multiply-adds
+    of a masked site run on zeros: a few more issue slots, no memory. ``ROWS`` and ``CHUNKS`` are not
+    specialised (``do_not_specialize``), so the start-up self-test runs the binary training runs."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
     src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)")
+                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)",
+                  jit='@triton.jit(do_not_specialize=["ROWS", "CHUNKS"])')
     src(1, "chunk = tl.program_id(0)")
     src(1, "ky = tl.program_id(1)")
     halves = _preamble(src, v, 2)
@@ -191,26 +236,46 @@ def wgrad_source(v: Variant) -> str:
     for kx in range(k):
         for s in halves:
             src(1, f"acc{s}{kx} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
+    for s in halves:
+        src(1, f"bias{s} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
+    # the halo indices of a trip are loaded one trip ahead (the first trip's before the loop), so a trip's
+    # site loads wait on nothing it loaded itself
+    src(1, f"hrow = halo_ptr + (chunk // {t}) * {h * h} + (chunk % {t} + ky) * {h}")
+    for j in range(h):
+        src(1, f"i{j} = tl.load(hrow + {j})")
     src(1, "for r in range(chunk, ROWS, CHUNKS):")
     src(2, f"p = r // {t}")
     src(2, f"y = r % {t}")
     base = f"(p * {t * t} + ({_y_bits(t)}))"
     src(2, f"grow = {base}.to(tl.int64) * C2 + q" if v.wide else f"grow = {base} * C2 + q")
-    for i in range(t):  # the row's grads, read and widened once for the kernel row's taps
-        _load_values(src, 2, v, f"gw + grow + {z_offset(0, i, t)} * C2", f"g{i}")
-    src(2, f"hrow = halo_ptr + p * {h * h} + (y + ky) * {h}")
+    graw = [_load_raw(src, 2, v, f"gw + grow + {z_offset(0, i, t)} * C2", f"g{i}") for i in range(t)]
+    loaded = [_load_raw(src, 2, v, _site(v, "xw", f"i{j}"), f"x{j}", active=f"i{j} >= 0") for j in range(h)]
+    src(2, "rn = tl.minimum(r + CHUNKS, ROWS - 1)  # the next trip's row (the last trip reads its own again)")
+    src(2, f"hrow = halo_ptr + (rn // {t}) * {h * h} + (rn % {t} + ky) * {h}")
     for j in range(h):
         src(2, f"i{j} = tl.load(hrow + {j})")
-        src(2, f"if i{j} >= 0:")
-        names = _load_values(src, 3, v, _site(v, "xw", f"i{j}"), "x")
+    # a barrier between the loads and their uses: the compiler otherwise interleaves each load with its
+    # multiply-adds (ptxas then reuses one register for every site: a full memory latency per site);
+    # here every load of the trip is in flight before the first use waits
+    src(2, "tl.debug_barrier()")
+    for i in range(t):  # the row's grads, widened once for the kernel row's taps; their sum is the bias grad's
+        for s, name in zip(halves, _widen(src, 2, v, graw[i], f"g{i}")):
+            src(2, f"bias{s} += {name}")
+    for j in range(h):
+        names = _widen(src, 2, v, loaded[j], f"x{j}")
         for kx in range(k):
             if 0 <= j - kx < t:
                 for s, name in zip(halves, names):
-                    src(3, f"acc{s}{kx} += {name} * g{j - kx}{s}")
-    src(1, f"out = out_ptr + (chunk * {k * k} + ky * {k}) * C + q")
+                    src(2, f"acc{s}{kx} += {name} * g{j - kx}{s}")
+    # channels in their own order: a pair's low half is channel 2q, its high half 2q + 1
+    src(1, f"out = out_ptr + (chunk * {k * k + 1} + ky * {k}) * C")
+    columns = [("2 * q", "lo"), ("2 * q + 1", "hi")] if v.pairs else [("q", "")]
     for kx in range(k):
-        for half, s in enumerate(halves):
-            src(1, f"tl.store(out + {kx} * C + {half} * C2, acc{s}{kx}, mask=ok)")
+        for column, s in columns:
+            src(1, f"tl.store(out + {kx} * C + {column}, acc{s}{kx}, mask=ok)")
+    src(1, f"bias_row = out_ptr + (chunk * {k * k + 1} + {k * k}) * C")
+    for column, s in columns:
+        src(1, f"tl.store(bias_row + {column}, bias{s}, mask=ok & (ky == 0))")
     return src.text()
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 from torch.utils.flop_counter import register_flop_formula
 
-from .row_kernels import Variant, kernel, pair_order, unpair_order, words
+from .row_kernels import Variant, kernel, words
 from .tiles import StageTiles
 
 # The weight grad's grid where no GPU says better (the interpreter): this many chunks at most.
@@ -31,13 +31,15 @@ WGRAD_MIN_SITES = 98
 MAX_BLOCK_C = 1024  # channels a program covers at most: 8 a thread on 4 warps in bf16
 
 
-def launch_shape(channels: int, pairs: bool) -> tuple[int, int]:
+def launch_shape(channels: int, pairs: bool, tile: int = 1) -> tuple[int, int]:
     """``(BLOCK_C, num_warps)`` of both kernels: one channel block for the whole width where it fits, 8
     channels a thread in 16-bit dtypes (one 16-byte load a site) and 4 in fp32, so a site's index read and
-    branch are shared by as many values as a thread can hold (chosen from the SASS counts of
-    benchmarks/kernel_cost.py; tests/sparse/test_kernel_resources.py keeps every launch free of spills)."""
+    a trip's barrier are shared by as many values as a thread can hold; half that at 8x8 tiles, whose
+    8 outputs, 14 sites in flight and two kernel rows of weights would not fit 255 registers at 8 (chosen
+    from the SASS counts of benchmarks/kernel_cost.py; tests/sparse/test_kernel_resources.py keeps every
+    launch free of spills)."""
     block_c = max(32, min(triton.next_power_of_2(channels), MAX_BLOCK_C))
-    per_thread = 8 if pairs else 4
+    per_thread = (8 if pairs else 4) // (2 if tile >= 8 else 1)
     return block_c, max(1, min(4, block_c // (32 * per_thread)))
 
 
@@ -57,27 +59,33 @@ def _taps(weight_rows: int) -> int:
 
 @torch.library.custom_op("fcmae::dwconv_tiles", mutates_args=())
 def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], halo: torch.Tensor,
-                 tile: int) -> torch.Tensor:
+                 tile: int, flip: bool = False) -> torch.Tensor:
     """``(R, C)`` active rows -> ``(R, C)``: the ``k x k`` depthwise conv plus ``bias`` (``(C,)`` or None)
     at the active sites, inactive inputs as zero. ``weight``: ``(k * k, C)``, taps row-major, used in
     fp32 (round it to the input dtype first to match a conv in that dtype); ``halo``: the tiles' halo
-    table (:func:`fcmae.sparse.tiles.halo_table`)."""
+    table (:func:`fcmae.sparse.tiles.halo_table`); ``flip``: use the taps reversed (the input grad's conv,
+    without a reversed copy of the weights)."""
     _check_shapes(x, weight, halo, tile)
     torch._check(bias is None or bias.shape == (x.shape[1],), lambda: f"bias {tuple(bias.shape)} for {x.shape[1]} channels")
     x = x.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return y
+    _launch_forward(x, weight, bias, halo, tile, y, flip)
+    return y
+
+
+def _launch_forward(x, weight, bias, halo, tile: int, y, flip: bool) -> None:
+    """The forward kernel on ``x`` into ``y``; ``flip``: the taps reversed (the input grad). The weights
+    and bias are read as they are (fp32, channels in their order: no reordered copy a launch)."""
     channels, k, pairs = x.shape[1], _taps(weight.shape[0]), _pairs(x)
-    order = pair_order if pairs else (lambda t: t)
-    weight = order(weight.float()).contiguous()
-    bias32 = order(bias.float()).contiguous() if bias is not None else weight
-    block_c, warps = launch_shape(channels, pairs)
+    weight = weight.float().contiguous()  # no copy for the fp32 (taps, C) weights the encoder hands over
+    bias32 = bias.float().contiguous() if bias is not None else weight
+    block_c, warps = launch_shape(channels, pairs, tile)
     grid = (halo.shape[0] * tile, triton.cdiv(channels, block_c))  # one program per tile row and channel block
     kernel(Variant("forward", tile, k, pairs, _wide(x)))[grid](
         x, weight, bias32, halo, y, C=channels, C2=words(channels, pairs), BLOCK_C=block_c,
-        HAS_BIAS=bias is not None, EVEN_C=channels % block_c == 0, num_warps=warps)
-    return y
+        HAS_BIAS=bias is not None, EVEN_C=channels % block_c == 0, FLIP=flip, num_warps=warps)
 
 
 def _check_shapes(x, weight, halo, tile: int) -> None:
@@ -99,28 +107,50 @@ def _check_halo(x, halo, tile: int, k: int) -> None:
 
 
 @dwconv_tiles.register_fake
-def _dwconv_tiles_fake(x, weight, bias, halo, tile):
+def _dwconv_tiles_fake(x, weight, bias, halo, tile, flip=False):
     _check_shapes(x, weight, halo, tile)
     return torch.empty_like(x, memory_format=torch.contiguous_format)  # as the real op: contiguous
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles_wgrad", mutates_args=())
 def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, tile: int, taps: int) -> torch.Tensor:
-    """The weight grad ``(taps, C)`` in fp32: ``sum over active outputs o of grad[o] * x[o + tap]``."""
+    """The weight grad and the bias grad, ``(taps + 1, C)`` in fp32: row ``tap < taps`` is ``sum over
+    active outputs o of grad[o] * x[o + tap]``, row ``taps`` is ``sum over o of grad[o]`` (summed in the
+    same pass over the grads: one read of them, one launch fewer)."""
     torch._check(grad.shape == x.shape, lambda: f"grad {tuple(grad.shape)} vs x {tuple(x.shape)}")
     _check_halo(x, halo, tile, _taps(taps))
     x, grad = x.contiguous(), grad.contiguous()
     channels, tiles, k, pairs = x.shape[1], halo.shape[0], _taps(taps), _pairs(x) and _pairs(grad)
     if not tiles:
-        return torch.zeros(taps, channels, device=x.device, dtype=torch.float32)
-    plan = wgrad_plan(tiles, channels, tile, x.device, pairs=pairs, k=k)
-    partial = torch.empty(plan.chunks, taps, channels, device=x.device, dtype=torch.float32)  # every entry written
+        return torch.zeros(taps + 1, channels, device=x.device, dtype=torch.float32)
+    variant = Variant("wgrad", tile, k, pairs, _wide(x))
+    plan = wgrad_plan(tiles, channels, tile, x.device, pairs=pairs, k=k,
+                      resident=_RESIDENT.get((variant, channels)))
+    partial = torch.empty(plan.chunks, taps + 1, channels, device=x.device, dtype=torch.float32)  # all written
     grid = (plan.chunks, k, triton.cdiv(channels, plan.block_c))
-    kernel(Variant("wgrad", tile, k, pairs, _wide(x)))[grid](
+    launched = kernel(variant)[grid](
         x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=words(channels, pairs),
         BLOCK_C=plan.block_c, EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
-    total = partial.sum(0)
-    return unpair_order(total) if pairs else total
+    _remember_occupancy(variant, channels, launched, plan.warps, x.device)
+    return partial.sum(0)
+
+
+# programs of a weight-grad binary one SM holds at once, from its register count as the driver loaded it
+# (known after its first launch on a GPU; sizes the grid of the next ones)
+_RESIDENT: dict[tuple[Variant, int], int] = {}
+
+
+def resident_programs(registers: int, warps: int) -> int:
+    """Programs of ``warps`` warps at ``registers`` a thread that one SM (H100/A100: 64K registers, 64
+    warps, 32 programs) holds at once; registers are allocated 8 a thread at a time (a warp's 256)."""
+    per_warp = -(-registers // 8) * 8 * 32
+    return max(1, min(65536 // (per_warp * warps), 64 // warps, 32))
+
+
+def _remember_occupancy(variant: Variant, channels: int, launched, warps: int, device: torch.device) -> None:
+    registers = getattr(launched, "n_regs", None)
+    if device.type == "cuda" and isinstance(registers, int) and registers > 0:
+        _RESIDENT[(variant, channels)] = resident_programs(registers, warps)
 
 
 class WgradPlan(NamedTuple):
@@ -131,15 +161,19 @@ class WgradPlan(NamedTuple):
 
 
 def wgrad_plan(tiles: int, channels: int, tile: int, device: torch.device, sms: int | None = None,
-               pairs: bool = True, k: int = 7) -> WgradPlan:
-    """The weight grad's launch: ``chunks x k`` (kernel rows) ``x`` channel blocks programs, about
-    ``WGRAD_PROGRAMS_PER_SM`` for each SM (they are independent), chunks of at least ``WGRAD_MIN_SITES``
-    sites (the partial-sum bound) and at least one tile row. ``sms``: the GPU's SM count (asked of
-    ``device`` when None); without a GPU, ``WGRAD_CHUNKS`` chunks at most."""
-    block_c, warps = launch_shape(channels, pairs)
+               pairs: bool = True, k: int = 7, resident: int | None = None) -> WgradPlan:
+    """The weight grad's launch: ``chunks x k`` (kernel rows) ``x`` channel blocks programs, as many as
+    the GPU holds at once (``resident`` programs an SM, from the binary's registers once a launch has
+    told them; ``WGRAD_PROGRAMS_PER_SM`` before: one wave, every SM busy, and a chain of trips per
+    program no longer than it must be: a trip's time is mostly memory latency, hidden only by other
+    programs), chunks of at least ``WGRAD_MIN_SITES`` sites (the partial-sum bound) and at least one
+    tile row. ``sms``: the GPU's SM count (asked of ``device`` when None); without a GPU,
+    ``WGRAD_CHUNKS`` chunks at most."""
+    block_c, warps = launch_shape(channels, pairs, tile)
     if device.type == "cuda":
         sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = -(-WGRAD_PROGRAMS_PER_SM * sms // (k * triton.cdiv(channels, block_c)))
+        per_sm = resident or WGRAD_PROGRAMS_PER_SM
+        wanted = -(-per_sm * sms // (k * triton.cdiv(channels, block_c)))
     else:
         wanted = WGRAD_CHUNKS
     rows = tiles * tile
@@ -149,13 +183,13 @@ def wgrad_plan(tiles: int, channels: int, tile: int, device: torch.device, sms: 
 
 @dwconv_tiles_wgrad.register_fake
 def _dwconv_tiles_wgrad_fake(x, grad, halo, tile, taps):
-    return x.new_empty(taps, x.shape[1], dtype=torch.float32)
+    return x.new_empty(taps + 1, x.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, halo, tile = inputs
+    x, weight, bias, halo, tile, flip = inputs
     ctx.save_for_backward(x, weight, halo)
-    ctx.tile = tile
+    ctx.tile, ctx.flip = tile, flip
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -164,12 +198,15 @@ def _backward(ctx, grad):
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         # the transpose of a submanifold conv on one site set is the conv with the taps reversed
-        grad_x = dwconv_tiles(grad, weight.flip(0), None, halo, ctx.tile)
-    if ctx.needs_input_grad[1]:
-        grad_w = dwconv_tiles_wgrad(x, grad, halo, ctx.tile, weight.shape[0]).to(weight.dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        grad_b = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None
+        grad_x = dwconv_tiles(grad, weight, None, halo, ctx.tile, not ctx.flip)
+    wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[1] or wants_bias:
+        both = dwconv_tiles_wgrad(x, grad, halo, ctx.tile, weight.shape[0])  # one pass: weight and bias grads
+        if ctx.needs_input_grad[1]:
+            grad_w = (both[:-1].flip(0) if ctx.flip else both[:-1]).to(weight.dtype)
+        if wants_bias:
+            grad_b = both[-1].to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 dwconv_tiles.register_autograd(_backward, setup_context=_setup_context)
@@ -179,6 +216,20 @@ dwconv_tiles.register_autograd(_backward, setup_context=_setup_context)
 def _dwconv_tiles_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     """A multiply and an add per tap, channel and active site (torch.utils.flop_counter)."""
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
+
+def glue_launches(rows: int, channels: int, chunks: int, taps: int = 49, elem: int = 2) -> list[tuple[str, int]]:
+    """The small launches one block's tile-path conv runs around its three kernels in a compiled step, and
+    the bytes each moves: ``[(what, bytes)]`` (benchmarks/kernel_cost.py prices each at least a launch).
+    The kernels read the weights and bias as the parameters hold them and write both grads in one pass,
+    so what is left is the rounding of the weights (laid out ``(taps, C)``) and of the bias, the sum of the
+    weight grad's partials over chunks, and the weight grad laid back out as the parameter's. (Before
+    #49 there were 12, one of them a full read of the block's grads for the bias grad.)"""
+    del rows, elem  # nothing around the kernels touches the rows any more
+    w = taps * channels * 4
+    return [("weights rounded, laid out (taps, C)", 2 * w), ("bias rounded", 2 * channels * 4),
+            ("weight and bias grads summed over chunks", chunks * (w + channels * 4) + w + channels * 4),
+            ("weight grad laid out as the parameter", 2 * w)]
 
 
 def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTiles) -> torch.Tensor:
@@ -191,9 +242,9 @@ def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTil
     # the weight rounded to x's dtype, as a conv in that dtype uses it, then held in fp32 for the kernel; the
     # rounding is kept out of the backward (straight through), so the weight grad reaches the fp32 parameter
     # as the kernel summed it in fp32, not rounded to x's dtype on the way
-    weight = conv.weight.view(c, k * k).t()
+    weight = conv.weight.view(c, k * k).t().contiguous()  # (taps, C): what the kernel reads, made here (compiled)
     weight = weight + (weight.to(x.dtype).float() - weight).detach()
-    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    bias = None if conv.bias is None else conv.bias + (conv.bias.to(x.dtype).float() - conv.bias).detach()  # the same
     return dwconv_tiles(x, weight, bias, tiles.halo, tiles.tile)
 
 
