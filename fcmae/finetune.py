@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from .storage.checkpoint_record import BEST_SCORES, CLASS_NAMES, EMA_WEIGHTS, read_for_inspection
 from .config.resume_rules import FINETUNE as RESUME_RULES
 from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs
-from .export.convert import canonical_to_format, infer_shape, variant_of
+from .export.convert import canonical_to_format, infer_shape, stem_of, variant_of
+from .models.masking import stem_stride
+from .models.timm_convnextv2 import timm_convnextv2
 from .storage.weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
                    class_names_of, eval_transform, finetune_transform, labelled_source, num_classes_of)
@@ -41,10 +43,28 @@ log = logging.getLogger("fcmae")
 
 
 def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_init_scale: float,
-                     in_chans: int = 3) -> nn.Module:
-    import timm
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                             head_init_scale=head_init_scale, in_chans=in_chans)
+                     in_chans: int = 3, patch_size: int = 32) -> nn.Module:
+    """timm's ``name`` with a stem of stride ``patch_size / 8`` (timm's ``patch_size``: 4 for 32-pixel
+    mask patches, 2 or 1 for a model pretrained on 16 or 8; :func:`fcmae.models.timm_convnextv2.timm_convnextv2`)."""
+    return timm_convnextv2(name, stem_stride(patch_size), num_classes=num_classes, drop_path_rate=drop_path_rate,
+                           head_init_scale=head_init_scale, in_chans=in_chans)
+
+
+def resolve_patch_size(cfg, info: DistInfo | None = None) -> int:
+    """``model.patch_size``, or where null the one ``model.init_from`` was pretrained with (8 x its stem's
+    stride), or 32; a given one that disagrees with ``init_from``'s stem is refused, naming both."""
+    given = cfg.model.patch_size
+    if given is not None:
+        stem_stride(given)  # a clear error for a patch that is no multiple of 8
+    if not cfg.model.init_from:
+        return given or 32
+    init = read_init_weights(cfg.model.init_from, "model.init_from", cfg.model.in_chans, info)
+    found = 8 * stem_of(init.canonical)
+    if given is not None and given != found:
+        raise ConfigError(f"model.patch_size={given} but model.init_from={init.source} was pretrained with "
+                          f"{found}-pixel patches (a stem of stride {found // 8}); set model.patch_size={found} "
+                          "or leave it null")
+    return found
 
 
 def set_activation_checkpointing(model: nn.Module, how: str) -> None:
@@ -219,7 +239,8 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
         raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, {src} classifies {num_classes}")
     out = {}
     for prefix, sd in weights.items():
-        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0, cfg.model.in_chans)
+        stem = stem_of({"downsample_layers.0.0.weight": sd["stem.0.weight"]}) if "stem.0.weight" in sd else 4
+        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0, cfg.model.in_chans, 8 * stem)
         try:
             model.load_state_dict(sd)
         except RuntimeError as exc:
@@ -290,8 +311,13 @@ class FinetuneApp:
         if num_classes_of(val_src) > num_classes:
             raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
                               "point data.val_root at the same class folders as data.train_root")
-        cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes}})
+        patch = resolve_patch_size(cfg, info)
+        if d.img_size % patch:
+            raise ConfigError(f"data.img_size={d.img_size} is not a multiple of the model's {patch}-pixel patches "
+                              f"(model.patch_size, or model.init_from's); use e.g. data.img_size={7 * patch}")
+        cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes, "patch_size": patch}})
         train_set = LabelledSamples(train_src, finetune_transform(d), t.seed)
+        train_set.patch_size = patch
         loader, sampler = build_train_loader(train_set, d.batch_size, d.num_workers, t.seed, info.rank,
                                              info.world_size, info.device.type == "cuda" and d.pin_memory,
                                              d.persistent_workers)
@@ -299,7 +325,8 @@ class FinetuneApp:
 
     def build_model(self, cfg, data: RunData, info: DistInfo, precision: str, run_dir: Path | None = None) -> nn.Module:
         m = cfg.model
-        model = build_classifier(m.name, m.num_classes, m.drop_path_rate, m.head_init_scale, m.in_chans)
+        model = build_classifier(m.name, m.num_classes, m.drop_path_rate, m.head_init_scale, m.in_chans,
+                                 m.patch_size or 32)
         set_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
         return model.to(info.device)
 

@@ -42,8 +42,10 @@ log = logging.getLogger("fcmae")
 class PretrainTask(Task):
     """FCMAE: masked reconstruction; reconstruction grids every ``vis_every`` steps."""
 
-    def __init__(self, norm_pix: bool, mean, std, vis_every: int, image_every: int, evaluator=None, vis_bands=None):
+    def __init__(self, norm_pix: bool, mean, std, vis_every: int, image_every: int, evaluator=None, vis_bands=None,
+                 patch_size: int = 32):
         self.norm_pix, self.mean, self.std, self.vis_bands = norm_pix, tuple(mean), tuple(std), vis_bands
+        self.patch_size = patch_size
         self.vis_every, self.image_every = vis_every, image_every
         self.evaluator = evaluator
         self.last_batch = None
@@ -62,7 +64,7 @@ class PretrainTask(Task):
         step = run.state.step
         path = run.run_dir / "reconstructions" / f"step-{step:07d}.png"
         run.write_output(lambda: save_reconstruction_grid(path, imgs, pred, mask, self.norm_pix, self.mean, self.std,
-                                                           bands=self.vis_bands))
+                                                           patch_size=self.patch_size, bands=self.vis_bands))
         if path.is_file() and (step % self.image_every == 0 or step >= run.settings.stop_step):
             run.write_output(lambda: run.tracker.log_image("reconstruction", path, step))
 
@@ -82,7 +84,7 @@ def build_model(cfg) -> FCMAE:
     return FCMAE(depths=list(m.depths), dims=list(m.dims), decoder_depth=m.decoder_depth,
                  decoder_embed_dim=m.decoder_embed_dim, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
                  drop_path_rate=m.drop_path_rate, backend=cfg.encoder.backend, grn_stats=cfg.encoder.grn_stats,
-                 dwconv=cfg.encoder.dwconv, in_chans=m.in_chans)
+                 dwconv=cfg.encoder.dwconv, in_chans=m.in_chans, patch_size=m.patch_size)
 
 
 def choose_dwconv(model: FCMAE, cfg, info: DistInfo, precision: str, run_dir: Path | None = None,
@@ -108,7 +110,8 @@ def choose_dwconv(model: FCMAE, cfg, info: DistInfo, precision: str, run_dir: Pa
         device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else str(info.device)
         key = {"device": device_name, "dtype": precision, "dims": list(dims), "batch": d.batch_size,
                "img_size": d.img_size, "mask_ratio": cfg.model.mask_ratio}
-        measure = measure or cuda_timer(info.device, dtype, dims, d.batch_size, d.img_size, cfg.model.mask_ratio)
+        measure = measure or cuda_timer(info.device, dtype, dims, d.batch_size, d.img_size, cfg.model.mask_ratio,
+                                        patch_size=cfg.model.patch_size)
         kernel, how = auto_by_speed(run_dir, key, measure, len(dims), info.is_main)
         if info.is_main:
             log.info("depthwise conv by stage: %s (encoder.dwconv=auto: %s; encoder.dwconv=tiles|canvas forces one)",
@@ -210,7 +213,8 @@ class PretrainApp:
             cfg = resolve_band_stats(cfg, info)
         loader, sampler, _ = build_pretrain_loader(
             cfg.data, cfg.model.mask_ratio, cfg.trainer.seed, info.rank, info.world_size,
-            pin_memory=info.device.type == "cuda", device=info.device, in_chans=cfg.model.in_chans)
+            pin_memory=info.device.type == "cuda", device=info.device, in_chans=cfg.model.in_chans,
+            patch_size=cfg.model.patch_size)
         evaluator = build_evaluator(cfg.eval, cfg.data, cfg.trainer.seed, info, cfg.model.in_chans)
         return RunData(cfg, loader, sampler, {"evaluator": evaluator})
 
@@ -226,7 +230,7 @@ class PretrainApp:
 
     def build_task(self, cfg, model: FCMAE, data: RunData) -> PretrainTask:
         return PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, cfg.trainer.vis_every,
-                            cfg.logger.image_every, data.extras["evaluator"], cfg.vis.bands)
+                            cfg.logger.image_every, data.extras["evaluator"], cfg.vis.bands, cfg.model.patch_size)
 
     def build_optimizer(self, cfg, model: FCMAE, lr: float):
         return adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token), lr,

@@ -97,10 +97,14 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
             import_minkowski()
         except ImportError as exc:
             errors.append(str(exc))
-    check(d.img_size > 0 and d.img_size % 32 == 0,
-          f"data.img_size={d.img_size} must be a positive multiple of 32 (e.g. 224)")
-    if d.img_size > 0 and d.img_size % 32 == 0:
-        patches = (d.img_size // 32) ** 2
+    p = m.patch_size
+    check(isinstance(p, int) and p > 0 and p % 8 == 0,
+          f"model.patch_size={p} must be a positive multiple of 8 (32, 16 or 8: the stem's stride is patch_size / 8)")
+    p = p if isinstance(p, int) and p > 0 else 32
+    check(d.img_size > 0 and d.img_size % p == 0,
+          f"data.img_size={d.img_size} must be a positive multiple of model.patch_size={p} (e.g. {7 * p})")
+    if d.img_size > 0 and d.img_size % p == 0:
+        patches = (d.img_size // p) ** 2
         check(int(patches * (1 - m.mask_ratio)) >= 1,
               f"model.mask_ratio={m.mask_ratio} leaves no visible patch at data.img_size={d.img_size}")
     check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be > 0")
@@ -117,7 +121,7 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
     vb = cfg.vis.bands
     check(vb is None or (len(vb) in (1, 3) and all(0 <= b < m.in_chans for b in vb)),
           f"vis.bands={vb}: one or three band indices below model.in_chans={m.in_chans}")
-    _check_eval(cfg.eval, check)
+    _check_eval(cfg.eval, check, p)
     _check_training(cfg, check)
     known = {f"convnextv2_{k}" for k in VARIANTS}
     check(m.name in known or m.name.startswith("custom"), f"model.name={m.name!r}; use one of {sorted(known)} or custom_*")
@@ -128,7 +132,7 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
               "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
 
 
-def _check_eval(e, check) -> None:
+def _check_eval(e, check, patch_size: int = 32) -> None:
     check(e.name in ("none", "knn", "linear", "knn+linear"), f"eval.name={e.name!r}; use eval=none, knn, linear or knn+linear")
     if e.name == "none":
         return
@@ -137,7 +141,8 @@ def _check_eval(e, check) -> None:
           f"eval.source={e.source} needs eval.train_root=... and eval.val_root=... (folders, or list files)")
     check(all(n is None or n > 0 for n in (e.labels_per_class, e.val_per_class)),
           "eval.labels_per_class and eval.val_per_class must be > 0 (or null: all images)")
-    check(e.img_size is None or (e.img_size > 0 and e.img_size % 32 == 0), "eval.img_size must be a multiple of 32")
+    check(e.img_size is None or (e.img_size > 0 and e.img_size % patch_size == 0),
+          f"eval.img_size must be a multiple of model.patch_size={patch_size}")
     check(0 < e.crop_pct <= 1, "eval.crop_pct must be in (0, 1]")
     check(min(e.batch_size, e.every_epochs, e.k, e.linear_steps) > 0,
           "eval.batch_size, every_epochs, k and linear_steps must be > 0")
@@ -224,7 +229,13 @@ def check_finetune(cfg: Any, errors: list[str], check: Check) -> None:
           "data.labels_per_class must be > 0 (or null: every training image)")
     check(d.val_per_class is None or d.val_per_class > 0,
           "data.val_per_class must be > 0 (or null: every validation image)")
-    check(d.img_size > 0 and d.img_size % 32 == 0, f"data.img_size={d.img_size} must be a positive multiple of 32")
+    p = cfg.model.patch_size
+    check(p is None or (isinstance(p, int) and p > 0 and p % 8 == 0),
+          f"model.patch_size={p} must be null (from model.init_from) or a positive multiple of 8 (32, 16, 8)")
+    p = p if isinstance(p, int) and p > 0 else 8  # null: checked again once resolved
+    check(d.img_size > 0 and d.img_size % p == 0,
+          f"data.img_size={d.img_size} must be a positive multiple of {p} (model.patch_size"
+          + ("; null: read from model.init_from, checked again then)" if cfg.model.patch_size is None else ")"))
     check(d.batch_size > 0 and d.num_workers >= 0, "data.batch_size must be > 0 and data.num_workers >= 0")
     check(0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]")
     check(0.0 <= d.re_prob <= 1.0 and d.re_count >= 1 and d.re_mode in ("const", "rand", "pixel"),

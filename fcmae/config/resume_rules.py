@@ -53,7 +53,7 @@ PRETRAIN = {
 FINETUNE = {
     **_COMMON,
     "model.name": REFUSE, "model.num_classes": REFUSE, "model.drop_path_rate": REFUSE,
-    "model.head_init_scale": REFUSE, "model.in_chans": REFUSE, "model.init_from": REFUSE,
+    "model.head_init_scale": REFUSE, "model.in_chans": REFUSE, "model.init_from": REFUSE, "model.patch_size": REFUSE,
     "data.train_root": DATA, "data.val_root": APPLY, "data.labels_per_class": REFUSE, "data.labels_seed": REFUSE,
     "data.val_per_class": APPLY, "data.synthetic_val_images": APPLY, "data.auto_augment": APPLY,
     "data.color_jitter": APPLY, "data.interpolation": APPLY, "data.re_prob": APPLY, "data.re_mode": APPLY,

@@ -34,6 +34,7 @@ class ModelConfig:
     norm_pix_loss: bool = True
     drop_path_rate: float = 0.0
     in_chans: int = 3  # input bands: 3 for RGB, 1 for data.channels=grey, N for data.channels=all
+    patch_size: int = 32  # mask patch in pixels (a multiple of 8: 32, 16, 8); the stem's stride is patch_size / 8
 
 
 @dataclass
@@ -212,6 +213,8 @@ class ClassifierConfig:
     head_init_scale: float = 0.001
     in_chans: int = 3  # input bands (see data.channels); an RGB init_from is adapted to them
     init_from: Optional[str] = None  # fcmae-export file, pretraining checkpoint or run dir; null = random init
+    # the pretraining's mask patch (32, 16, 8: the stem's stride x 8); null = read from init_from's stem (32 without)
+    patch_size: Optional[int] = None
 
 
 @dataclass

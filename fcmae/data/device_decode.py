@@ -118,8 +118,9 @@ class EncodedPretrainSamples(PretrainSamples):
     decode: JPEGs stay bytes with their crop and flip drawn; anything else goes through the CPU path
     (:meth:`PretrainSamples.read`) here. Same seeds and masks as :class:`PretrainSamples`."""
 
-    def __init__(self, source, transform, img_size: int, mask_ratio: float, crop_scale, hflip: bool, seed: int = 0):
-        super().__init__(source, transform, img_size, mask_ratio, seed)
+    def __init__(self, source, transform, img_size: int, mask_ratio: float, crop_scale, hflip: bool, seed: int = 0,
+                 patch_size: int = 32):
+        super().__init__(source, transform, img_size, mask_ratio, seed, patch_size)
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
 
     def __getitem__(self, key: int):

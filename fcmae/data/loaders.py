@@ -141,7 +141,8 @@ def build_eval_loader(dataset: EvalImages, batch_size: int, num_workers: int, ra
 
 
 def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = False, device: torch.device | str = "cpu", in_chans: int = 3):
+                          pin_memory: bool = False, device: torch.device | str = "cpu", in_chans: int = 3,
+                          patch_size: int = 32):
     """``(loader, sampler, dataset)`` for pretraining; batches are
     :class:`~fcmae.data.samples.MaskedBatch` (:func:`collate_masked`). With
     ``data.decode`` resolving to ``gpu`` (:mod:`fcmae.data.device_decode`) the workers only read JPEG bytes
@@ -167,10 +168,10 @@ def build_pretrain_loader(data_cfg, mask_ratio: float, seed: int, rank: int = 0,
     transform = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
     if decode == "gpu":
         dataset = device_decode.EncodedPretrainSamples(source, transform, d.img_size, mask_ratio, d.crop_scale, d.hflip,
-                                                    seed)
+                                                    seed, patch_size)
         collate = device_decode.collate_encoded
     else:
-        dataset, collate = PretrainSamples(source, transform, d.img_size, mask_ratio, seed), collate_masked
+        dataset, collate = PretrainSamples(source, transform, d.img_size, mask_ratio, seed, patch_size), collate_masked
     loader, sampler = build_train_loader(dataset, d.batch_size, d.num_workers, seed, rank, world_size,
                                          pin_memory and d.pin_memory, d.persistent_workers, collate_fn=collate)
     if decode == "gpu":

@@ -56,6 +56,8 @@ class KeyedSamples(Dataset):
     so batches keep their size; ``bad`` counts the files skipped for a sample.
     """
 
+    patch_size = PATCH_SIZE  # the image sides must be multiples of it
+
     def __init__(self, source: Dataset, transform, seed: int = 0):
         self.source, self.transform, self.seed = source, transform, seed
         self._pixel_type: str | None = None
@@ -96,10 +98,10 @@ class KeyedSamples(Dataset):
             raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive images could not be read, e.g. {failures[:3]}")
         with seeded_rngs(s):
             x = self.transform(img)
-        if x.shape[-1] % PATCH_SIZE or x.shape[-2] % PATCH_SIZE:
+        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
             raise DataError(
                 f"{self._describe(i)} became {tuple(x.shape[-2:])} after transforms; height and width must be "
-                f"multiples of {PATCH_SIZE} (set data.img_size to a multiple of 32)"
+                f"multiples of {self.patch_size} (set data.img_size to a multiple of {self.patch_size})"
             )
         return x, label, bad, s
 
@@ -107,10 +109,11 @@ class KeyedSamples(Dataset):
 class PretrainSamples(KeyedSamples):
     """``key -> (image, mask, bad, key)``; the mask is also a function of the sample's seed."""
 
-    def __init__(self, source: Dataset, transform, img_size: int, mask_ratio: float, seed: int = 0):
+    def __init__(self, source: Dataset, transform, img_size: int, mask_ratio: float, seed: int = 0,
+                 patch_size: int = PATCH_SIZE):
         super().__init__(source, transform, seed)
-        self.img_size = img_size
-        self.num_patches = (img_size // PATCH_SIZE) ** 2
+        self.img_size, self.patch_size = img_size, patch_size
+        self.num_patches = (img_size // patch_size) ** 2
         self.keep = num_visible(self.num_patches, mask_ratio)
 
     def mask_for(self, sample_seed: int) -> torch.Tensor:

@@ -168,6 +168,13 @@ def in_chans_of(sd: Mapping[str, torch.Tensor]) -> int:
 STEM = "downsample_layers.0.0.weight"
 
 
+def stem_of(sd: Mapping[str, torch.Tensor]) -> int:
+    """The stem's stride of a canonical state dict (its kernel side: 4 for ConvNeXt V2; 2 or 1 for a model
+    pretrained on 16- or 8-pixel patches, whose mask patch is 8 times it)."""
+    stem = sd.get(STEM)
+    return int(stem.shape[-1]) if stem is not None and stem.dim() == 4 else 4
+
+
 def adapt_stem(canonical: Mapping[str, torch.Tensor], in_chans: int, source: str = "init") -> tuple[dict, str | None]:
     """RGB weights for a model of ``in_chans`` bands: the stem's filters over the 3 colours become
     filters over ``in_chans`` bands, scaled so a band image shaped like a grey one (every band alike)
@@ -190,10 +197,10 @@ def adapt_stem(canonical: Mapping[str, torch.Tensor], in_chans: int, source: str
     return {**canonical, STEM: adapted.contiguous()}, how
 
 
-def expected_shapes(depths, dims, in_chans: int = 3) -> dict[str, torch.Size]:
+def expected_shapes(depths, dims, in_chans: int = 3, stem_stride: int = 4) -> dict[str, torch.Size]:
     """Key -> shape of the canonical encoder (built on the meta device: no memory)."""
     with torch.device("meta"):
-        downs, stages = make_trunk(in_chans, depths, dims, 0.0)
+        downs, stages = make_trunk(in_chans, depths, dims, 0.0, stem_stride)
     sd = {f"downsample_layers.{k}": v for k, v in downs.state_dict().items()}
     sd.update({f"stages.{k}": v for k, v in stages.state_dict().items()})
     return {k: v.shape for k, v in sd.items()}
@@ -214,7 +221,7 @@ def to_canonical(obj: Mapping, source: str = "checkpoint") -> tuple[dict[str, to
     sd = _normalize_official(sd)
     sd = {k: v for k, v in sd.items() if not k.startswith(_DROPPED_PREFIXES)}
     depths, dims = infer_shape(sd)
-    want = expected_shapes(depths, dims, in_chans_of(sd))
+    want = expected_shapes(depths, dims, in_chans_of(sd), stem_of(sd))
     for k, shape in want.items():
         if k not in sd:
             raise CheckpointError(f"{source}: missing key {k!r} (expected shape {tuple(shape)})")

@@ -71,12 +71,14 @@ def write_timm_folder(sd: Mapping[str, torch.Tensor], out: Path, architecture: s
     the input (weights from elsewhere) ImageNet's mean and std are written, as timm's own weights carry."""
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(sd, out / "model.safetensors", metadata=metadata)
+    stem = int(sd["stem.0.weight"].shape[-1]) if "stem.0.weight" in sd else 4
     size = (described or {}).get("img_size") or 224
     config = {
         "architecture": architecture,
         "num_classes": 0,
         "num_features": int(sd["head.norm.weight"].shape[0]),
-        "model_args": {"in_chans": in_chans},
+        # a stem of another stride than 4 (16- or 8-pixel patches) is timm's patch_size
+        "model_args": {"in_chans": in_chans, **({"patch_size": stem} if stem != 4 else {})},
         "pretrained_cfg": {
             "input_size": [in_chans, size, size], "interpolation": "bicubic", "crop_pct": 1.0,
             "mean": (described or {}).get("mean") or IMAGENET_MEAN[:in_chans],

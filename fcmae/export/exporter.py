@@ -18,24 +18,31 @@ import torch
 from ..storage.checkpoint_record import read_for_inspection
 from ..storage.files import DiskWriteError
 from ..models.convnextv2 import ConvNeXtV2
+from ..models.timm_convnextv2 import TIMM_STEM_2, timm_convnextv2
 from ..models.variants import find_variant
 from ..storage.run_lock import RunDirectoryUnwritable, check_writable
 from ..storage.weights_file import CheckpointError, load_state_dict_file, save_state_dict
-from .convert import (decoder_state, FORMATS, canonical_to_format, in_chans_of, infer_shape, to_canonical, unwrap_state_dict,
-                      variant_of)
+from .convert import (STEM, decoder_state, FORMATS, canonical_to_format, in_chans_of, infer_shape, stem_of, to_canonical,
+                      unwrap_state_dict, variant_of)
 from .described import input_description, rescale_factor, write_timm_folder
 from .hf import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ---------------------------------------------------------------- verification
 
-def build_dense_model(format: str, depths, dims, in_chans: int = 3):
-    """The dense model an export of ``format`` is meant to load into (no classifier)."""
+def build_dense_model(format: str, depths, dims, in_chans: int = 3, stem_stride: int = 4):
+    """The dense model an export of ``format`` is meant to load into (no classifier); a stem of another
+    stride than 4 (16- or 8-pixel patches) is timm's ``patch_size`` (:func:`timm_convnextv2`)."""
     if format == "timm":
-        import timm
         variant = find_variant(depths, dims)
-        return timm.create_model(f"convnextv2_{variant.name}", pretrained=False, num_classes=0, in_chans=in_chans)
-    return ConvNeXtV2(depths, dims, in_chans=in_chans, num_classes=0)
+        return timm_convnextv2(f"convnextv2_{variant.name}", stem_stride, num_classes=0, in_chans=in_chans)
+    return ConvNeXtV2(depths, dims, in_chans=in_chans, num_classes=0, stem_stride=stem_stride)
+
+
+def _timm_stem(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's stem conv under the canonical key (what :func:`stem_of` reads)."""
+    stem = sd.get("stem.0.weight", sd.get("module.stem.0.weight"))
+    return {STEM: stem} if stem is not None else {}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,9 +56,10 @@ def _check_images(in_chans: int = 3, img_size: int = 64, batch: int = 2) -> torc
 def _sparse_unmasked(state_dict: Mapping[str, torch.Tensor], depths, dims, imgs: torch.Tensor) -> torch.Tensor:
     """The sparse encoder (``strict`` load of ``state_dict``) on ``imgs`` with nothing masked."""
     from ..models.sparse_encoder import SparseConvNeXtV2Encoder  # loads the sparse ops only when verifying
-    model = SparseConvNeXtV2Encoder(depths, dims, imgs.shape[1], backend="sparse").eval()
+    patch = 8 * stem_of(state_dict)
+    model = SparseConvNeXtV2Encoder(depths, dims, imgs.shape[1], backend="sparse", patch_size=patch).eval()
     model.load_state_dict(state_dict, strict=True)
-    return model(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-1] // 32) ** 2))
+    return model(imgs, torch.zeros(imgs.shape[0], (imgs.shape[-2] // patch) * (imgs.shape[-1] // patch)))
 
 
 @torch.no_grad()
@@ -73,7 +81,7 @@ def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tens
         except RuntimeError:
             return None  # stored in another shape (e.g. a GRN of another rank): only the converter reads it
     if layout == "timm":
-        model = build_dense_model("timm", depths, dims, imgs.shape[1]).eval()
+        model = build_dense_model("timm", depths, dims, imgs.shape[1], stem_of(_timm_stem(sd))).eval()
         body = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("head.")}
         missing, unexpected = model.load_state_dict(body, strict=False)
         if missing or unexpected:
@@ -104,7 +112,7 @@ def verify_export(path: str | os.PathLike, format: str, canonical: Mapping[str, 
     returned description says so. Returns ``(relative error, what was compared)``; raises
     :class:`CheckpointError` if the error is not below ``tol``."""
     depths, dims = infer_shape(canonical)
-    dense = build_dense_model(format, depths, dims, in_chans_of(canonical)).eval()
+    dense = build_dense_model(format, depths, dims, in_chans_of(canonical), stem_of(canonical)).eval()
     written = load_state_dict_file(path)
     if format == "timm":
         dense.load_state_dict(written, strict=True)
@@ -188,6 +196,13 @@ def export(checkpoint: str | Path, format: str = "timm", out: str | Path | None 
     log(f"read {src} ({described}, {name})")
     log(f"wrote {out} ({format} format, {params / 1e6:.2f}M encoder parameters, "
         f"{out.stat().st_size / 2**20:.1f} MiB)")
+    stem = stem_of(canonical)
+    if stem != 4:
+        how = ((TIMM_STEM_2.format(name=name) if stem == 2 else f"timm.create_model('{name}', patch_size={stem})")
+               if format == "timm" else
+               f"the official ConvNeXtV2 with downsample_layers[0][0] = nn.Conv2d({in_chans_of(canonical)}, "
+               f"{int(canonical[STEM].shape[0])}, kernel_size={stem}, stride={stem}) before load_state_dict")
+        log(f"the stem has stride {stem} ({8 * stem}-pixel patches), not ConvNeXt V2's 4: load it into {how}")
     if verify:
         err, what = verify_export(out, format, canonical, obj, layout)
         log(f"verified: {what} (relative error {err:.1e})")
@@ -198,7 +213,7 @@ def full_model_config(record) -> dict:
     """What builds the FCMAE model a pretraining checkpoint holds, and how its input is made: the
     model keys of its config, the patch size, and the data's normalisation and bands."""
     keys = ("name", "depths", "dims", "in_chans", "decoder_depth", "decoder_embed_dim", "mask_ratio", "norm_pix_loss")
-    return {**{k: record.setting(f"model.{k}") for k in keys}, "patch_size": 32,
+    return {**{k: record.setting(f"model.{k}") for k in keys}, "patch_size": record.setting("model.patch_size", 32),
             **{k: record.setting(f"data.{k}") for k in ("img_size", "mean", "std", "channels", "bands")}}
 
 
@@ -231,6 +246,11 @@ def _export_timm_folder(src: Path, canonical, layout: str, name: str, variant, o
     if variant is None:
         raise CheckpointError(f"{src} is a {name}: timm has no architecture of that shape; use --format timm "
                               "and build the model yourself")
+    if stem_of(canonical) == 2:
+        raise CheckpointError(f"{src} was pretrained on 16-pixel patches (a stem of stride 2): timm builds such a "
+                              "stem with a stride-2 downsample after it, which this model does not have, so a timm "
+                              "folder would not load. Use --format timm and build the model as "
+                              + TIMM_STEM_2.format(name=name) + ", or --format hf")
     in_chans = in_chans_of(canonical)
     write_timm_folder(canonical_to_format(canonical, "timm"), out, name, described, in_chans,
                       {**metadata, "format": "timm"})

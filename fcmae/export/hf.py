@@ -21,7 +21,7 @@ import torch
 
 from ..storage.files import disk_refusals
 from ..storage.weights_file import CheckpointError, save_state_dict
-from .convert import in_chans_of
+from .convert import in_chans_of, stem_of
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 _BLOCK_KEYS = {"dwconv": "dwconv", "norm": "layernorm", "pwconv1": "pwconv1", "pwconv2": "pwconv2",
@@ -54,9 +54,12 @@ def canonical_to_hf(canonical: Mapping[str, torch.Tensor], dims) -> dict[str, to
     return out
 
 
-def hf_config(depths, dims, image_size: int, num_channels: int = 3) -> dict:
+def hf_config(depths, dims, image_size: int, num_channels: int = 3, stem_stride: int = 4) -> dict:
+    """transformers' ``ConvNextV2Config``; its ``patch_size`` is the stem's stride (4; 2 or 1 for a model
+    pretrained on 16- or 8-pixel mask patches)."""
     return {
-        "model_type": "convnextv2", "architectures": ["ConvNextV2Model"], "num_channels": num_channels, "patch_size": 4,
+        "model_type": "convnextv2", "architectures": ["ConvNextV2Model"], "num_channels": num_channels,
+        "patch_size": stem_stride,
         "num_stages": 4, "depths": list(depths), "hidden_sizes": list(dims), "hidden_act": "gelu",
         "initializer_range": 0.02, "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": image_size,
     }
@@ -99,7 +102,7 @@ def write_hf(canonical: Mapping[str, torch.Tensor], depths, dims, out: Path, ima
         try:
             tmp.mkdir(parents=True)
             save_state_dict(canonical_to_hf(canonical, dims), tmp / "model.safetensors", metadata=metadata)
-            config = hf_config(depths, dims, image_size, in_chans_of(canonical))
+            config = hf_config(depths, dims, image_size, in_chans_of(canonical), stem_of(canonical))
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std, rescale),
                                                                      indent=2) + "\n")

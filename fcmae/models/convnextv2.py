@@ -106,9 +106,10 @@ class Block(nn.Module):
         return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
 
 
-def make_stem(in_chans: int, dim: int) -> nn.Sequential:
-    """4x4 stride-4 patchify conv + channels-first LayerNorm: ``(N,3,H,W) -> (N,C,H/4,W/4)``."""
-    return nn.Sequential(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), LayerNorm2d(dim))
+def make_stem(in_chans: int, dim: int, stride: int = 4) -> nn.Sequential:
+    """``s x s`` stride-``s`` patchify conv + channels-first LayerNorm: ``(N,3,H,W) -> (N,C,H/s,W/s)``
+    (``s = 4`` in ConvNeXt V2; 2 or 1 for 16- or 8-pixel mask patches)."""
+    return nn.Sequential(nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride), LayerNorm2d(dim))
 
 
 def make_downsample(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -116,12 +117,13 @@ def make_downsample(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(LayerNorm2d(dim_in), nn.Conv2d(dim_in, dim_out, kernel_size=2, stride=2))
 
 
-def make_trunk(in_chans: int, depths: Sequence[int], dims: Sequence[int], drop_path_rate: float):
-    """``(downsample_layers, stages)`` ModuleLists with the official structure.
+def make_trunk(in_chans: int, depths: Sequence[int], dims: Sequence[int], drop_path_rate: float,
+               stem_stride: int = 4):
+    """``(downsample_layers, stages)`` ModuleLists with the official structure (a stem of ``stem_stride``).
 
     Drop-path rates rise linearly over all blocks from 0 to ``drop_path_rate``.
     """
-    downsample_layers = nn.ModuleList([make_stem(in_chans, dims[0])])
+    downsample_layers = nn.ModuleList([make_stem(in_chans, dims[0], stem_stride)])
     downsample_layers.extend(make_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
     total = sum(depths)
     rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -158,10 +160,11 @@ class ConvNeXtV2(nn.Module):
         in_chans: int = 3,
         num_classes: int = 1000,
         drop_path_rate: float = 0.0,
+        stem_stride: int = 4,
     ):
         super().__init__()
         self.depths, self.dims = tuple(depths), tuple(dims)
-        self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
+        self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate, stem_stride)
         self.norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)

@@ -18,7 +18,7 @@ class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder (ConvNeXt V2, arXiv 2301.00808).
 
     ``forward(imgs (N,3,H,W), mask=None, mask_ratio=None) -> (loss, pred, mask)`` with
-    ``pred`` ``(N, 32*32*3, H/32, W/32)`` and ``mask`` ``(N, L)``, 1 = masked.
+    ``pred`` ``(N, p*p*3, H/p, W/p)`` and ``mask`` ``(N, L)``, 1 = masked, ``p = patch_size`` (32).
     State-dict keys: ``encoder.*`` (official dense layout), ``proj.*``, ``mask_token``,
     ``decoder.{j}.*``, ``pred.*``.
     """
@@ -36,13 +36,15 @@ class FCMAE(nn.Module):
         backend: str = "sparse",
         grn_stats: str = "sample",
         dwconv: str = "auto",
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
-        self.patch_size = PATCH_SIZE
+        self.patch_size = patch_size
         self.in_chans = in_chans
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = SparseConvNeXtV2Encoder(depths, dims, in_chans, drop_path_rate, backend, grn_stats, dwconv)
+        self.encoder = SparseConvNeXtV2Encoder(depths, dims, in_chans, drop_path_rate, backend, grn_stats, dwconv,
+                                               patch_size)
         self.proj = nn.Conv2d(dims[-1], decoder_embed_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_embed_dim, 1, 1))
         self.decoder = make_decoder_blocks(decoder_embed_dim, decoder_depth)
@@ -58,11 +60,11 @@ class FCMAE(nn.Module):
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor,
                         visible_per_sample: int | None = None) -> torch.Tensor:
-        """Dense-shaped encoder features ``(N, C_last, H/32, W/32)``, zeros at masked sites."""
+        """Dense-shaped encoder features ``(N, C_last, H/p, W/p)``, zeros at masked sites."""
         return self.encoder(imgs, mask, visible_per_sample)
 
     def forward_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(N, C_last, h, w) -> (N, 32*32*3, h, w)``."""
+        """``(N, C_last, h, w) -> (N, p*p*3, h, w)``."""
         x = fill_mask_tokens(self.proj(x), mask, self.mask_token)
         return self.pred(self.decoder(x))
 
@@ -93,7 +95,8 @@ def create_fcmae(name: str = "convnextv2_atto", **overrides) -> FCMAE:
     """Build an FCMAE for a named size, e.g. ``create_fcmae("convnextv2_atto", backend="dense")``.
 
     ``overrides`` are FCMAE arguments: ``backend``, ``grn_stats``, ``dwconv``, ``mask_ratio``,
-    ``decoder_depth``, ``decoder_embed_dim``, ``norm_pix_loss``, ``drop_path_rate``, ``in_chans``.
+    ``decoder_depth``, ``decoder_embed_dim``, ``norm_pix_loss``, ``drop_path_rate``, ``in_chans``,
+    ``patch_size``.
     """
     v = get_variant(name)
     for key in ("depths", "dims"):

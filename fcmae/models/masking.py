@@ -1,14 +1,27 @@
-"""Patch masks on the 32x32-patch grid: drawing, checking and upsampling.
+"""Patch masks on the patch grid: drawing, checking and upsampling.
 
 Convention (the official one): ``mask`` is ``(N, L)`` with 1 = masked (removed)
-and 0 = visible, ``L = (H/32) * (W/32)`` in raster order.
+and 0 = visible, ``L = (H/p) * (W/p)`` in raster order, ``p`` the patch size (32 by default: the
+encoder's total stride; 16 or 8 with a stem of stride 2 or 1, :func:`stem_stride`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-PATCH_SIZE = 32
+PATCH_SIZE = 32  # the default: ConvNeXt V2's stem of stride 4 times its three 2x downsamples
+ENCODER_STRIDE_AFTER_STEM = 8  # the three downsamples
+
+
+def stem_stride(patch_size: int) -> int:
+    """The stem's stride (and kernel) for a mask patch of ``patch_size`` pixels: the encoder's total stride
+    is the patch, so a patch is one site of the last stage and ``8 x 8`` sites of the first at every patch
+    size (the sparse layout and the tile kernels do not change; only the stem's cells do). timm and
+    transformers call this stride the model's ``patch_size`` (4 by default)."""
+    if not isinstance(patch_size, int) or patch_size <= 0 or patch_size % ENCODER_STRIDE_AFTER_STEM:
+        raise ValueError(f"model.patch_size={patch_size} is not supported: it must be a positive multiple of "
+                         f"{ENCODER_STRIDE_AFTER_STEM} (the encoder downsamples 8x after its stem), e.g. 32, 16 or 8")
+    return patch_size // ENCODER_STRIDE_AFTER_STEM
 
 
 def check_image_size(height: int, width: int, patch_size: int = PATCH_SIZE) -> tuple[int, int]:

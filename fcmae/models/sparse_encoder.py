@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .convnextv2 import init_weights, make_trunk
 from ..sparse import BACKENDS, DWCONV, GRN_STATS
-from .masking import PATCH_SIZE, check_image_size, check_mask
+from .masking import PATCH_SIZE, check_image_size, check_mask, stem_stride
 
 
 def _backend_forward(name: str):
@@ -37,12 +37,16 @@ class SparseConvNeXtV2Encoder(nn.Module):
             active sites of the batch, as the official ``MinkowskiGRN``).
         dwconv: the ``sparse`` backend's depthwise conv: ``tiles`` (Triton, active sites only),
             ``canvas`` (zero canvas + dense conv) or ``auto`` (tiles on CUDA when Triton is there).
+        patch_size: the mask patch in pixels (32; 16 or 8 for small tiles): the stem's stride is
+            ``patch_size / 8``, so a patch is ``8 x 8`` sites of the first stage whatever its size.
     """
 
     def __init__(self, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3,
                  drop_path_rate: float = 0.0, backend: str = "sparse", grn_stats: str = "sample",
-                 dwconv: str = "auto"):
+                 dwconv: str = "auto", patch_size: int = PATCH_SIZE):
         super().__init__()
+        self.patch_size = patch_size
+        stem = stem_stride(patch_size)
         if grn_stats not in GRN_STATS:
             raise ValueError(f"grn_stats={grn_stats!r} is not supported; use {' or '.join(map(repr, GRN_STATS))}")
         if dwconv not in DWCONV:
@@ -51,7 +55,7 @@ class SparseConvNeXtV2Encoder(nn.Module):
         self.grn_stats, self.dwconv = grn_stats, dwconv
         self.activation_checkpointing = "off"  # off | stage | block: the sparse backend recomputes in the backward
         self.depths, self.dims = tuple(depths), tuple(dims)
-        self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
+        self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate, stem)
         self.apply(init_weights)
 
     def set_backend(self, backend: str) -> None:
@@ -68,7 +72,7 @@ class SparseConvNeXtV2Encoder(nn.Module):
         pipeline counts it from the masks (``data.collate_masked``). ``mask_checked``: the
         caller (FCMAE) has validated the mask already.
         """
-        grid = check_image_size(imgs.shape[-2], imgs.shape[-1], PATCH_SIZE)
+        grid = check_image_size(imgs.shape[-2], imgs.shape[-1], self.patch_size)
         if visible_per_sample is None and not mask_checked:
             mask = check_mask(mask, imgs.shape[0], grid)
         return self._forward_impl(self, imgs, mask, grid, visible_per_sample)

@@ -153,17 +153,17 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
 
 # ---------------------------------------------------------------- auto: the faster path, stage by stage
 
-def stage_rows(batch: int, img_size: int, mask_ratio: float, stages: int = 4) -> list[int]:
+def stage_rows(batch: int, img_size: int, mask_ratio: float, stages: int = 4, patch_size: int = 32) -> list[int]:
     """Active rows at each stage for a batch (visible patches x the sites a patch has there)."""
-    visible = num_visible((img_size // 32) ** 2, mask_ratio)
+    visible = num_visible((img_size // patch_size) ** 2, mask_ratio)
     return [batch * visible * 4 ** (stages - 1 - k) for k in range(stages)]
 
 
 def cuda_timer(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], batch: int, img_size: int,
-               mask_ratio: float, warmup: int = 2, repeats: int = 5) -> Callable[[str, int], float]:
+               mask_ratio: float, warmup: int = 2, repeats: int = 5, patch_size: int = 32) -> Callable[[str, int], float]:
     """``measure(path, stage) -> ms``: forward and backward of one block's depthwise conv at the batch's real
     shapes, the median of ``repeats`` after ``warmup``, timed with CUDA events."""
-    grid = (img_size // 32, img_size // 32)
+    grid = (img_size // patch_size, img_size // patch_size)
     g = torch.Generator().manual_seed(0)
     keep = num_visible(grid[0] * grid[1], mask_ratio)
     mask = torch.ones(batch, grid[0] * grid[1], dtype=torch.long)
