@@ -21,7 +21,7 @@ from .storage.checkpoint_record import BEST_SCORES, CLASS_NAMES, EMA_WEIGHTS, re
 from .config.resume_rules import FINETUNE as RESUME_RULES
 from .config import CONFIG_PATH, ROOTED_LABELLED, ConfigError, register_configs
 from .export.convert import canonical_to_format, infer_shape, stem_of, variant_of
-from .models.masking import stem_stride
+from .models.masking import image_shape, stem_stride
 from .models.timm_convnextv2 import timm_convnextv2
 from .storage.weights_file import CheckpointError
 from .data import (EvalImages, LabelledSamples, build_eval_loader, build_train_loader, channels_of, check_bands,
@@ -312,7 +312,7 @@ class FinetuneApp:
             raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
                               "point data.val_root at the same class folders as data.train_root")
         patch = resolve_patch_size(cfg, info)
-        if d.img_size % patch:
+        if any(side % patch for side in image_shape(d.img_size)):
             raise ConfigError(f"data.img_size={d.img_size} is not a multiple of the model's {patch}-pixel patches "
                               f"(model.patch_size, or model.init_from's); use e.g. data.img_size={7 * patch}")
         cfg = OmegaConf.merge(cfg, {"model": {"num_classes": num_classes, "patch_size": patch}})

@@ -27,6 +27,7 @@ from .distributed import DistInfo, broadcast_object
 from .engine import LoopState, Task, TaskContext
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
+from .models.masking import image_shape
 from .optim import adamw, param_groups
 from .run import RunData, hydra_entry, run_app
 from .export.convert import DECODER_PREFIXES
@@ -109,7 +110,7 @@ def choose_dwconv(model: FCMAE, cfg, info: DistInfo, precision: str, run_dir: Pa
         d = cfg.data
         device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else str(info.device)
         key = {"device": device_name, "dtype": precision, "dims": list(dims), "batch": d.batch_size,
-               "img_size": d.img_size, "mask_ratio": cfg.model.mask_ratio}
+               "img_size": list(image_shape(d.img_size)), "mask_ratio": cfg.model.mask_ratio}
         measure = measure or cuda_timer(info.device, dtype, dims, d.batch_size, d.img_size, cfg.model.mask_ratio,
                                         patch_size=cfg.model.patch_size)
         kernel, how = auto_by_speed(run_dir, key, measure, len(dims), info.is_main)

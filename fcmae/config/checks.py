@@ -11,6 +11,7 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
+from ..models.masking import image_shape
 from ..models.variants import VARIANTS
 from ..optim import LAYER_DECAY_TYPES
 from ..sparse import BACKENDS, DWCONV, GRN_STATS
@@ -101,12 +102,15 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
     check(isinstance(p, int) and p > 0 and p % 8 == 0,
           f"model.patch_size={p} must be a positive multiple of 8 (32, 16 or 8: the stem's stride is patch_size / 8)")
     p = p if isinstance(p, int) and p > 0 else 32
-    check(d.img_size > 0 and d.img_size % p == 0,
-          f"data.img_size={d.img_size} must be a positive multiple of model.patch_size={p} (e.g. {7 * p})")
-    if d.img_size > 0 and d.img_size % p == 0:
-        patches = (d.img_size // p) ** 2
-        check(int(patches * (1 - m.mask_ratio)) >= 1,
-              f"model.mask_ratio={m.mask_ratio} leaves no visible patch at data.img_size={d.img_size}")
+    hw = _image_shape(d.img_size, check)
+    if hw is not None:
+        check(min(hw) > 0 and hw[0] % p == 0 and hw[1] % p == 0,
+              f"data.img_size={_said(d.img_size)} must be positive multiples of model.patch_size={p} (e.g. {7 * p} "
+              f"or [{7 * p}, {5 * p}])")
+        if min(hw) > 0 and hw[0] % p == 0 and hw[1] % p == 0:
+            patches = (hw[0] // p) * (hw[1] // p)
+            check(int(patches * (1 - m.mask_ratio)) >= 1,
+                  f"model.mask_ratio={m.mask_ratio} leaves no visible patch at data.img_size={_said(d.img_size)}")
     check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be > 0")
     check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     check(d.source in PRETRAIN_SOURCES, f"data.source={d.source!r}; use one of {', '.join(PRETRAIN_SOURCES)}")
@@ -132,6 +136,19 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
               "rather than overriding depths/dims, or name a custom shape model.name=custom_...")
 
 
+def _image_shape(img_size, check) -> tuple[int, int] | None:
+    """``data.img_size`` as ``(H, W)``, or None after saying what is wrong with it."""
+    try:
+        return image_shape(OmegaConf.to_container(img_size) if OmegaConf.is_config(img_size) else img_size)
+    except ValueError as exc:
+        check(False, str(exc))
+        return None
+
+
+def _said(img_size) -> str:
+    return str(list(img_size)) if OmegaConf.is_config(img_size) or isinstance(img_size, (list, tuple)) else str(img_size)
+
+
 def _check_eval(e, check, patch_size: int = 32) -> None:
     check(e.name in ("none", "knn", "linear", "knn+linear"), f"eval.name={e.name!r}; use eval=none, knn, linear or knn+linear")
     if e.name == "none":
@@ -141,7 +158,8 @@ def _check_eval(e, check, patch_size: int = 32) -> None:
           f"eval.source={e.source} needs eval.train_root=... and eval.val_root=... (folders, or list files)")
     check(all(n is None or n > 0 for n in (e.labels_per_class, e.val_per_class)),
           "eval.labels_per_class and eval.val_per_class must be > 0 (or null: all images)")
-    check(e.img_size is None or (e.img_size > 0 and e.img_size % patch_size == 0),
+    hw = None if e.img_size is None else _image_shape(e.img_size, check)
+    check(hw is None or (min(hw) > 0 and hw[0] % patch_size == 0 and hw[1] % patch_size == 0),
           f"eval.img_size must be a multiple of model.patch_size={patch_size}")
     check(0 < e.crop_pct <= 1, "eval.crop_pct must be in (0, 1]")
     check(min(e.batch_size, e.every_epochs, e.k, e.linear_steps) > 0,
@@ -233,8 +251,9 @@ def check_finetune(cfg: Any, errors: list[str], check: Check) -> None:
     check(p is None or (isinstance(p, int) and p > 0 and p % 8 == 0),
           f"model.patch_size={p} must be null (from model.init_from) or a positive multiple of 8 (32, 16, 8)")
     p = p if isinstance(p, int) and p > 0 else 8  # null: checked again once resolved
-    check(d.img_size > 0 and d.img_size % p == 0,
-          f"data.img_size={d.img_size} must be a positive multiple of {p} (model.patch_size"
+    hw = _image_shape(d.img_size, check)
+    check(hw is None or (min(hw) > 0 and hw[0] % p == 0 and hw[1] % p == 0),
+          f"data.img_size={_said(d.img_size)} must be positive multiples of {p} (model.patch_size"
           + ("; null: read from model.init_from, checked again then)" if cfg.model.patch_size is None else ")"))
     check(d.batch_size > 0 and d.num_workers >= 0, "data.batch_size must be > 0 and data.num_workers >= 0")
     check(0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]")

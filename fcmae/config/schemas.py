@@ -48,7 +48,7 @@ class EncoderConfig:
 class ImageDataConfig:
     """The image fields both apps read (``data.*``): size, batching, how a file becomes the input, and
     the normalisation; each app's data config extends it."""
-    img_size: int = 224
+    img_size: Any = 224  # one size (square) or [height, width], each a multiple of model.patch_size
     batch_size: int = 16  # per GPU / per process
     num_workers: int = 2
     pin_memory: bool = True

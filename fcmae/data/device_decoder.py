@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import host_to_device
+from ..models.masking import image_shape
 from .samples import PretrainSamples
 
 log = logging.getLogger("fcmae")
@@ -68,7 +69,9 @@ class DeviceDecoder:
 
     def __init__(self, dataset: PretrainSamples, img_size: int, mean, std, device: torch.device,
                  decoder: str = "auto", resize: str = "auto"):
-        self.dataset, self.size, self.device = dataset, img_size, device
+        self.dataset, self.device = dataset, device
+        self.hw = image_shape(img_size)  # (H, W) of the output
+        self.size = max(self.hw)  # the shrink limit's reference
         # batched (two dense matmuls per group of images): a fixed number of launches per batch, what a
         # GPU needs; per-image (F.interpolate on each crop, which computes only the taps in reach): what a
         # CPU does faster (the dense matmul costs ~15 GFLOP per batch of 32 ImageNet-sized images there)
@@ -121,8 +124,8 @@ class DeviceDecoder:
                 nested = torch.nested.as_nested_tensor(imgs[a:b], dtype=torch.float32)
             padded = nested.to_padded_tensor(0.0)
             g = geometry[a:b]
-            wy = resize_weights(g[:, 0], g[:, 2], padded.shape[-2], self.size)
-            wx = resize_weights(g[:, 1], g[:, 3], padded.shape[-1], self.size)
+            wy = resize_weights(g[:, 0], g[:, 2], padded.shape[-2], self.hw[0])
+            wx = resize_weights(g[:, 1], g[:, 3], padded.shape[-1], self.hw[1])
             wx = torch.where(g[:, 4].bool()[:, None, None], wx.flip(1), wx)  # a flip reverses the output columns
             out = wy.unsqueeze(1) @ padded @ wx.transpose(1, 2).unsqueeze(1)
             outs.append(out.round_().clamp_(0, 255))
@@ -131,12 +134,12 @@ class DeviceDecoder:
 
     def _crop_resize(self, img: torch.Tensor, top: int, left: int, h: int, w: int, flip: int) -> torch.Tensor:
         crop = img[:, top:top + h, left:left + w].unsqueeze(0).float()
-        out = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        out = F.interpolate(crop, size=self.hw, mode="bicubic", antialias=True, align_corners=False)
         out = out.round_().clamp_(0, 255)[0]
         return out.flip(-1) if flip else out
 
     def __call__(self, enc: EncodedImages, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
-        out = torch.empty(len(enc), 3, self.size, self.size, device=self.device)
+        out = torch.empty(len(enc), 3, *self.hw, device=self.device)
         if len(enc.pixel_index):
             out[host_to_device(enc.pixel_index, self.device)] = host_to_device(enc.pixels, self.device)
         geometry = enc.geometry.tolist()  # host tensors: no device sync

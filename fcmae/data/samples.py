@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from ..models.masking import PATCH_SIZE, num_visible, random_mask
+from ..models.masking import PATCH_SIZE, image_shape, num_visible, random_mask
 from .image_io import DataError
 from .sources import describe_sample
 
@@ -113,7 +113,8 @@ class PretrainSamples(KeyedSamples):
                  patch_size: int = PATCH_SIZE):
         super().__init__(source, transform, seed)
         self.img_size, self.patch_size = img_size, patch_size
-        self.num_patches = (img_size // patch_size) ** 2
+        h, w = image_shape(img_size)
+        self.num_patches = (h // patch_size) * (w // patch_size)
         self.keep = num_visible(self.num_patches, mask_ratio)
 
     def mask_for(self, sample_seed: int) -> torch.Tensor:
@@ -184,5 +185,5 @@ class EvalImages(Dataset):
         except Exception as exc:
             log.warning("skipping unreadable image %s (%s: %s)", describe_sample(self.source, index),
                         type(exc).__name__, exc)
-            return torch.zeros(self.in_chans, self.img_size, self.img_size), -1, False
+            return torch.zeros(self.in_chans, *image_shape(self.img_size)), -1, False
 

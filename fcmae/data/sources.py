@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..models.masking import image_shape
 from .fashion_mnist import FashionMNIST, FashionMNISTError
 from .image_io import RGB, BandCountError, Channels, DataError, class_index
 from .shards import ShardImages
@@ -169,9 +170,10 @@ def read_labelled_list(list_file: str | Path, classes: Sequence[str] | None = No
     return labelled_files(entries, classes, list_file, channels)
 
 
-def synthetic_size(img_size: int) -> int:
-    """Synthetic images are drawn a little larger than the crop, as 256 -> 224."""
-    return int(round(img_size * 8 / 7))
+def synthetic_size(img_size) -> int:
+    """Synthetic images are drawn a little larger than the crop, as 256 -> 224 (the longer side of
+    ``[H, W]``)."""
+    return int(round(max(image_shape(img_size)) * 8 / 7))
 
 
 def build_source(data_cfg, seed: int = 0, channels: Channels = RGB) -> Dataset:

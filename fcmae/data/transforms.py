@@ -8,6 +8,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
 
+from ..models.masking import image_shape
+
 log = logging.getLogger("fcmae.data")
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range
@@ -34,12 +36,12 @@ class RandomCropFlip:
     tensor (greyscale, 16-bit, multi-band data), geometry from :func:`crop_geometry`: the same crop and
     flip for a sample whatever its bands, and the same pixels as torchvision's two transforms in a row."""
 
-    def __init__(self, img_size: int, scale, hflip: bool):
-        self.img_size, self.scale, self.hflip = img_size, tuple(scale), hflip
+    def __init__(self, img_size, scale, hflip: bool):
+        self.img_size, self.scale, self.hflip = list(image_shape(img_size)), tuple(scale), hflip  # [H, W]
 
     def __call__(self, img):
         top, left, h, w, flip = crop_geometry(*image_size(img), self.scale, self.hflip)
-        img = transforms.functional.resized_crop(img, top, left, h, w, [self.img_size, self.img_size],
+        img = transforms.functional.resized_crop(img, top, left, h, w, self.img_size,
                                                  transforms.InterpolationMode.BICUBIC, antialias=True)
         return transforms.functional.hflip(img) if flip else img
 
@@ -73,7 +75,8 @@ def finetune_transform(data_cfg):
     # without an init
     mean = tuple(d.mean) if d.mean is not None else IMAGENET_DEFAULT_MEAN
     std = tuple(d.std) if d.std is not None else IMAGENET_DEFAULT_STD
-    transform = create_transform(d.img_size, is_training=True, scale=tuple(d.crop_scale),
+    h, w = image_shape(d.img_size)
+    transform = create_transform(h if h == w else (h, w), is_training=True, scale=tuple(d.crop_scale),
                                  hflip=0.5 if d.hflip else 0.0, color_jitter=d.color_jitter,
                                  auto_augment=d.auto_augment, interpolation=d.interpolation, re_prob=d.re_prob,
                                  re_mode=d.re_mode, re_count=d.re_count, mean=mean, std=std)
@@ -106,15 +109,20 @@ def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def eval_transform(img_size: int, crop_pct: float = 0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def eval_transform(img_size, crop_pct: float = 0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
     """The official evaluation transform: below 384 px, resize the short side to
     ``int(img_size / crop_pct)`` and centre crop; at 384 px and above, resize to
-    ``img_size x img_size`` (no crop). Bicubic, then normalise."""
+    ``img_size x img_size`` (no crop). Bicubic, then normalise. ``[H, W]`` (not square): resize to
+    ``(H, W) / crop_pct`` and centre crop ``(H, W)``, as timm does for a rectangle."""
     bicubic = transforms.InterpolationMode.BICUBIC
-    if img_size >= 384:
-        resize = [transforms.Resize((img_size, img_size), interpolation=bicubic)]
+    h, w = image_shape(img_size)
+    if min(h, w) >= 384:
+        resize = [transforms.Resize((h, w), interpolation=bicubic)]
+    elif h == w:
+        resize = [transforms.Resize(int(h / crop_pct), interpolation=bicubic), transforms.CenterCrop(h)]
     else:
-        resize = [transforms.Resize(int(img_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(img_size)]
+        resize = [transforms.Resize((int(h / crop_pct), int(w / crop_pct)), interpolation=bicubic),
+                  transforms.CenterCrop((h, w))]
     return transforms.Compose([*resize, AsTensor(), transforms.Normalize(list(mean), list(std))])
 
 

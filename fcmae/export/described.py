@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..models.masking import image_shape
 from ..storage.files import write_atomic
 from ..storage.weights_file import save_state_dict
 from .hf import IMAGENET_MEAN, IMAGENET_STD
@@ -72,7 +73,7 @@ def write_timm_folder(sd: Mapping[str, torch.Tensor], out: Path, architecture: s
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(sd, out / "model.safetensors", metadata=metadata)
     stem = int(sd["stem.0.weight"].shape[-1]) if "stem.0.weight" in sd else 4
-    size = (described or {}).get("img_size") or 224
+    h, w = image_shape((described or {}).get("img_size") or 224)
     config = {
         "architecture": architecture,
         "num_classes": 0,
@@ -80,7 +81,7 @@ def write_timm_folder(sd: Mapping[str, torch.Tensor], out: Path, architecture: s
         # a stem of another stride than 4 (16- or 8-pixel patches) is timm's patch_size
         "model_args": {"in_chans": in_chans, **({"patch_size": stem} if stem != 4 else {})},
         "pretrained_cfg": {
-            "input_size": [in_chans, size, size], "interpolation": "bicubic", "crop_pct": 1.0,
+            "input_size": [in_chans, h, w], "interpolation": "bicubic", "crop_pct": 1.0,
             "mean": (described or {}).get("mean") or IMAGENET_MEAN[:in_chans],
             "std": (described or {}).get("std") or IMAGENET_STD[:in_chans],
             "num_classes": 0, "first_conv": "stem.0", "classifier": "head.fc",

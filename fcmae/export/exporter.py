@@ -18,6 +18,7 @@ import torch
 from ..storage.checkpoint_record import read_for_inspection
 from ..storage.files import DiskWriteError
 from ..models.convnextv2 import ConvNeXtV2
+from ..models.masking import image_shape
 from ..models.timm_convnextv2 import TIMM_STEM_2, timm_convnextv2
 from ..models.variants import find_variant
 from ..storage.run_lock import RunDirectoryUnwritable, check_writable
@@ -303,7 +304,12 @@ def _export_hf(src: Path, obj: Mapping, record, canonical, layout: str, name: st
         log("warning: the source does not record its files' pixel type: the processor does not rescale; feed it "
             "pixels as the run read them (integers divided by their type's largest value)")
     described = input_description(record)
-    write_hf(canonical, depths, dims, out, int(data("img_size", 224)), data("mean", IMAGENET_MEAN),
+    h, w = image_shape(data("img_size", 224))
+    if h != w:
+        log(f"note: the run trained on {h}x{w} images; transformers' ConvNextImageProcessor takes one size, so the "
+            f"folder's processor resizes the short side to {min(h, w)} and crops square (the model itself takes "
+            "any size that is a multiple of the patch)")
+    write_hf(canonical, depths, dims, out, min(h, w), data("mean", IMAGENET_MEAN),
              data("std", IMAGENET_STD), check=check if verify else None, rescale=rescale,
              metadata={"format": "hf", "model": name, "source_layout": layout,
                        **({"input": json.dumps(described)} if described else {})})

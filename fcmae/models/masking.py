@@ -24,6 +24,22 @@ def stem_stride(patch_size: int) -> int:
     return patch_size // ENCODER_STRIDE_AFTER_STEM
 
 
+def image_shape(img_size) -> tuple[int, int]:
+    """``data.img_size`` as ``(H, W)``: one size (square) or ``[H, W]``; a ValueError naming both forms
+    for anything else."""
+    if isinstance(img_size, bool):
+        raise ValueError(f"data.img_size={img_size!r}: give one size (224) or [height, width] ([224, 160])")
+    if isinstance(img_size, int):
+        return img_size, img_size
+    try:
+        values = list(img_size)
+    except TypeError:
+        values = None
+    if not values or len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"data.img_size={img_size!r}: give one size (224) or [height, width] ([224, 160])")
+    return int(values[0]), int(values[1])
+
+
 def check_image_size(height: int, width: int, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
     """Patch-grid size ``(h, w)``; a ValueError when H or W is not a multiple of the patch."""
     if height <= 0 or width <= 0 or height % patch_size or width % patch_size:

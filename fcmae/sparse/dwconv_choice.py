@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..models.masking import num_visible
+from ..models.masking import image_shape, num_visible
 from .compact import _triton_installed, depthwise_rows
 from .layout import SparseLayout
 
@@ -153,9 +153,11 @@ def tiles_self_test_error(device: torch.device, dtype: torch.dtype = torch.float
 
 # ---------------------------------------------------------------- auto: the faster path, stage by stage
 
-def stage_rows(batch: int, img_size: int, mask_ratio: float, stages: int = 4, patch_size: int = 32) -> list[int]:
-    """Active rows at each stage for a batch (visible patches x the sites a patch has there)."""
-    visible = num_visible((img_size // patch_size) ** 2, mask_ratio)
+def stage_rows(batch: int, img_size, mask_ratio: float, stages: int = 4, patch_size: int = 32) -> list[int]:
+    """Active rows at each stage for a batch (visible patches x the sites a patch has there); ``img_size``:
+    one side or ``[H, W]``."""
+    h, w = image_shape(img_size)
+    visible = num_visible((h // patch_size) * (w // patch_size), mask_ratio)
     return [batch * visible * 4 ** (stages - 1 - k) for k in range(stages)]
 
 
@@ -163,7 +165,8 @@ def cuda_timer(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], 
                mask_ratio: float, warmup: int = 2, repeats: int = 5, patch_size: int = 32) -> Callable[[str, int], float]:
     """``measure(path, stage) -> ms``: forward and backward of one block's depthwise conv at the batch's real
     shapes, the median of ``repeats`` after ``warmup``, timed with CUDA events."""
-    grid = (img_size // patch_size, img_size // patch_size)
+    h, w = image_shape(img_size)
+    grid = (h // patch_size, w // patch_size)
     g = torch.Generator().manual_seed(0)
     keep = num_visible(grid[0] * grid[1], mask_ratio)
     mask = torch.ones(batch, grid[0] * grid[1], dtype=torch.long)

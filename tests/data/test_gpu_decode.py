@@ -314,7 +314,7 @@ def test_the_batched_resize_matches_torch_per_image_resize():
     imgs = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for (h, w), _ in shapes_and_crops]
     geometry = torch.tensor([g for _, g in shapes_and_crops])
     dec = DeviceDecoder.__new__(DeviceDecoder)
-    dec.size, dec.device, dec.batched = SIZE, torch.device("cpu"), True
+    dec.size, dec.hw, dec.device, dec.batched = SIZE, (SIZE, SIZE), torch.device("cpu"), True
     dec.mean, dec.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     out = dec.augment(imgs, geometry)
     for img, (top, left, h, w, flip), got in zip(imgs, geometry.tolist(), out):
@@ -402,3 +402,21 @@ def test_a_decode_thread_that_cannot_set_up_its_device_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="no CUDA stream on cuda"):
         next(iter(DeviceBatches([None], Decoder())))
     assert calls == [torch.device("cuda", 1)]
+
+
+def test_the_batched_resize_makes_a_rectangle_of_data_img_size():
+    """``data.img_size=[H, W]``: the batched resize's rows go to H, its columns to W (#50)."""
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(1)
+    imgs = [torch.randint(0, 256, (3, 120, 90), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    geometry = torch.tensor([(4, 6, 100, 80, 0), (0, 0, 120, 90, 1)])
+    dec = DeviceDecoder.__new__(DeviceDecoder)
+    dec.size, dec.hw, dec.device, dec.batched = 48, (48, 32), torch.device("cpu"), True
+    dec.mean, dec.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    out = dec.augment(imgs, geometry)
+    assert out.shape == (2, 3, 48, 32)
+    for img, (top, left, h, w, flip), got in zip(imgs, geometry.tolist(), out):
+        ref = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(48, 32), mode="bicubic",
+                            antialias=True, align_corners=False)[0].round().clamp(0, 255)
+        ref = ref.flip(-1) if flip else ref
+        assert (got - ref).abs().max() <= 1 and (got != ref).float().mean() < 0.01
