@@ -49,6 +49,7 @@ def test_a_224x160_run_trains_and_resumes_exactly(tmp_path):
     assert list(ck["config"]["data"]["img_size"]) == [224, 160]
 
 
+@pytest.mark.slow  # pretraining, three exports and a fine-tuning run: ~20 s (full set)
 def test_a_rectangular_run_exports_and_fine_tunes(tmp_path):
     run_dir = tmp_path / "pre"
     run(make_cfg("data.img_size=[96,64]", "trainer.max_steps=2", "trainer.vis_every=2"), run_dir)

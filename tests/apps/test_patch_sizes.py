@@ -60,6 +60,7 @@ def test_pretraining_at_a_small_patch_trains_and_exports_to_timm(tmp_path, patch
     assert rel_err(theirs, _encoder_outputs(ck, patch, imgs)) < 1e-5
 
 
+@pytest.mark.slow  # pretraining, three exports and a fine-tuning run: ~20 s (full set)
 def test_a_16_pixel_export_loads_in_transformers_and_fine_tunes_with_the_patch_read_from_it(tmp_path):
     transformers = pytest.importorskip("transformers")
     run_dir = _pretrain(tmp_path, 16, 112)
