@@ -142,14 +142,13 @@ def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype:
         # x and grad; the partial sums written (read again by the glue's sum over chunks)
         finish(wgrad, (2 * row_bytes + plan.chunks * (TAPS + 1) * channels * 4) / HBM_BYTES_S)
         glue = [{"name": name, "bytes": nbytes, "time_s": max(LAUNCH_S, nbytes / HBM_BYTES_S)}
-                for name, nbytes in k.glue_launches(rows, channels, plan.chunks, TAPS, elem)]
+                for name, nbytes in k.glue_launches(channels, plan.chunks, TAPS)]
         glue_s = sum(g["time_s"] for g in glue)
         tile_time = 2 * fwd["time_s"] + wgrad["time_s"] + glue_s
-        tile_floor = 2 * max(fwd["issue_s"], fwd["memory_s"]) + max(wgrad["issue_s"], wgrad["memory_s"])
         canvas_floor = (8 * canvas_bytes + 8 * row_bytes) / HBM_BYTES_S
         rows_out.append({"stage": stage, "channels": channels, "depth": depth, "tile": tile, "tiles": tiles,
                          "activity": activity, "forward": fwd, "wgrad": wgrad, "glue": glue, "glue_s": glue_s,
-                         "tile_time_s": tile_time, "tile_floor_s": tile_floor, "canvas_floor_s": canvas_floor})
+                         "tile_time_s": tile_time, "canvas_floor_s": canvas_floor})
     return rows_out
 
 

@@ -50,15 +50,15 @@ def build_classifier(name: str, num_classes: int, drop_path_rate: float, head_in
                            head_init_scale=head_init_scale, in_chans=in_chans)
 
 
-def resolve_patch_size(cfg, info: DistInfo | None = None) -> int:
+def resolve_patch_size(cfg, init=None) -> int:
     """``model.patch_size``, or where null the one ``model.init_from`` was pretrained with (8 x its stem's
-    stride), or 32; a given one that disagrees with ``init_from``'s stem is refused, naming both."""
+    stride; ``init``: its weights as read), or 32; a given one that disagrees with them is refused, naming
+    both."""
     given = cfg.model.patch_size
     if given is not None:
         stem_stride(given)  # a clear error for a patch that is no multiple of 8
-    if not cfg.model.init_from:
+    if init is None:
         return given or 32
-    init = read_init_weights(cfg.model.init_from, "model.init_from", cfg.model.in_chans, info)
     found = 8 * stem_of(init.canonical)
     if given is not None and given != found:
         raise ConfigError(f"model.patch_size={given} but model.init_from={init.source} was pretrained with "
@@ -84,11 +84,13 @@ def set_activation_checkpointing(model: nn.Module, how: str) -> None:
             stage.forward = forward.__get__(stage)
 
 
-def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInfo | None = None) -> str:
+def load_pretrained(model: nn.Module, name: str, path: str | Path, info: DistInfo | None = None,
+                    init=None) -> str:
     """Encoder weights from an export file, a pretraining checkpoint or a run directory
     (any layout the converter reads; rank 0 picks the file, every rank reads that one); the
-    classifier head stays freshly initialised."""
-    init = read_init_weights(path, "model.init_from", model.stem[0].in_channels, info)
+    classifier head stays freshly initialised. ``init``: the weights already read from ``path``."""
+    if init is None:
+        init = read_init_weights(path, "model.init_from", model.stem[0].in_channels, info)
     src, canonical, layout = init.source, init.canonical, init.layout
     found = variant_of(canonical)
     found_name = f"convnextv2_{found.name}" if found else f"depths/dims {infer_shape(canonical)}"
@@ -239,8 +241,7 @@ def evaluate_only(cfg, info: DistInfo) -> dict:
         raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, {src} classifies {num_classes}")
     out = {}
     for prefix, sd in weights.items():
-        stem = stem_of({"downsample_layers.0.0.weight": sd["stem.0.weight"]}) if "stem.0.weight" in sd else 4
-        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0, cfg.model.in_chans, 8 * stem)
+        model = build_classifier(cfg.model.name, num_classes, 0.0, 1.0, cfg.model.in_chans, 8 * stem_of(sd))
         try:
             model.load_state_dict(sd)
         except RuntimeError as exc:
@@ -311,7 +312,10 @@ class FinetuneApp:
         if num_classes_of(val_src) > num_classes:
             raise ConfigError(f"the validation set has {num_classes_of(val_src)} classes, the model {num_classes}; "
                               "point data.val_root at the same class folders as data.train_root")
-        patch = resolve_patch_size(cfg, info)
+        # read once: the patch comes from its stem, and load_initial_weights loads these same weights
+        self.init = read_init_weights(cfg.model.init_from, "model.init_from", cfg.model.in_chans, info) \
+            if cfg.model.init_from else None
+        patch = resolve_patch_size(cfg, self.init)
         if any(side % patch for side in image_shape(d.img_size)):
             raise ConfigError(f"data.img_size={d.img_size} is not a multiple of the model's {patch}-pixel patches "
                               f"(model.patch_size, or model.init_from's); use e.g. data.img_size={7 * patch}")
@@ -332,11 +336,12 @@ class FinetuneApp:
 
     def load_initial_weights(self, model: nn.Module, cfg, info: DistInfo) -> None:
         if cfg.model.init_from:
-            load_pretrained(model, cfg.model.name, cfg.model.init_from, info)
+            load_pretrained(model, cfg.model.name, cfg.model.init_from, info, getattr(self, "init", None))
         else:
             log.info("no model.init_from: training %s from random initialisation", cfg.model.name)
 
     def build_task(self, cfg, model: nn.Module, data: RunData) -> "ClassifyTask":
+        self.init = None  # a resume does not load them: not kept for the run's length
         # As the official code: the EMA starts from the initial weights, on the model's device, before DDP.
         ema = None
         if cfg.ema.enabled:

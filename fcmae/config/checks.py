@@ -104,10 +104,9 @@ def check_pretrain(cfg: Any, errors: list[str], check: Check) -> None:
     p = p if isinstance(p, int) and p > 0 else 32
     hw = _image_shape(d.img_size, check)
     if hw is not None:
-        check(min(hw) > 0 and hw[0] % p == 0 and hw[1] % p == 0,
-              f"data.img_size={_said(d.img_size)} must be positive multiples of model.patch_size={p} (e.g. {7 * p} "
-              f"or [{7 * p}, {5 * p}])")
-        if min(hw) > 0 and hw[0] % p == 0 and hw[1] % p == 0:
+        check(_fits(hw, p), f"data.img_size={_said(d.img_size)} must be positive multiples of model.patch_size={p} "
+                            f"(e.g. {7 * p} or [{7 * p}, {5 * p}])")
+        if _fits(hw, p):
             patches = (hw[0] // p) * (hw[1] // p)
             check(int(patches * (1 - m.mask_ratio)) >= 1,
                   f"model.mask_ratio={m.mask_ratio} leaves no visible patch at data.img_size={_said(d.img_size)}")
@@ -145,6 +144,11 @@ def _image_shape(img_size, check) -> tuple[int, int] | None:
         return None
 
 
+def _fits(hw: tuple[int, int], patch: int) -> bool:
+    """Both sides positive multiples of the patch."""
+    return min(hw) > 0 and hw[0] % patch == 0 and hw[1] % patch == 0
+
+
 def _said(img_size) -> str:
     return str(list(img_size)) if OmegaConf.is_config(img_size) or isinstance(img_size, (list, tuple)) else str(img_size)
 
@@ -159,7 +163,7 @@ def _check_eval(e, check, patch_size: int = 32) -> None:
     check(all(n is None or n > 0 for n in (e.labels_per_class, e.val_per_class)),
           "eval.labels_per_class and eval.val_per_class must be > 0 (or null: all images)")
     hw = None if e.img_size is None else _image_shape(e.img_size, check)
-    check(hw is None or (min(hw) > 0 and hw[0] % patch_size == 0 and hw[1] % patch_size == 0),
+    check(hw is None or _fits(hw, patch_size),
           f"eval.img_size must be a multiple of model.patch_size={patch_size}")
     check(0 < e.crop_pct <= 1, "eval.crop_pct must be in (0, 1]")
     check(min(e.batch_size, e.every_epochs, e.k, e.linear_steps) > 0,
@@ -252,7 +256,7 @@ def check_finetune(cfg: Any, errors: list[str], check: Check) -> None:
           f"model.patch_size={p} must be null (from model.init_from) or a positive multiple of 8 (32, 16, 8)")
     p = p if isinstance(p, int) and p > 0 else 8  # null: checked again once resolved
     hw = _image_shape(d.img_size, check)
-    check(hw is None or (min(hw) > 0 and hw[0] % p == 0 and hw[1] % p == 0),
+    check(hw is None or _fits(hw, p),
           f"data.img_size={_said(d.img_size)} must be positive multiples of {p} (model.patch_size"
           + ("; null: read from model.init_from, checked again then)" if cfg.model.patch_size is None else ")"))
     check(d.batch_size > 0 and d.num_workers >= 0, "data.batch_size must be > 0 and data.num_workers >= 0")

@@ -169,9 +169,9 @@ STEM = "downsample_layers.0.0.weight"
 
 
 def stem_of(sd: Mapping[str, torch.Tensor]) -> int:
-    """The stem's stride of a canonical state dict (its kernel side: 4 for ConvNeXt V2; 2 or 1 for a model
-    pretrained on 16- or 8-pixel patches, whose mask patch is 8 times it)."""
-    stem = sd.get(STEM)
+    """The stem's stride of a canonical or timm state dict (its kernel side: 4 for ConvNeXt V2; 2 or 1 for
+    a model pretrained on 16- or 8-pixel patches, whose mask patch is 8 times it)."""
+    stem = sd.get(STEM, sd.get("stem.0.weight"))
     return int(stem.shape[-1]) if stem is not None and stem.dim() == 4 else 4
 
 

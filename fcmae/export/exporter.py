@@ -40,12 +40,6 @@ def build_dense_model(format: str, depths, dims, in_chans: int = 3, stem_stride:
     return ConvNeXtV2(depths, dims, in_chans=in_chans, num_classes=0, stem_stride=stem_stride)
 
 
-def _timm_stem(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm's stem conv under the canonical key (what :func:`stem_of` reads)."""
-    stem = sd.get("stem.0.weight", sd.get("module.stem.0.weight"))
-    return {STEM: stem} if stem is not None else {}
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
@@ -82,8 +76,8 @@ def native_features(source: Mapping, layout: str, depths, dims, imgs: torch.Tens
         except RuntimeError:
             return None  # stored in another shape (e.g. a GRN of another rank): only the converter reads it
     if layout == "timm":
-        model = build_dense_model("timm", depths, dims, imgs.shape[1], stem_of(_timm_stem(sd))).eval()
         body = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("head.")}
+        model = build_dense_model("timm", depths, dims, imgs.shape[1], stem_of(body)).eval()
         missing, unexpected = model.load_state_dict(body, strict=False)
         if missing or unexpected:
             return None

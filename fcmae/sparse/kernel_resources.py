@@ -191,6 +191,18 @@ class Skip:
     end: int = 0
 
 
+# a 32-bit unpredicated load at a 64-bit base register plus an offset: how the kernels read a halo index
+_INDEX_LOAD = re.compile(r"LDG\.E\s+R(\d+),\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]")
+
+
+def _index_test(text: str) -> tuple[str, int] | None:
+    """``(predicate, register)`` where ``text`` sets a predicate to ``register >= 0`` (``ISETP.GE ... RZ``
+    or ``ISETP.GT ... -0x1``: the two ways ptxas writes a halo index's test)."""
+    m = re.match(r"ISETP\.GE\.AND\s+(P\d),\s*PT,\s*R(\d+),\s*RZ", text) or \
+        re.match(r"ISETP\.GT\.AND\s+(P\d),\s*PT,\s*R(\d+),\s*-0x1\b", text)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def halo_skips(cubin: bytes, loop: Loop) -> list[Skip]:
     """The branches over masked halo sites in ``loop`` (row_kernels.py emits one per halo column), traced
     from the branch's predicate to the index load that set it."""
@@ -198,14 +210,14 @@ def halo_skips(cubin: bytes, loop: Loop) -> list[Skip]:
     body = [(a, t) for a, t in lines if loop.start <= a <= loop.end]
     loaded, tested, index_offsets, found = {}, {}, {}, []
     for addr, text in body:
-        m = re.match(r"LDG\.E\s+(R\d+),\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]", text)
+        m = _INDEX_LOAD.match(text)
         if m:  # a 32-bit unpredicated load: a halo index
             offset = int(m.group(3), 16) if m.group(3) else 0
-            loaded[m.group(1)] = (m.group(2), offset)
+            loaded[int(m.group(1))] = (m.group(2), offset)
             index_offsets.setdefault(m.group(2), set()).add(offset)
-        m = re.match(r"ISETP\.GE\.AND\s+(P\d),\s*PT,\s*(R\d+),\s*RZ", text)
-        if m:
-            tested[m.group(1)] = loaded.get(m.group(2))
+        test = _index_test(text)
+        if test:
+            tested[test[0]] = loaded.get(test[1])
         m = re.match(r"@!(P\d)\s+BRA\s+`?\(?(\.L\w+)", text)
         if m and labels.get(m.group(2), 0) > addr:
             source = tested.get(m.group(1))
@@ -242,30 +254,19 @@ class LoadTraffic:
       branch-per-site pattern) waits a full latency each time;
     - ``round_trips``: the trip's stalls in units of the latency (how many full memory round trips the
       warp waits through one after the other);
-    - ``bytes``: bytes the trip's loads request from L2 (a 32-bit load of a halo index is the same
-      address in every lane: one 32-byte sector; a vector load is 32 lanes x its width);
     - ``in_flight``: the most bytes the warp has outstanding at once (Little's law: what an SM keeps in
       flight is this times its resident warps)."""
     cycles: float
     round_trips: float
-    bytes: float
     in_flight: float
     loads: int
-
-
-def _index_test(text: str) -> tuple[str, int] | None:
-    """``(predicate, register)`` where ``text`` sets a predicate to ``register >= 0`` (``ISETP.GE ... RZ``
-    or ``ISETP.GT ... -0x1``: the two ways ptxas writes a halo index's test)."""
-    m = re.match(r"ISETP\.GE\.AND\s+(P\d),\s*PT,\s*R(\d+),\s*RZ", text) or \
-        re.match(r"ISETP\.GT\.AND\s+(P\d),\s*PT,\s*R(\d+),\s*-0x1\b", text)
-    return (m.group(1), int(m.group(2))) if m else None
 
 
 def load_traffic(cubin: bytes, loop: Loop, activity: list[float], latency: float = 500.0) -> LoadTraffic:
     """Walk ``loop``'s body in program order (SASS issues in order) and time one warp's trip through it,
     each instruction weighted by the share of trips that run it (1 outside the halo-site branches; a
     branch's or a guarding predicate's column activity inside): its issue cycle and its stall count with
-    that weight, a load's bytes too. Expected values, not a cycle-exact simulation: enough to tell a trip
+    that weight. Expected values, not a cycle-exact simulation: enough to tell a trip
     that waits once from one that waits once per site."""
     lines, _ = disassemble(cubin)
     skips = [s for s in halo_skips(cubin, loop) if s.column is not None]
@@ -277,9 +278,9 @@ def walk_loads(body: list[tuple[int, str]], skips: list[Skip], activity: list[fl
     """:func:`load_traffic` on a loop body given as ``(address, SASS instruction)`` in order."""
     offsets: dict[str, set] = {}
     for _, text in body:
-        m = re.match(r"LDG\.E\s+R\d+,\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]", text)
+        m = _INDEX_LOAD.match(text)
         if m:
-            offsets.setdefault(m.group(1), set()).add(int(m.group(2), 16) if m.group(2) else 0)
+            offsets.setdefault(m.group(2), set()).add(int(m.group(3), 16) if m.group(3) else 0)
     column_of: dict[int, int] = {}  # register -> the halo column of the index it holds (as last loaded)
     index_load: set[int] = set()  # registers that are ever tested as halo indices
     for _, text in body:
@@ -300,17 +301,17 @@ def walk_loads(body: list[tuple[int, str]], skips: list[Skip], activity: list[fl
     pending: list[tuple[set[int], float, float, float]] = []  # (registers, bytes, lands at, share issued)
     # twice through: the first trip leaves in flight what the loop issues ahead for the next (a pipelined
     # load at the end of the body waited for at its start); only the second trip counts
-    clock = stalled = traffic = in_flight = 0.0
+    clock = stalled = in_flight = 0.0
     loads = 0
     for addr, text in body + [(None, None)] + body:
         if addr is None:
-            start, stalled, traffic, in_flight, loads = clock, 0.0, 0.0, 0.0, 0
+            start, stalled, in_flight, loads = clock, 0.0, 0.0, 0
             continue
         m = re.match(r"(@!?P\d\s+)?(\S+)\s*(.*)", text)
         guard, op, rest = (m.group(1) or "").strip() or None, m.group(2), m.group(3)
         operands = [o.strip() for o in rest.split(",")] if rest else []
         w = weight_at(addr, guard)
-        m = re.match(r"LDG\.E\s+R(\d+),\s*desc\[\w+\]\[(R\d+)\.64(?:\+(-?0x[0-9a-f]+))?\]", text)
+        m = _INDEX_LOAD.match(text)
         if m:  # a 32-bit load: a halo index where its base register reads indices
             column_of[int(m.group(1))] = ((int(m.group(3), 16) if m.group(3) else 0) - min(offsets[m.group(2)])) // 4 \
                 % len(activity)  # a halo row holds len(activity) indices
@@ -339,7 +340,6 @@ def walk_loads(body: list[tuple[int, str]], skips: list[Skip], activity: list[fl
             first = min(dest) if dest else -1
             nbytes = (32 if first in index_load else 32 * width) * w
             pending.append(({first + i for i in range(max(1, width // 4))}, nbytes, clock + latency, w))
-            traffic += nbytes
             loads += 1
             in_flight = max(in_flight, sum(b for _, b, lands, _ in pending if lands > clock))
-    return LoadTraffic(clock - start, stalled / latency, traffic, in_flight, loads)
+    return LoadTraffic(clock - start, stalled / latency, in_flight, loads)

@@ -84,6 +84,7 @@ def _load(src: _Source, depth: int, target: str, address: str, other: str, activ
     condition uniform over the program: a predicated load, no branch) where given."""
     if active:
         src(depth, "if EVEN_C:")
+        # (q >= 0: always true, it gives the scalar condition the block's shape)
         src(depth + 1, f"{target} = tl.load({address}, mask=({active}) & (q >= 0), other={other})")
         src(depth, "else:")
         src(depth + 1, f"{target} = tl.load({address}, mask=({active}) & ok, other={other})")
@@ -116,13 +117,6 @@ def _widen(src: _Source, depth: int, v: Variant, raw: str, name: str) -> list[st
         return [f"{name}lo", f"{name}hi"]
     src(depth, f"{name} = {raw}.to(tl.float32)")
     return [name]
-
-
-def _load_values(src: _Source, depth: int, v: Variant, address: str, name: str,
-                 active: str | None = None) -> list[str]:
-    """Emit the load of one site's channel block at ``address`` (predicated on ``active`` where given) and
-    its widening to fp32; returns the names of the fp32 tensors (the low and high halves, or one)."""
-    return _widen(src, depth, v, _load_raw(src, depth, v, address, name, active), name)
 
 
 def _preamble(src: _Source, v: Variant, axis: int) -> list[str]:

@@ -71,13 +71,7 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return y
-    _launch_forward(x, weight, bias, halo, tile, y, flip)
-    return y
-
-
-def _launch_forward(x, weight, bias, halo, tile: int, y, flip: bool) -> None:
-    """The forward kernel on ``x`` into ``y``; ``flip``: the taps reversed (the input grad). The weights
-    and bias are read as they are (fp32, channels in their order: no reordered copy a launch)."""
+    # the weights and bias are read as they are (fp32, channels in their order: no reordered copy a launch)
     channels, k, pairs = x.shape[1], _taps(weight.shape[0]), _pairs(x)
     weight = weight.float().contiguous()  # no copy for the fp32 (taps, C) weights the encoder hands over
     bias32 = bias.float().contiguous() if bias is not None else weight
@@ -86,6 +80,7 @@ def _launch_forward(x, weight, bias, halo, tile: int, y, flip: bool) -> None:
     kernel(Variant("forward", tile, k, pairs, _wide(x)))[grid](
         x, weight, bias32, halo, y, C=channels, C2=words(channels, pairs), BLOCK_C=block_c,
         HAS_BIAS=bias is not None, EVEN_C=channels % block_c == 0, FLIP=flip, num_warps=warps)
+    return y
 
 
 def _check_shapes(x, weight, halo, tile: int) -> None:
@@ -218,14 +213,14 @@ def _dwconv_tiles_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> in
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
-def glue_launches(rows: int, channels: int, chunks: int, taps: int = 49, elem: int = 2) -> list[tuple[str, int]]:
+def glue_launches(channels: int, chunks: int, taps: int = 49) -> list[tuple[str, int]]:
     """The small launches one block's tile-path conv runs around its three kernels in a compiled step, and
     the bytes each moves: ``[(what, bytes)]`` (benchmarks/kernel_cost.py prices each at least a launch).
     The kernels read the weights and bias as the parameters hold them and write both grads in one pass,
     so what is left is the rounding of the weights (laid out ``(taps, C)``) and of the bias, the sum of the
     weight grad's partials over chunks, and the weight grad laid back out as the parameter's. (Before
-    #49 there were 12, one of them a full read of the block's grads for the bias grad.)"""
-    del rows, elem  # nothing around the kernels touches the rows any more
+    #49 there were 12, one of them a full read of the block's grads for the bias grad: nothing around
+    the kernels touches the rows any more.)"""
     w = taps * channels * 4
     return [("weights rounded, laid out (taps, C)", 2 * w), ("bias rounded", 2 * channels * 4),
             ("weight and bias grads summed over chunks", chunks * (w + channels * 4) + w + channels * 4),
