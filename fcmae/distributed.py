@@ -32,6 +32,14 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
+def requeue_port(port: int, restarts: int) -> int:
+    """The rendezvous port of a job's ``restarts``-th requeued attempt. submitit derives the port
+    from the job id alone, so a requeued job would bind the port its previous attempt's processes
+    may still hold while they tear down (an immediate 'address already in use'); every task of an
+    attempt sees the same restart count and moves alike. Stays in submitit's range [20000, 60000]."""
+    return 20000 + (port - 20000 + 7919 * restarts) % 40001
+
+
 def _export_submitit_env() -> None:
     """Under a submitit Slurm job, set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for env:// from
     the job's tasks. A job with several tasks that cannot set them up fails here, loudly:
@@ -44,7 +52,10 @@ def _export_submitit_env() -> None:
     except Exception:
         return
     try:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = submitit.helpers.TorchDistributedEnvironment()
+        if "MASTER_PORT" not in os.environ:
+            env.master_port = requeue_port(env.master_port, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+        env.export(set_cuda_visible_devices=False)
     except Exception as exc:
         ntasks = os.environ.get("SLURM_NTASKS", "?")
         raise RuntimeError(

@@ -42,6 +42,8 @@ def test_submitit_setup_failure_is_loud_not_a_silent_single_process_run(monkeypa
     from fcmae import distributed
 
     class Broken:
+        master_port = 45000
+
         def export(self, **kwargs):
             raise KeyError("SLURM_STEP_NODELIST")
 
@@ -53,6 +55,37 @@ def test_submitit_setup_failure_is_loud_not_a_silent_single_process_run(monkeypa
     monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", Broken)
     with pytest.raises(RuntimeError, match=r"Slurm job 77 \(2 tasks\).*SLURM_STEP_NODELIST.*independent"):
         distributed.init_distributed("cpu")
+
+
+def test_a_requeued_attempt_rendezvous_on_another_port_every_task_alike(monkeypatch):
+    import submitit
+
+    from fcmae import distributed
+
+    class Env:  # submitit's port for job 77, whatever the attempt
+        def __init__(self):
+            self.master_port = 45000
+
+        def export(self, **kwargs):
+            os.environ["MASTER_PORT"] = str(self.master_port)
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: None)
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", Env)
+    ports = []
+    for restarts in ("", "0", "1", "2"):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        distributed._export_submitit_env()
+        ports.append(int(os.environ["MASTER_PORT"]))
+    assert ports[0] == ports[1] == 45000  # the first attempt keeps submitit's port
+    assert len(set(ports[1:])) == 3 and all(20000 <= p <= 60000 for p in ports)
+    monkeypatch.setenv("MASTER_PORT", "31337")  # a port the user set is theirs, requeued or not
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", lambda: type("E", (Env,), {"export": lambda self, **k: None})())
+    distributed._export_submitit_env()
+    assert os.environ["MASTER_PORT"] == "31337"
 
 
 def test_a_task_outside_the_group_is_refused(monkeypatch):
@@ -127,10 +160,15 @@ def _submit(env, sweep_dir: Path, *overrides) -> subprocess.Popen:
 def _job_logs(sweep_dir: Path, env=None) -> str:
     parts = []
     for path in sorted(sweep_dir.glob(".submitit/*/*_log.*")) + sorted(sweep_dir.parent.glob("*.client.log")):
-        parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
-    if env is not None:  # the scheduler's view of every job, for a job that never started
+        # a requeued job appends to its first attempt's log: the tail shows the last attempt
+        parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]))
+    if env is not None:  # the scheduler's view of every job, for a job that never started or exited at once
         show = subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True, timeout=60)
         parts.append("--- scontrol show job\n" + show.stdout + show.stderr)
+        for daemon in ("slurmd", "slurmctld"):
+            path = Path(env["SLURM_CONF"]).parent / "log" / f"{daemon}.log"
+            if path.is_file():
+                parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-25:]))
     return "\n".join(parts)
 
 
@@ -173,7 +211,7 @@ def _wait_for(predicate, what: str, sweep_dir: Path, proc: subprocess.Popen, tim
         if value:
             return value
         if proc.poll() is not None:
-            pytest.fail(f"the submission ended (rc {proc.returncode}) before {what}\n{_job_logs(sweep_dir)}")
+            pytest.fail(f"the submission ended (rc {proc.returncode}) before {what}\n{_job_logs(sweep_dir, env)}")
         time.sleep(0.2)
     proc.kill()
     pytest.fail(f"timed out waiting for {what}\n{_job_logs(sweep_dir, env)}")
@@ -187,12 +225,12 @@ def _job_field(env, job_id: str, key: str) -> str:
 def _interrupt_and_requeue(env, sweep_dir: Path, proc: subprocess.Popen, interrupt) -> str:
     """Wait for step 4 of the job's one run, ``interrupt(job_id)``, then release the requeued job."""
     _wait_for(lambda: (d := _run_dirs(sweep_dir)) and (d[0] / "metrics.jsonl").is_file()
-              and len(_steps(d[0])) >= 4, "step 4", sweep_dir, proc)
+              and len(_steps(d[0])) >= 4, "step 4", sweep_dir, proc, env=env)
     (job_id,) = _job_ids(sweep_dir)
     interrupt(job_id)
     # Slurm holds a requeued batch job for about two minutes (reason BeginTime); start it now.
     _wait_for(lambda: _job_field(env, job_id, "Restarts") == "1" and _job_field(env, job_id, "JobState") == "PENDING",
-              "the job to be requeued", sweep_dir, proc, timeout=120)
+              "the job to be requeued", sweep_dir, proc, timeout=120, env=env)
     _slurm(env, "scontrol", "update", f"jobid={job_id}", "starttime=now")
     return job_id
 
