@@ -25,7 +25,7 @@ STAGES="$WORK/stages.jsonl"
 BUDGET_S=540
 
 # name:limit of every stage, in the order they run; the sum is checked before anything runs
-LIMITS=(env:15 correctness:90 selftest:30 step_eager:60 step_compiled:200 loader:45 e2e:75 host_syncs:25)
+LIMITS=(env:15 correctness:90 selftest:30 step_eager:60 step_compiled:175 loader:45 e2e:75 host_syncs:25 memory:25)
 ROOFLINE_LIMIT=120  # in the background beside the others (CPU only): not part of the sequential budget
 total=0
 for entry in "${LIMITS[@]}"; do total=$((total + ${entry#*:})); done
@@ -143,6 +143,8 @@ if [ "$DRY" = 1 ]; then
     --img-size 64 --workers 0 --decode cpu --device cpu --warmup-steps 2 --window 3 --json "$WORK/e2e.json"
   stage host_syncs python3 benchmarks/host_syncs.py --model atto --batch 2 --img-size 64 --steps 4 --log-every 2 \
     --warmup 1 --precision fp32 --json "$WORK/host_syncs.json"
+  stage memory python3 benchmarks/memory_plan.py measure --models atto --batches 2 --img 64 --checkpointing off \
+    --json "$WORK/memory.json"
 else
   stage loader python3 benchmarks/loader_rate.py --make-jpegs 2000 --cache "$WORK/jpegs" --workers 8,15 \
     --decode cpu,gpu --batch 128 --batches 10 --device cuda:0 --json "$WORK/loader.json"
@@ -150,6 +152,8 @@ else
     --workers 8 --decode cpu,gpu --device cuda:0 --step-only --json "$WORK/e2e.json"
   stage host_syncs python3 benchmarks/host_syncs.py --model tiny --batch 64 --steps 24 --log-every 8 \
     --json "$WORK/host_syncs.json"
+  # 6. the memory plan against the allocator's peak (#50 item 4): tiny b64 and base b32, off and block
+  stage memory python3 benchmarks/memory_plan.py gpu --json "$WORK/memory.json"
 fi
 # 5. the roofline's prediction, started first (below) in the background: collected here
 wait "$ROOF_PID"

@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # mae_reference
 
+from fcmae.run.memory_plan import emulated_cuda_autocast  # noqa: E402  (CUDA's casts on the CPU's autocast)
+
 aten = torch.ops.aten
 
 # Peak rates (dense, no sparsity) and HBM bandwidth, from the vendors' data sheets.
@@ -270,44 +272,6 @@ def kernel_class(name: str) -> str:
     return "elementwise"
 
 
-# ---------------------------------------------------------------- CUDA's autocast policy on the CPU
-
-_POLICY_LIBS = []
-
-
-@contextlib.contextmanager
-def cuda_autocast_policy():
-    """CPU autocast with CUDA's casts for the ops these models use: LayerNorm and pow in fp32; a norm or
-    sum without a dtype accumulates and returns fp32 (CUDA's ``fp32_set_opt_dtype``)."""
-    if not _POLICY_LIBS:
-        lib = torch.library.Library("aten", "IMPL")
-        keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-
-        def fp32(op):
-            def impl(*args, **kwargs):
-                with torch._C._ExcludeDispatchKeyGuard(keyset):
-                    cast = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-                    return op(*cast, **kwargs)
-            return impl
-
-        for name, op in (("layer_norm", aten.layer_norm.default), ("native_layer_norm", aten.native_layer_norm.default),
-                         ("pow.Tensor_Scalar", aten.pow.Tensor_Scalar), ("pow.Tensor_Tensor", aten.pow.Tensor_Tensor)):
-            lib.impl(name, fp32(op), "AutocastCPU")
-
-        def opt_dtype(op):
-            def impl(x, *args, dtype=None, **kwargs):
-                with torch._C._ExcludeDispatchKeyGuard(keyset):
-                    if dtype is None and x.is_floating_point():
-                        x = x.float()
-                    return op(x, *args, dtype=dtype, **kwargs)
-            return impl
-        lib.impl("linalg_vector_norm", opt_dtype(aten.linalg_vector_norm.default), "AutocastCPU")
-        lib.impl("sum.dim_IntList", opt_dtype(aten.sum.dim_IntList), "AutocastCPU")
-        _POLICY_LIBS.append(lib)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        yield
-
-
 # ---------------------------------------------------------------- fused attention as one kernel
 
 @torch.library.custom_op("roofline::attention", mutates_args=())
@@ -427,7 +391,7 @@ def trace_step(step, dtype: str = "bf16") -> list[Op]:
         opt.step()
         opt.zero_grad(set_to_none=True)
     recorder = StepTrace(classify)
-    policy = cuda_autocast_policy() if dtype == "bf16" else contextlib.nullcontext()
+    policy = emulated_cuda_autocast() if dtype == "bf16" else contextlib.nullcontext()
     with fake_mode, flash_attention(), torch.autograd.set_detect_anomaly(True, check_nan=False), recorder:
         with policy:
             loss = loss_of(model, args)

@@ -55,7 +55,8 @@ def _export_submitit_env() -> None:
         env = submitit.helpers.TorchDistributedEnvironment()
         if "MASTER_PORT" not in os.environ:
             env.master_port = requeue_port(env.master_port, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
-        env.export(set_cuda_visible_devices=False)
+        # overwrite: a MASTER_PORT the user exported is the port already (submitit reads it); MASTER_ADDR is the job's
+        env.export(set_cuda_visible_devices=False, overwrite=True)
     except Exception as exc:
         ntasks = os.environ.get("SLURM_NTASKS", "?")
         raise RuntimeError(

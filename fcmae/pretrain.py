@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -27,11 +28,13 @@ from .distributed import DistInfo, broadcast_object
 from .engine import LoopState, Task, TaskContext
 from .evaluation import build_evaluator
 from .models.fcmae import FCMAE
-from .models.masking import image_shape
+from .models.masking import image_shape, num_visible
 from .optim import adamw, param_groups
 from .run import RunData, hydra_entry, run_app
 from .export.convert import DECODER_PREFIXES
 from .run.init_weights import read_init_weights
+from .run.memory_plan import MemoryPlan, PeakCheck, emulated_cuda_autocast, fake_module, plan_step, wants_plan
+from .run.settings import resolve_precision
 from .run.validation import validate
 from .loggers import format_metrics
 from .visualize import save_reconstruction_grid
@@ -86,6 +89,65 @@ def build_model(cfg) -> FCMAE:
                  decoder_embed_dim=m.decoder_embed_dim, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
                  drop_path_rate=m.drop_path_rate, backend=cfg.encoder.backend, grn_stats=cfg.encoder.grn_stats,
                  dwconv=cfg.encoder.dwconv, in_chans=m.in_chans, patch_size=m.patch_size)
+
+
+def training_step_parts(cfg, device: torch.device, batch: int, checkpointing: str, dwconv=None, meta: bool = False):
+    """What one pretraining step is made of, as ``cfg`` configures it, on ``device``: ``(model, make_optimizer,
+    make_inputs, loss_of)``. ``meta``: the model built on the meta device (no memory, no init; for a trace).
+    ``dwconv``: the depthwise conv the run chose (``cfg``'s otherwise; ``auto`` takes the canvas, the larger
+    of the two in memory). Shared by the memory plan and its measurement, so both see the same step."""
+    from .data.samples import MaskedBatch
+    from .models.masking import check_image_size, random_mask
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = build_model(cfg)
+    if not meta:
+        model = model.to(device)
+    if cfg.encoder.backend == "sparse":
+        chosen = dwconv or cfg.encoder.dwconv
+        model.encoder.dwconv = "canvas" if chosen == "auto" else chosen
+    model.encoder.activation_checkpointing = checkpointing
+    model.train()
+    h, w = image_shape(cfg.data.img_size)
+    grid = check_image_size(h, w, cfg.model.patch_size)
+    keep = num_visible(grid[0] * grid[1], cfg.model.mask_ratio)
+    task = PretrainTask(cfg.model.norm_pix_loss, [0.0], [1.0], 1, 1, patch_size=cfg.model.patch_size)
+
+    def make_inputs():
+        masks = random_mask(batch, grid[0] * grid[1], keep=keep, device=device)
+        images = torch.empty(batch, cfg.model.in_chans, h, w, device=device).normal_()
+        return MaskedBatch(images, masks, None, None, keep)
+
+    def make_optimizer(m, cuda: bool = device.type == "cuda"):
+        return adamw(param_groups(m, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token), 1e-4,
+                     cfg.optim.betas, cuda)
+    return model, make_optimizer, make_inputs, lambda m, b: task.loss(m, b, device)
+
+
+def plan_memory(cfg, device: str = "cuda", batch: int | None = None, checkpointing: str | None = None,
+                dwconv=None) -> MemoryPlan:
+    """The memory plan of one pretraining step as ``cfg`` configures it (:mod:`fcmae.run.memory_plan`), for a
+    run on ``device`` (its precision resolved as the run resolves it), at ``batch`` images a process (``cfg``'s
+    by default) and ``checkpointing`` (``cfg``'s by default). Traced on fake tensors: no memory used; a GPU
+    target planned on a machine without one runs on fake CPU tensors under CUDA's autocast casts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    target = torch.device(device)
+    precision = resolve_precision(cfg.trainer.precision, target)
+    batch = batch or cfg.data.batch_size
+    checkpointing = checkpointing or cfg.trainer.activation_checkpointing
+    fake_device = target if target.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
+    autocast = contextlib.nullcontext
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        if fake_device.type == target.type:
+            autocast = lambda: torch.autocast(target.type, dtype=dtype)  # noqa: E731
+        else:
+            autocast = emulated_cuda_autocast
+    model, make_optimizer, make_inputs, loss_of = training_step_parts(cfg, fake_device, batch, checkpointing,
+                                                                      dwconv, meta=True)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = fake_module(model, fake_mode, fake_device)
+    return plan_step(model, lambda m: make_optimizer(m, target.type == "cuda"), make_inputs, loss_of, fake_mode,
+                     autocast, clip=True, batch=batch, checkpointing=checkpointing)
 
 
 def choose_dwconv(model: FCMAE, cfg, info: DistInfo, precision: str, run_dir: Path | None = None,
@@ -232,6 +294,17 @@ class PretrainApp:
     def build_task(self, cfg, model: FCMAE, data: RunData) -> PretrainTask:
         return PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, cfg.trainer.vis_every,
                             cfg.logger.image_every, data.extras["evaluator"], cfg.vis.bands, cfg.model.patch_size)
+
+    def memory_plan(self, cfg, model: FCMAE, info: DistInfo, precision: str) -> PeakCheck | None:
+        """``trainer.memory_plan``: the step's plan in the log before it runs; on a GPU, checked after the
+        first steps against the allocator's peak (:class:`fcmae.run.memory_plan.PeakCheck`)."""
+        if not wants_plan(cfg.trainer.memory_plan, info.device):
+            return None
+        dwconv = model.encoder.dwconv if cfg.encoder.backend == "sparse" else None
+        plan = plan_memory(cfg, info.device.type, dwconv=dwconv)
+        log.info("memory plan, per process: %s (fcmae-plan with the same overrides and --gib N gives the largest "
+                 "batch for a GPU of N GiB)", plan.summary())
+        return PeakCheck(plan, info.device, lambda line: log.info("%s", line)) if info.device.type == "cuda" else None
 
     def build_optimizer(self, cfg, model: FCMAE, lr: float):
         return adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_grn_and_mask_token), lr,

@@ -37,6 +37,24 @@ def _seed():
     yield
 
 
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_env_left_behind():
+    """A test that leaves RANK or MASTER_PORT set in this process hands it to every later subprocess (a Slurm
+    job then refuses to set up its group): fail that test, by name, and clean up."""
+    before = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert after == before, f"the test left the distributed environment changed: {after} (was {before})"
+
+
 def canonical_to_minkowski(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Canonical -> official sparse (MinkowskiEngine) encoder layout, ``encoder.`` prefixed: the
     tests' way to write checkpoints as the official sparse FCMAE saves them (the converter only

@@ -20,7 +20,7 @@ def test_the_device_run_dry_runs_every_stage_within_the_calls_rules(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["env", "correctness", "selftest", "step_eager", "step_compiled",
-                                                       "loader", "e2e", "host_syncs", "roofline"]
+                                                       "loader", "e2e", "host_syncs", "memory", "roofline"]
     assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
     assert summary["limits_s"] <= 540 and summary["dry_run"] is True
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "summary.json"]
@@ -35,3 +35,5 @@ def test_the_device_run_dry_runs_every_stage_within_the_calls_rules(tmp_path):
         assert split[name]["profiled_total_ms"] > 0 and sum(c["launches"] for c in split[name]["profiled_ms"].values()) > 0
         assert split[name]["roofline_fused_total_ms"] > 0 and "GEMM" in split[name]["roofline_fused"]
     assert "GRN" in split["fcmae"]["roofline_fused"]
+    (memory,) = by_stage["memory"]["results"]  # the plan beside the measured peak (on the GPU: the allocator's)
+    assert memory["plan"]["peak"] > 0 and memory["measured"]["peak"] > 0

@@ -82,12 +82,19 @@ def test_the_import_graph_has_no_cycle():
     assert _cycle(layered) is None, " -> ".join(_cycle(layered))
 
 
+# a second command of an app, in its own module (the app's module stays under 400 lines): its door, which
+# nothing else imports
+DOORS = {"fcmae.plan": "fcmae.pretrain"}  # fcmae-plan: pretraining's step, planned
+
+
 def test_no_app_imports_another_app_and_lower_layers_import_no_app():
     graph = _import_graph()
     for module, targets in graph.items():
         # fcmae.export's __init__ (lazily) and __main__ are the app's own doors, not callers of it
-        apps = {a for a in targets & APPS if not (module == a.rpartition(".")[0] or module == a.rpartition(".")[0] + ".__main__")}
+        apps = {a for a in targets & APPS if not (module == a.rpartition(".")[0] or module == a.rpartition(".")[0] + ".__main__")
+                and DOORS.get(module) != a}
         assert not apps, f"{module} imports the app(s) {apps}"
+        assert not targets & set(DOORS), f"{module} imports the door(s) {targets & set(DOORS)}"
 
 
 _IMPORT_ALONE = "import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('fcmae'))))"

@@ -217,6 +217,7 @@ def _check_training(cfg, check) -> None:
     check(str(t.compile).lower() in COMPILE_CHOICES, f"trainer.compile={t.compile!r}; use auto, true or false")
     check(t.activation_checkpointing in CHECKPOINTING_CHOICES,
           f"trainer.activation_checkpointing={t.activation_checkpointing!r}; use off, stage or block")
+    check(t.memory_plan in ("auto", "on", "off"), f"trainer.memory_plan={t.memory_plan!r}; use auto, on or off")
     check(min(t.log_every, t.vis_every, t.ckpt_every, t.keep_checkpoints) > 0,
           "trainer.log_every, vis_every, ckpt_every and keep_checkpoints must be > 0")
     check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}; use logger=none, wandb, tensorboard or "

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 UNTRAINED_KEYS = frozenset({
     # where and how often things are written, logged, launched, evaluated; how data is fed
     "trainer.max_steps", "trainer.device", "trainer.compile", "trainer.progress", "trainer.log_every",
-    "trainer.vis_every", "trainer.ckpt_every", "trainer.keep_checkpoints", "trainer.divergence_stop", "trainer.activation_checkpointing", "data.num_workers", "data.pin_memory",
+    "trainer.vis_every", "trainer.ckpt_every", "trainer.keep_checkpoints", "trainer.divergence_stop", "trainer.activation_checkpointing", "trainer.memory_plan", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "data.max_bad_fraction", "data.read_timeout", "resume", "run_name", "eval_only",
     "logger.name", "logger.mode", "logger.project", "logger.entity", "logger.run_name", "logger.tags",
     "logger.image_every", "launcher.name", "launcher.partition", "launcher.account", "launcher.nodes",

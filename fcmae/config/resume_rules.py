@@ -35,6 +35,7 @@ _COMMON = {
     "trainer.vis_every": FREE, "trainer.ckpt_every": FREE, "trainer.keep_checkpoints": FREE,
     "trainer.progress": FREE, "trainer.divergence_stop": FREE,
     "trainer.activation_checkpointing": FREE,  # the same gradients, recomputed
+    "trainer.memory_plan": FREE,
     "logger.*": FREE, "launcher.*": FREE,
     "run_name": FREE, "resume": FREE, "eval_only": FREE,
 }

@@ -128,6 +128,9 @@ class TrainerConfig:
     # recompute activations in the backward instead of keeping them: off | stage | block (less memory, more time;
     # the same gradients)
     activation_checkpointing: str = "off"
+    # the step's memory plan (fcmae-plan) in the start-up log and, on a GPU, checked against the measured peak
+    # after the first steps: auto (on a GPU) | on | off. Pretraining only.
+    memory_plan: str = "auto"
 
 
 @dataclass

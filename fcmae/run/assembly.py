@@ -5,7 +5,7 @@ resume decision, seeding, compile, trackers, the loop, the report of a divergenc
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +65,9 @@ class App(Protocol):
 
     def summary(self, final: LoopState, setup: RunSetup, task: Task, run_dir: Path) -> str: ...
 
+    # Optional: ``memory_plan(cfg, model, info, precision)`` logs the step's memory plan on rank 0 before the
+    # run and returns a loop callback that checks it (or None); pretraining has one.
+
 
 def run_app(app: App, cfg, run_dir: str | Path, callbacks=()):
     """Validate, join the process group, then evaluate (``eval_only``) or train in ``run_dir`` under
@@ -101,6 +104,10 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
         app.load_initial_weights(model, cfg, info)
     task = app.build_task(cfg, model, data)
     optimizer = app.build_optimizer(cfg, model, setup.base_lr)
+    planner = getattr(app, "memory_plan", None)  # optional: the step's memory, before it runs (pretraining)
+    check = planner(cfg, model, info, setup.precision) if planner is not None and info.is_main else None
+    if check is not None:
+        settings = replace(settings, callbacks=[*settings.callbacks, check])
     state, scaler = restore_or_seed(setup, model, optimizer, info, cfg.trainer.seed, cfg.data.batch_size, task,
                                     _optimizer_as_saved(app, cfg, model, setup))
     train_model = wrap_model(model, cfg.trainer.compile, info)

@@ -70,7 +70,8 @@ def test_a_requeued_attempt_rendezvous_on_another_port_every_task_alike(monkeypa
             os.environ["MASTER_PORT"] = str(self.master_port)
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "0")  # recorded as it was (unset), restored so after the test ...
+        monkeypatch.delenv(key)  # ... then unset for it
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: None)
     monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", Env)
