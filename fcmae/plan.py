@@ -22,7 +22,7 @@ from .run.settings import resolve_precision
 from .run.validation import validate
 
 
-def plan_table(cfg, device: str, gib: list[float], dwconv=None, checkpointing=CHECKPOINTING) -> dict:
+def plan_table(cfg, device: str, gib: list[float], dwconv=None, checkpointing=CHECKPOINTING, processes: int = 1) -> dict:
     """For each GPU size in ``gib``: the largest batch a process that fits with each ``checkpointing`` choice, and
     the least recomputation with which ``cfg``'s batch fits (None: none does)."""
     checkpointing = tuple(c for c in CHECKPOINTING if c in checkpointing)  # the least recomputation first
@@ -30,7 +30,7 @@ def plan_table(cfg, device: str, gib: list[float], dwconv=None, checkpointing=CH
 
     def peak_at(c: str, batch: int) -> int:
         if batch not in peaks[c]:
-            peaks[c][batch] = plan_memory(cfg, device, batch, c, dwconv).peak
+            peaks[c][batch] = plan_memory(cfg, device, batch, c, dwconv, processes).peak
         return peaks[c][batch]
     rows = []
     for size in sorted(gib):
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPU memory sizes for the largest-batch table (GiB); none: skip the table")
     parser.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING, default=list(CHECKPOINTING),
                         help="the trainer.activation_checkpointing choices the table compares; default all")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes the run trains on (DDP keeps a bucket copy of the gradients with several)")
     parser.add_argument("--json", type=Path, help="also write the plan and the table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
             cfg = compose("pretrain", overrides=args.overrides)
         validate(cfg)
-        plan = plan_memory(cfg, args.device)
+        if args.processes < 1:
+            raise ConfigError(f"--processes {args.processes}: use 1 or more")
+        plan = plan_memory(cfg, args.device, processes=args.processes)
     except (ConfigError, ValueError) as exc:
         print(f"fcmae-plan: {exc}", file=sys.stderr)
         return 2
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                       "mask_ratio": cfg.model.mask_ratio, "precision": precision, "device": args.device},
            "plan": plan.as_dict()}
     if args.gib:
-        table = plan_table(cfg, args.device, args.gib, checkpointing=tuple(args.checkpointing))
+        table = plan_table(cfg, args.device, args.gib, checkpointing=tuple(args.checkpointing),
+                           processes=args.processes)
         out["table"] = table
         print(f"largest batch per process (a GPU of N GiB leaves {1 - HEADROOM_FRACTION:.0%} less "
               f"{HEADROOM_BYTES // GiB} GiB to tensors) by trainer.activation_checkpointing, and what "

@@ -33,7 +33,8 @@ from .optim import adamw, param_groups
 from .run import RunData, hydra_entry, run_app
 from .export.convert import DECODER_PREFIXES
 from .run.init_weights import read_init_weights
-from .run.memory_plan import MemoryPlan, PeakCheck, emulated_cuda_autocast, fake_module, plan_step, wants_plan
+from .run.memory_plan import (MemoryPlan, PeakCheck, emulated_cuda_autocast, fake_module, plan_step, trainable_bytes,
+                              wants_plan)
 from .run.settings import resolve_precision
 from .run.validation import validate
 from .loggers import format_metrics
@@ -124,11 +125,12 @@ def training_step_parts(cfg, device: torch.device, batch: int, checkpointing: st
 
 
 def plan_memory(cfg, device: str = "cuda", batch: int | None = None, checkpointing: str | None = None,
-                dwconv=None) -> MemoryPlan:
+                dwconv=None, processes: int = 1) -> MemoryPlan:
     """The memory plan of one pretraining step as ``cfg`` configures it (:mod:`fcmae.run.memory_plan`), for a
     run on ``device`` (its precision resolved as the run resolves it), at ``batch`` images a process (``cfg``'s
-    by default) and ``checkpointing`` (``cfg``'s by default). Traced on fake tensors: no memory used; a GPU
-    target planned on a machine without one runs on fake CPU tensors under CUDA's autocast casts."""
+    by default) and ``checkpointing`` (``cfg``'s by default), one of ``processes`` (DDP's buckets with several).
+    Traced on fake tensors: no memory used; a GPU target planned on a machine without one runs on fake CPU
+    tensors under CUDA's autocast casts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     target = torch.device(device)
     precision = resolve_precision(cfg.trainer.precision, target)
@@ -146,8 +148,9 @@ def plan_memory(cfg, device: str = "cuda", batch: int | None = None, checkpointi
                                                                       dwconv, meta=True)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_module(model, fake_mode, fake_device)
-    return plan_step(model, lambda m: make_optimizer(m, target.type == "cuda"), make_inputs, loss_of, fake_mode,
+    plan = plan_step(model, lambda m: make_optimizer(m, target.type == "cuda"), make_inputs, loss_of, fake_mode,
                      autocast, clip=True, batch=batch, checkpointing=checkpointing)
+    return plan.with_ddp_buckets(trainable_bytes(model)) if processes > 1 else plan
 
 
 def choose_dwconv(model: FCMAE, cfg, info: DistInfo, precision: str, run_dir: Path | None = None,
@@ -301,7 +304,7 @@ class PretrainApp:
         if not wants_plan(cfg.trainer.memory_plan, info.device):
             return None
         dwconv = model.encoder.dwconv if cfg.encoder.backend == "sparse" else None
-        plan = plan_memory(cfg, info.device.type, dwconv=dwconv)
+        plan = plan_memory(cfg, info.device.type, dwconv=dwconv, processes=info.world_size)
         log.info("memory plan, per process: %s (fcmae-plan with the same overrides and --gib N gives the largest "
                  "batch for a GPU of N GiB)", plan.summary())
         return PeakCheck(plan, info.device, lambda line: log.info("%s", line)) if info.device.type == "cuda" else None

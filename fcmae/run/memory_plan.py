@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -114,10 +114,11 @@ class LiveStorages(TorchDispatchMode):
 
 @dataclass
 class MemoryPlan:
-    """One training step's memory, in bytes. ``peak`` = ``parameters + optimizer + inputs`` (alive across
-    steps) + what the step holds at its worst moment (``phase``): ``gradients``, ``activations`` (made in
-    the forward and still alive) and ``transient`` (the rest). ``saved`` is what the forward leaves for
-    the backward (all activations at the end of the forward)."""
+    """One training step's memory, in bytes. ``peak`` = ``parameters + optimizer + inputs + buckets`` (alive
+    across steps; ``buckets``: DDP's gradient buckets, a copy of the trainable parameters' gradients, with
+    several processes) + what the step holds at its worst moment (``phase``): ``gradients``, ``activations``
+    (made in the forward and still alive) and ``transient`` (the rest). ``saved`` is what the forward leaves
+    for the backward (all activations at the end of the forward)."""
 
     batch: int
     checkpointing: str
@@ -130,6 +131,11 @@ class MemoryPlan:
     saved: int
     peak: int
     phase: str
+    buckets: int = 0
+
+    def with_ddp_buckets(self, trainable_bytes: int) -> "MemoryPlan":
+        """The plan for one of several DDP processes: its buckets hold another copy of the gradients."""
+        return replace(self, buckets=trainable_bytes, peak=self.peak - self.buckets + trainable_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +145,8 @@ class MemoryPlan:
         return (f"peak {g(self.peak)} GiB in the {self.phase} (batch {self.batch}, checkpointing "
                 f"{self.checkpointing}): parameters {g(self.parameters)}, optimizer state {g(self.optimizer)}, "
                 f"batch {g(self.inputs)}, gradients {g(self.gradients)}, activations {g(self.activations)} "
-                f"(saved by the forward {g(self.saved)}), transient {g(self.transient)}")
+                f"(saved by the forward {g(self.saved)}), transient {g(self.transient)}"
+                + (f", DDP buckets {g(self.buckets)}" if self.buckets else ""))
 
 
 def fake_module(module: torch.nn.Module, fake_mode, device: torch.device) -> torch.nn.Module:
@@ -216,6 +223,10 @@ def plan_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module]
     peak = resident_params + resident_optimizer + inputs_bytes + trace.peak - live_inputs
     return MemoryPlan(batch, checkpointing, resident_params, resident_optimizer, inputs_bytes, grads,
                       activations, transient, saved, peak, phase)
+
+
+def trainable_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def largest_batch(peak_at: Callable[[int], int], budget: int, multiple: int = 8, limit: int = 1 << 14,

@@ -62,6 +62,8 @@ def test_the_plan_counts_the_parameters_and_adamw_state_the_model_has():
     assert plan.peak == plan.parameters + plan.optimizer + plan.inputs + plan.gradients + plan.activations + \
         plan.transient
     assert plan.phase in ("forward", "backward", "optimizer")
+    ddp = plan_memory(cfg, "cpu", processes=2)  # one of two DDP processes: its buckets copy the gradients
+    assert ddp.buckets == 4 * n and ddp.peak == plan.peak + 4 * n and "DDP buckets" in ddp.summary()
 
 
 def test_checkpointing_and_bf16_lower_the_planned_activations():
