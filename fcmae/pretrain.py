@@ -132,6 +132,9 @@ def plan_memory(cfg, device: str = "cuda", batch: int | None = None, checkpointi
     Traced on fake tensors: no memory used; a GPU target planned on a machine without one runs on fake CPU
     tensors under CUDA's autocast casts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    if cfg.encoder.backend == "minkowski":
+        raise ConfigError("the memory plan traces PyTorch's ops; encoder.backend=minkowski runs in MinkowskiEngine's "
+                          "own memory: plan encoder.backend=sparse (the same encoder) instead")
     target = torch.device(device)
     precision = resolve_precision(cfg.trainer.precision, target)
     batch = batch or cfg.data.batch_size
@@ -304,7 +307,11 @@ class PretrainApp:
         if not wants_plan(cfg.trainer.memory_plan, info.device):
             return None
         dwconv = model.encoder.dwconv if cfg.encoder.backend == "sparse" else None
-        plan = plan_memory(cfg, info.device.type, dwconv=dwconv, processes=info.world_size)
+        try:
+            plan = plan_memory(cfg, info.device.type, dwconv=dwconv, processes=info.world_size)
+        except Exception as exc:  # noqa: BLE001 (a diagnostic: the run goes on without it, saying why)
+            log.warning("memory plan: not made (%s: %s); trainer.memory_plan=off skips it", type(exc).__name__, exc)
+            return None
         log.info("memory plan, per process: %s (fcmae-plan with the same overrides and --gib N gives the largest "
                  "batch for a GPU of N GiB)", plan.summary())
         return PeakCheck(plan, info.device, lambda line: log.info("%s", line)) if info.device.type == "cuda" else None

@@ -172,3 +172,18 @@ def test_the_plan_is_within_15_percent_of_the_measured_cpu_peak(model, batch, ch
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["measured"]["step_rise"] > 0.3 * row["measured"]["peak"]  # the step, not only the resident part
     assert 0.85 <= row["ratio"] <= 1.15, row
+
+
+def test_a_plan_that_cannot_be_made_is_a_warning_not_a_failed_run(tmp_path, caplog, monkeypatch):
+    import fcmae.pretrain as pretrain
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fake kernel for some op")
+    monkeypatch.setattr(pretrain, "plan_memory", broken)
+    cfg = _cfg("data.source=synthetic", "data.synthetic_images=8", "data.num_workers=0", "trainer.max_steps=1",
+               "trainer.device=cpu", "trainer.memory_plan=on", "logger=none")
+    with caplog.at_level(logging.INFO, logger="fcmae"):
+        state = pretrain.run(cfg, tmp_path / "run")
+    assert state.step == 1 and (tmp_path / "run" / "checkpoints").is_dir()
+    assert any("memory plan: not made (RuntimeError: no fake kernel for some op)" in r.getMessage()
+               for r in caplog.records)
