@@ -9,7 +9,8 @@ replaces loaded and converted it once per tap: 49 times). A site whose halo entr
 patch or off the image) is read by a predicated load that touches no memory and gives zeros. A trip
 (one kernel row, or one tile row of the weight grad) issues all its loads (the next trip's halo
 indices too) before a barrier and uses them after it, so it waits on memory about once (#49; a branch
-around each site's load had made it wait once per active site).
+around each site's load had made it wait once per active site). At 2x2 and 1x1 tiles the forward loads
+the sites' values a trip ahead as well: there the compiler moved them below the barrier, next to their uses.
 
 bf16 inputs are read as 32-bit words of two channels and widened with one shift or mask each
 (channel ``2q`` is the low half, ``2q + 1`` the high half; ``C2 = C // 2`` words a row); the fp32
@@ -148,6 +149,9 @@ def _weight_loads(src: _Source, depth: int, v: Variant, prefix: str, row: str) -
                       "0.0")
 
 
+SITES_AHEAD_UP_TO = 2  # tile sides whose forward loads its sites a trip ahead
+
+
 def forward_source(v: Variant) -> str:
     """One program per (tile row, channel block): ``t`` outputs accumulated over ``k`` kernel rows."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
@@ -170,11 +174,27 @@ def forward_source(v: Variant) -> str:
     for j in range(h):
         src(1, f"i{j} = tl.load(hrow + {j})")
     _weight_loads(src, 1, v, "w", "0")
-    src(1, f"for ky in range({k}):")
-    loaded = [_load_raw(src, 2, v, _site(v, "xw", f"i{j}"), f"x{j}", active=f"i{j} >= 0") for j in range(h)]
-    src(2, f"nky = tl.minimum(ky + 1, {k - 1})  # the next kernel row (the last trip reads its own again)")
-    for j in range(h):
-        src(2, f"i{j} = tl.load(hrow + nky * {h} + {j})")
+    if v.tile <= SITES_AHEAD_UP_TO:
+        # small tiles: the sites' values a trip ahead too (the compiler moved this trip's loads below the
+        # barrier, next to their uses: a wait per site again); the next trip's come in while this one computes
+        loaded = [_load_raw(src, 1, v, _site(v, "xw", f"i{j}"), f"x{j}", active=f"i{j} >= 0") for j in range(h)]
+        for j in range(h):
+            src(1, f"i{j} = tl.load(hrow + {min(1, k - 1) * h} + {j})")
+        src(1, f"for ky in range({k}):")
+        src(2, f"nky = tl.minimum(ky + 1, {k - 1})  # the next kernel row (the last trip reads its own again)")
+        src(2, f"nnky = tl.minimum(ky + 2, {k - 1})")
+        # (the last trip has no next one: its loads are predicated off)
+        ahead = [_load_raw(src, 2, v, _site(v, "xw", f"i{j}"), f"z{j}", active=f"(i{j} >= 0) & (ky < {k - 1})")
+                 for j in range(h)]
+        for j in range(h):
+            src(2, f"i{j} = tl.load(hrow + nnky * {h} + {j})")
+    else:
+        ahead = None
+        src(1, f"for ky in range({k}):")
+        loaded = [_load_raw(src, 2, v, _site(v, "xw", f"i{j}"), f"x{j}", active=f"i{j} >= 0") for j in range(h)]
+        src(2, f"nky = tl.minimum(ky + 1, {k - 1})  # the next kernel row (the last trip reads its own again)")
+        for j in range(h):
+            src(2, f"i{j} = tl.load(hrow + nky * {h} + {j})")
     _weight_loads(src, 2, v, "n", "nky")
     src(2, "tl.debug_barrier()")
     for j in range(h):
@@ -186,6 +206,9 @@ def forward_source(v: Variant) -> str:
     for kx in range(k):
         for s in halves:
             src(2, f"w{s}{kx} = n{s}{kx}")
+    if ahead:
+        for cur, nxt in zip(loaded, ahead):
+            src(2, f"{cur} = {nxt}")
     src(1, "if HAS_BIAS:")
     for half, s in enumerate(halves):
         src(2, f"b{s} = tl.load(b_ptr + {_channel(v, half)}, mask=ok, other=0.0)  # fp32, channels in their order")
