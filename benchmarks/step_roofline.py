@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # mae_reference
 
-from fcmae.run.memory_plan import emulated_cuda_autocast  # noqa: E402  (CUDA's casts on the CPU's autocast)
+from fcmae.run.memory_plan import emulated_cuda_autocast, tensors_in  # noqa: E402  (CUDA's casts on the CPU)
 
 aten = torch.ops.aten
 
@@ -98,17 +98,6 @@ def _storage_key(t: torch.Tensor):
         return id(t)
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -129,11 +118,11 @@ class StepTrace(TorchDispatchMode):
         base = func.overloadpacket.__name__
         if func.namespace == "prim" or base in VIEWS or base.startswith("_record_function"):
             return out
-        ins = list(_tensors(args)) + list(_tensors(kwargs))
-        outs = list(_tensors(out))
+        ins = list(tensors_in(args)) + list(tensors_in(kwargs))
+        outs = list(tensors_in(out))
         mutated = [a for a, arg in zip(args, func._schema.arguments) if arg.alias_info is not None
                    and arg.alias_info.is_write]
-        outs += [t for t in _tensors(mutated) if all(t is not o for o in outs)]
+        outs += [t for t in tensors_in(mutated) if all(t is not o for o in outs)]
         if not outs:  # no tensor made or written: a query, not a kernel
             return out
         flops = self._flops(func, args, kwargs, out)
@@ -175,7 +164,7 @@ class StepTrace(TorchDispatchMode):
             return float(2 * x.numel() * (w.numel() // x.shape[1]))
         if base == "dwconv_tiles_wgrad":  # (x, grad, halo, tile, taps)
             return float(2 * args[0].numel() * args[4])
-        return float(sum(t.numel() for t in _tensors(out)))  # elementwise: one op an output value
+        return float(sum(t.numel() for t in tensors_in(out)))  # elementwise: one op an output value
 
 
 def _groups(args) -> int:

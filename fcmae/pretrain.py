@@ -301,7 +301,7 @@ class PretrainApp:
         return PretrainTask(cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std, cfg.trainer.vis_every,
                             cfg.logger.image_every, data.extras["evaluator"], cfg.vis.bands, cfg.model.patch_size)
 
-    def memory_plan(self, cfg, model: FCMAE, info: DistInfo, precision: str) -> PeakCheck | None:
+    def memory_plan(self, cfg, model: FCMAE, info: DistInfo) -> PeakCheck | None:
         """``trainer.memory_plan``: the step's plan in the log before it runs; on a GPU, checked after the
         first steps against the allocator's peak (:class:`fcmae.run.memory_plan.PeakCheck`)."""
         if not wants_plan(cfg.trainer.memory_plan, info.device):

@@ -65,7 +65,7 @@ class App(Protocol):
 
     def summary(self, final: LoopState, setup: RunSetup, task: Task, run_dir: Path) -> str: ...
 
-    # Optional: ``memory_plan(cfg, model, info, precision)`` logs the step's memory plan on rank 0 before the
+    # Optional: ``memory_plan(cfg, model, info)`` logs the step's memory plan on rank 0 before the
     # run and returns a loop callback that checks it (or None); pretraining has one.
 
 
@@ -105,7 +105,7 @@ def _train(app: App, cfg, run_dir: Path, info: DistInfo, callbacks, lock: RunLoc
     task = app.build_task(cfg, model, data)
     optimizer = app.build_optimizer(cfg, model, setup.base_lr)
     planner = getattr(app, "memory_plan", None)  # optional: the step's memory, before it runs (pretraining)
-    check = planner(cfg, model, info, setup.precision) if planner is not None and info.is_main else None
+    check = planner(cfg, model, info) if planner is not None and info.is_main else None
     if check is not None:
         settings = replace(settings, callbacks=[*settings.callbacks, check])
     state, scaler = restore_or_seed(setup, model, optimizer, info, cfg.trainer.seed, cfg.data.batch_size, task,

@@ -33,15 +33,16 @@ def usable_bytes(gib: float) -> int:
     return int(gib * GiB * (1 - HEADROOM_FRACTION) - HEADROOM_BYTES)
 
 
-def _tensors(obj) -> Iterable[torch.Tensor]:
+def tensors_in(obj) -> Iterable[torch.Tensor]:
+    """The tensors of an op's arguments or outputs (nested lists, tuples and dicts)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from _tensors(o)
+            yield from tensors_in(o)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from _tensors(o)
+            yield from tensors_in(o)
 
 
 class LiveStorages(TorchDispatchMode):
@@ -55,7 +56,6 @@ class LiveStorages(TorchDispatchMode):
         self.peak = 0
         self.peak_tick = 0
         self.made: dict[int, tuple[int, int]] = {}  # storage key -> (bytes, tick made)
-        self.maker: dict[int, str] = {}  # storage key -> the op that made it
         self.freed: dict[int, float] = {}  # storage key -> when freed: tick + 0.5, between op tick and the next
         self.marks: dict[str, int] = {}
         self._keys = 0
@@ -97,10 +97,8 @@ class LiveStorages(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.tick += 1
-        for t in _tensors(out):
-            key = self.track(t)
-            if key is not None:
-                self.maker.setdefault(key, func.__name__)
+        for t in tensors_in(out):
+            self.track(t)
         return out
 
     def live_at(self, tick: int, keys: Iterable[int] | None = None, settled: bool = False) -> int:
@@ -163,6 +161,10 @@ def fake_module(module: torch.nn.Module, fake_mode, device: torch.device) -> tor
     return module
 
 
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+
 def _storages_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -182,7 +184,7 @@ def plan_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module]
     ``fake_mode``: the optimizer's state made first (a step on zero gradients, untraced), then the traced
     step: inputs, forward under ``autocast()``, backward, gradient clipping, the optimizer step, ``zero_grad``."""
     optimizer = make_optimizer(model)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     with fake_mode:
         for p in params:
             if p.requires_grad:
@@ -190,7 +192,7 @@ def plan_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     resident_params = _storages_bytes(params + list(model.buffers()))
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    state = _optimizer_tensors(optimizer)
     resident_optimizer = _storages_bytes(state)
     trace = LiveStorages()
     trace.exclude(params + list(model.buffers()) + state)
@@ -324,8 +326,8 @@ def measured_cpu_peak(model: torch.nn.Module, make_optimizer, make_inputs, loss_
     del warm
     gc.collect()
     inputs = make_inputs()
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    resident = _storages_bytes(params + list(model.buffers()) + state + list(_tensors(tuple(inputs))))
+    state = _optimizer_tensors(optimizer)
+    resident = _storages_bytes(params + list(model.buffers()) + state + list(tensors_in(tuple(inputs))))
     before = _proc_status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current one
