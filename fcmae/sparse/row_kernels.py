@@ -15,7 +15,9 @@ the sites' values a trip ahead as well: there the compiler moved them below the 
 bf16 inputs are read as 32-bit words of two channels and widened with one shift or mask each
 (channel ``2q`` is the low half, ``2q + 1`` the high half; ``C2 = C // 2`` words a row); the fp32
 weights, bias and weight grads are read and written in their own channel order (a thread's two halves
-at ``2q`` and ``2q + 1``), so no reordered copy is made around a launch. Other dtypes load and convert
+at ``2q`` and ``2q + 1``), so no reordered copy is made around a launch; at most tile sides the forward
+reads a tap's two fp32 weights of a word as one 64-bit load and takes its halves apart by register
+selection (``PAIRED_WEIGHTS_AT``). Other dtypes load and convert
 plainly (``C2 = C``). The code uses nothing newer than Triton 3.0's language (torch 2.4).
 
     python -m fcmae.sparse.row_kernels forward 8    # print the forward's source for 8x8 tiles
@@ -139,17 +141,31 @@ def _channel(v: Variant, half: int) -> str:
 def _weight_loads(src: _Source, depth: int, v: Variant, prefix: str, row: str) -> None:
     """Emit the loads of kernel row ``row``'s ``k`` taps of the fp32 ``(k * k, C)`` weights, as they are
     stored (channels in their order, taps row-major), into ``{prefix}{half}{kx}``; with ``FLIP`` the taps
-    are read reversed (the input grad's conv), so no reversed copy of the weights is made."""
+    are read reversed (the input grad's conv), so no reversed copy of the weights is made. In pairs at the
+    tile sides of ``PAIRED_WEIGHTS_AT``, channels ``2q`` and ``2q + 1`` of a tap are one 64-bit word (the
+    ``w64`` pointer; a thread's 8 channels: two 16-byte loads): the low 32 bits are channel ``2q``'s
+    fp32, the high ones ``2q + 1``'s (little-endian), split without an instruction of arithmetic."""
     k, halves = v.k, ("lo", "hi") if v.pairs else ("",)
     for name, tap in (("FLIP", f"({k * k - 1} - {row} * {k} - {{kx}})"), (None, f"({row} * {k} + {{kx}})")):
         src(depth, "if FLIP:" if name else "else:")
         for kx in range(k):
+            if v.pairs and v.tile in PAIRED_WEIGHTS_AT:
+                # a tap's two channels of a word as one 64-bit load (a thread's 8: two 16-byte loads), split
+                # into the low (channel 2q) and high (2q + 1) fp32 halves by register selection
+                _load(src, depth + 1, f"{prefix}{kx}", f"w64 + {tap.format(kx=kx)} * C2 + q", "0")
+                src(depth + 1, f"{prefix}lo{kx} = {prefix}{kx}.to(tl.int32).to(tl.float32, bitcast=True)")
+                src(depth + 1, f"{prefix}hi{kx} = ({prefix}{kx} >> 32).to(tl.int32).to(tl.float32, bitcast=True)")
+                continue
             for half, s in enumerate(halves):
                 _load(src, depth + 1, f"{prefix}{s}{kx}", f"w_ptr + {tap.format(kx=kx)} * C + {_channel(v, half)}",
                       "0.0")
 
 
 SITES_AHEAD_UP_TO = 2  # tile sides whose forward loads its sites a trip ahead
+# tile sides whose forward reads a tap's weights for a word's two channels as one 64-bit load (a 16-byte
+# load for two words: 14 loads a kernel row, not 56). Not at 4x4 tiles: there the SASS then moves the
+# trip's multiply-adds up among its site loads, and the forward waits on memory 3 times a trip, not 1.6
+PAIRED_WEIGHTS_AT = (1, 2, 8)
 
 
 def forward_source(v: Variant) -> str:
@@ -162,6 +178,8 @@ def forward_source(v: Variant) -> str:
     src(1, f"y = r % {t}")
     halves = _preamble(src, v, 1)
     src(1, "ok = q < C2")
+    if v.pairs and v.tile in PAIRED_WEIGHTS_AT:
+        src(1, "w64 = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)  # fp32 weights, two channels a word")
     src(1, f"hrow = halo_ptr + p * {h * h} + y * {h}")
     for i in range(t):
         for s in halves:

@@ -83,6 +83,34 @@ def test_bf16_inputs_accumulate_in_fp32(channels):
     assert rel_err(y.float(), ref) < 1.5e-2
 
 
+# 2x2 and 1x1 tiles in the fast tier; 8x8 and 4x4 take the interpreter 6-13 s a case
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), 2, 3])
+@pytest.mark.parametrize("channels", [4, 64], ids=["masked block", "full block"])
+def test_bf16_pairs_at_every_tile_side_match_the_canvas_in_both_directions(stage, channels):
+    """bf16 of an even width at every tile side: the forward (which reads a tap's fp32 weights for a word's
+    two channels as one 64-bit load at 8x8, 2x2 and 1x1 tiles, row_kernels.PAIRED_WEIGHTS_AT) and the
+    input grad (the same kernel, taps reversed) against the canvas path on the same bf16-rounded inputs
+    in fp32; a width that fills its channel block (64: no lane masks) and one that does not (4)."""
+    torch.manual_seed(stage)
+    layout = SparseLayout.from_mask(random_mask(2, (2, 2), seed=11).to(DEVICE), (2, 2), 4, None)
+    conv = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels).to(DEVICE)
+    with torch.no_grad():  # bf16-exact weights and bias: the tile path rounds them as a bf16 conv would
+        conv.weight.copy_(conv.weight.bfloat16().float())
+        conv.bias.copy_(conv.bias.bfloat16().float())
+    x = torch.randn(layout.stages[stage].num_rows, channels, device=DEVICE).bfloat16()
+    g = torch.randn_like(x)
+    ref_x = x.float().requires_grad_()
+    ref = depthwise_rows(conv, ref_x, layout, stage, "canvas")
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, g.float())
+    xi = x.clone().requires_grad_()
+    y = depthwise_rows(conv, xi, layout, stage, "tiles")
+    (grad,) = torch.autograd.grad(y, xi, g)
+    assert y.dtype == grad.dtype == torch.bfloat16
+    # fp32 sums rounded once to bf16 at the end: within bf16's half an ulp of the fp32 reference
+    assert rel_err(y.float(), ref) < 4e-3, rel_err(y.float(), ref)
+    assert rel_err(grad.float(), ref_grad) < 4e-3, rel_err(grad.float(), ref_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_64_bit_offsets_give_the_same_values(monkeypatch, dtype):
     """Tensors of 2^31 elements or more index with 64-bit offsets (another generated variant); too big to
