@@ -168,7 +168,7 @@ def wgrad_plan(tiles: int, channels: int, tile: int, device: torch.device, sms: 
     if device.type == "cuda":
         sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
         per_sm = resident or WGRAD_PROGRAMS_PER_SM
-        wanted = -(-per_sm * sms // (k * triton.cdiv(channels, block_c)))
+        wanted = max(1, per_sm * sms // (k * triton.cdiv(channels, block_c)))  # one wave: not one program more
     else:
         wanted = WGRAD_CHUNKS
     rows = tiles * tile

@@ -282,7 +282,7 @@ def test_the_default_self_test_has_images_enough_for_every_loop(monkeypatch):
     gpu = torch.device("cuda", 0)
     assert self_test_images((7, 7), 0.6, ATTO_DIMS, gpu) == 11
     plans = [tk.wgrad_plan(11 * 19, c, 8 >> stage, gpu) for stage, c in enumerate(ATTO_DIMS)]
-    assert [(p.chunks, p.rows) for p in plans] == [(76, 1672), (34, 836), (8, 418), (2, 209)]
+    assert [(p.chunks, p.rows) for p in plans] == [(75, 1672), (34, 836), (8, 418), (2, 209)]
 
 
 def test_the_weight_grad_keeps_its_partial_sums_small_and_every_sm_busy(monkeypatch):
@@ -316,7 +316,10 @@ def test_the_weight_grad_grid_fills_the_sms_at_the_occupancy_its_registers_allow
     gpu = torch.device("cuda", 0)
     before = tk.wgrad_plan(128 * 19, 128, 8, gpu)
     after = tk.wgrad_plan(128 * 19, 128, 8, gpu, resident=21)
-    assert before.chunks == -(-4 * 132 // 7) and after.chunks == -(-21 * 132 // 7)  # one 128-channel block
+    assert before.chunks == 4 * 132 // 7 and after.chunks == 21 * 132 // 7  # one 128-channel block
+    # one wave, not a program more: at 6 an SM and 512 channels (stage 2's binary) 113 chunks x 7 rows fit
+    # 132 SMs' 792; 114 (rounded up) would leave 6 programs to a second wave, the whole chain again
+    assert tk.wgrad_plan(128 * 190, 512, 2, gpu, resident=6).chunks == 113
     assert after.chunks * 49 * 128 * 4 <= 2 * 128 * 19 * 64 * 128 * 2 / 2
     # the register count comes from the launch (the driver's), on a GPU only
     monkeypatch.setattr(tk, "_RESIDENT", {})
