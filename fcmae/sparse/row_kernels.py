@@ -230,6 +230,14 @@ def forward_source(v: Variant) -> str:
     src(1, "if HAS_BIAS:")
     for half, s in enumerate(halves):
         src(2, f"b{s} = tl.load(b_ptr + {_channel(v, half)}, mask=ok, other=0.0)  # fp32, channels in their order")
+        # rounded to the output's dtype, as a conv in that dtype adds it (here, once a program, rather than
+        # a launch of its own around the kernel); bf16 to nearest even on the bits, as a GPU's cast rounds
+        # (Triton's interpreter truncates a cast to bf16)
+        src(2, "if y_ptr.dtype.element_ty == tl.bfloat16:")
+        src(3, f"u = b{s}.to(tl.int32, bitcast=True)")
+        src(3, f"b{s} = ((u + 32767 + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)")
+        src(2, "else:")
+        src(3, f"b{s} = b{s}.to(y_ptr.dtype.element_ty).to(tl.float32)")
         for i in range(t):
             src(2, f"acc{s}{i} += b{s}")
     base = f"(p * {t * t} + ({_y_bits(t)}))"

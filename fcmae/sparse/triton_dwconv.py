@@ -62,7 +62,9 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  tile: int, flip: bool = False) -> torch.Tensor:
     """``(R, C)`` active rows -> ``(R, C)``: the ``k x k`` depthwise conv plus ``bias`` (``(C,)`` or None)
     at the active sites, inactive inputs as zero. ``weight``: ``(k * k, C)``, taps row-major, used in
-    fp32 (round it to the input dtype first to match a conv in that dtype); ``halo``: the tiles' halo
+    fp32 (round it to the input dtype first to match a conv in that dtype: its ``(k * k, C)`` copy is made
+    anyway, and rounds for free); ``bias``: rounded to the input dtype here, as a conv in that dtype adds
+    it (its grad is the fp32 sum of the grads, straight through the rounding); ``halo``: the tiles' halo
     table (:func:`fcmae.sparse.tiles.halo_table`); ``flip``: use the taps reversed (the input grad's conv,
     without a reversed copy of the weights)."""
     _check_shapes(x, weight, halo, tile)
@@ -217,12 +219,13 @@ def glue_launches(channels: int, chunks: int, taps: int = 49) -> list[tuple[str,
     """The small launches one block's tile-path conv runs around its three kernels in a compiled step, and
     the bytes each moves: ``[(what, bytes)]`` (benchmarks/kernel_cost.py prices each at least a launch).
     The kernels read the weights and bias as the parameters hold them and write both grads in one pass,
-    so what is left is the rounding of the weights (laid out ``(taps, C)``) and of the bias, the sum of the
-    weight grad's partials over chunks, and the weight grad laid back out as the parameter's. (Before
+    and the forward rounds the bias itself, so what is left is the rounding of the weights (laid out
+    ``(taps, C)``), the sum of the weight grad's partials over chunks, and the weight grad laid back out as
+    the parameter's. (Before
     #49 there were 12, one of them a full read of the block's grads for the bias grad: nothing around
     the kernels touches the rows any more.)"""
     w = taps * channels * 4
-    return [("weights rounded, laid out (taps, C)", 2 * w), ("bias rounded", 2 * channels * 4),
+    return [("weights rounded, laid out (taps, C)", 2 * w),
             ("weight and bias grads summed over chunks", chunks * (w + channels * 4) + w + channels * 4),
             ("weight grad laid out as the parameter", 2 * w)]
 
@@ -239,8 +242,7 @@ def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTil
     # as the kernel summed it in fp32, not rounded to x's dtype on the way
     weight = conv.weight.view(c, k * k).t().contiguous()  # (taps, C): what the kernel reads, made here (compiled)
     weight = weight + (weight.to(x.dtype).float() - weight).detach()
-    bias = None if conv.bias is None else conv.bias + (conv.bias.to(x.dtype).float() - conv.bias).detach()  # the same
-    return dwconv_tiles(x, weight, bias, tiles.halo, tiles.tile)
+    return dwconv_tiles(x, weight, conv.bias, tiles.halo, tiles.tile)  # the op rounds the bias itself
 
 
 def _autocast_dtype(device_type: str):

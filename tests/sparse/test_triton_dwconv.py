@@ -415,6 +415,32 @@ def test_the_weight_grad_reaches_the_parameter_unrounded_in_bf16():
     assert not torch.equal(gw, gw.bfloat16().float())  # which bf16 could not hold
 
 
+@pytest.mark.parametrize("channels", [4, 5], ids=["pairs", "odd width"])
+def test_the_kernel_rounds_the_bias_to_bf16_as_a_bf16_conv_adds_it(channels):
+    """The forward rounds the fp32 bias to the rows' dtype itself (no launch of its own around it), to
+    nearest even. Hand-derived, x = 2^-8 everywhere. Even channels: the centre tap 1 and a bias of
+    1 + 2^-8, a tie between 1 and 1 + 2^-7 that bf16 rounds to 1.0 (even); 2^-8 + 1.0 is that tie again:
+    1.0 (with the fp32 bias the sum would be 1 + 2^-7, which bf16 holds). Odd channels: no taps and a bias of
+    1 + 3 * 2^-9, which rounds up to 1 + 2^-7 (a truncating cast would give 1.0). The bias grad stays the
+    fp32 sum of the grads."""
+    layout = SparseLayout.from_mask(torch.tensor([[0, 1, 0, 0]], device=DEVICE), (2, 2), 4, None)
+    conv = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels).to(DEVICE)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0::2, 0, 3, 3] = 1.0
+        conv.bias[0::2] = 1 + 2 ** -8
+        conv.bias[1::2] = 1 + 3 * 2 ** -9
+    x = torch.full((layout.stages[3].num_rows, channels), 2 ** -8, device=DEVICE, dtype=torch.bfloat16)
+    y = depthwise_rows(conv, x, layout, 3, "tiles")
+    want = torch.tensor([1.0, 1 + 2 ** -7] * channels, device=DEVICE)[:channels].expand(y.shape)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), want), y[0]
+    grad = torch.randn(y.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0)) / 3
+    (gb,) = torch.autograd.grad(y, conv.bias, grad.bfloat16())
+    assert gb.dtype == torch.float32
+    assert torch.allclose(gb, grad.bfloat16().float().sum(0), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(gb, gb.bfloat16().float())  # an fp32 sum, which bf16 could not hold
+
+
 @pytest.mark.slow  # the interpreter's time (full set)
 def test_auto_falls_back_to_the_canvas_on_an_injected_mismatch_or_exception(monkeypatch):
     import fcmae.sparse.triton_dwconv as tk
