@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
+import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from .row_kernels import Variant, kernel, words
@@ -110,16 +111,20 @@ def _dwconv_tiles_fake(x, weight, bias, halo, tile, flip=False):
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles_wgrad", mutates_args=())
-def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, tile: int, taps: int) -> torch.Tensor:
-    """The weight grad and the bias grad, ``(taps + 1, C)`` in fp32: row ``tap < taps`` is ``sum over
-    active outputs o of grad[o] * x[o + tap]``, row ``taps`` is ``sum over o of grad[o]`` (summed in the
-    same pass over the grads: one read of them, one launch fewer)."""
+def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, tile: int,
+                       taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight grad, ``(C, taps)`` in fp32 as a depthwise conv's weight ``(C, 1, k, k)`` lays it out
+    (``[c, tap]`` is ``sum over active outputs o of grad[o, c] * x[o + tap, c]``), and the bias grad
+    ``(C,)``, ``sum over o of grad[o]``: both from one pass over the grads, and the partial sums of the
+    pass summed and laid out by one small launch, so nothing copies them again on their way to the
+    parameters."""
     torch._check(grad.shape == x.shape, lambda: f"grad {tuple(grad.shape)} vs x {tuple(x.shape)}")
     _check_halo(x, halo, tile, _taps(taps))
     x, grad = x.contiguous(), grad.contiguous()
     channels, tiles, k, pairs = x.shape[1], halo.shape[0], _taps(taps), _pairs(x) and _pairs(grad)
     if not tiles:
-        return torch.zeros(taps + 1, channels, device=x.device, dtype=torch.float32)
+        return (torch.zeros(channels, taps, device=x.device, dtype=torch.float32),
+                torch.zeros(channels, device=x.device, dtype=torch.float32))
     variant = Variant("wgrad", tile, k, pairs, _wide(x))
     plan = wgrad_plan(tiles, channels, tile, x.device, pairs=pairs, k=k,
                       resident=_RESIDENT.get((variant, channels)))
@@ -129,7 +134,41 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, 
         x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=words(channels, pairs),
         BLOCK_C=plan.block_c, EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
     _remember_occupancy(variant, channels, launched, plan.warps, x.device)
-    return partial.sum(0)
+    return sum_partials(partial)
+
+
+SUM_BLOCK, SUM_CHUNKS = 128, 32  # the sum's program: 128 values of a partial row, 32 chunks a step
+
+
+@triton.jit
+def _sum_partials(partial_ptr, w_ptr, b_ptr, CHUNKS, N, C, TAPS: tl.constexpr, BLOCK: tl.constexpr,
+                  STEP: tl.constexpr):
+    """``partial (CHUNKS, TAPS + 1, C)`` summed over chunks, ``STEP`` chunks of a block loaded at once (a
+    chain of one load a chunk would wait on memory once a chunk), each sum in a fixed order (deterministic);
+    written as the parameters lay them out: the weight grad ``(C, TAPS)``, the bias grad ``(C,)``."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat indices of a (TAPS + 1, C) partial
+    ok = i < N
+    acc = tl.zeros([STEP, BLOCK], dtype=tl.float32)
+    for start in range(0, CHUNKS, STEP):
+        chunk = start + tl.arange(0, STEP)
+        acc += tl.load(partial_ptr + chunk[:, None].to(tl.int64) * N + i[None, :],
+                       mask=(chunk[:, None] < CHUNKS) & ok[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    tap = i // C
+    c = i - tap * C
+    tl.store(w_ptr + c * TAPS + tap, total, mask=ok & (tap < TAPS))
+    tl.store(b_ptr + c, total, mask=ok & (tap == TAPS))
+
+
+def sum_partials(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight grad's partial sums ``(chunks, taps + 1, C)`` -> ``((C, taps), (C,))``, one launch."""
+    chunks, rows, channels = partial.shape
+    weight = torch.empty(channels, rows - 1, device=partial.device, dtype=torch.float32)
+    bias = torch.empty(channels, device=partial.device, dtype=torch.float32)
+    n = rows * channels
+    _sum_partials[(triton.cdiv(n, SUM_BLOCK),)](partial, weight, bias, chunks, n, channels, TAPS=rows - 1,
+                                                BLOCK=SUM_BLOCK, STEP=SUM_CHUNKS)
+    return weight, bias
 
 
 # programs of a weight-grad binary one SM holds at once, from its register count as the driver loaded it
@@ -180,7 +219,7 @@ def wgrad_plan(tiles: int, channels: int, tile: int, device: torch.device, sms: 
 
 @dwconv_tiles_wgrad.register_fake
 def _dwconv_tiles_wgrad_fake(x, grad, halo, tile, taps):
-    return x.new_empty(taps + 1, x.shape[1], dtype=torch.float32)
+    return x.new_empty(x.shape[1], taps, dtype=torch.float32), x.new_empty(x.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -198,11 +237,14 @@ def _backward(ctx, grad):
         grad_x = dwconv_tiles(grad, weight, None, halo, ctx.tile, not ctx.flip)
     wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[1] or wants_bias:
-        both = dwconv_tiles_wgrad(x, grad, halo, ctx.tile, weight.shape[0])  # one pass: weight and bias grads
+        # one pass: the weight grad (C, taps), as the parameter lays it out, and the bias grad
+        wgrad, bgrad = dwconv_tiles_wgrad(x, grad, halo, ctx.tile, weight.shape[0])
         if ctx.needs_input_grad[1]:
-            grad_w = (both[:-1].flip(0) if ctx.flip else both[:-1]).to(weight.dtype)
+            # a (taps, C) view for the (taps, C) weight the op took, which the encoder made from the parameter
+            # by a transpose: autograd's transpose back is this buffer again, no copy
+            grad_w = (wgrad.flip(1) if ctx.flip else wgrad).t().to(weight.dtype)
         if wants_bias:
-            grad_b = both[-1].to(ctx.bias_dtype)
+            grad_b = bgrad.to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -219,15 +261,15 @@ def glue_launches(channels: int, chunks: int, taps: int = 49) -> list[tuple[str,
     """The small launches one block's tile-path conv runs around its three kernels in a compiled step, and
     the bytes each moves: ``[(what, bytes)]`` (benchmarks/kernel_cost.py prices each at least a launch).
     The kernels read the weights and bias as the parameters hold them and write both grads in one pass,
-    and the forward rounds the bias itself, so what is left is the rounding of the weights (laid out
-    ``(taps, C)``), the sum of the weight grad's partials over chunks, and the weight grad laid back out as
-    the parameter's. (Before
+    the forward rounds the bias itself, and the sum of the weight grad's partials over chunks writes them
+    as the parameters lay them out, so what is left is the rounding of the weights (laid out
+    ``(taps, C)``) and that sum. (Before
     #49 there were 12, one of them a full read of the block's grads for the bias grad: nothing around
     the kernels touches the rows any more.)"""
     w = taps * channels * 4
     return [("weights rounded, laid out (taps, C)", 2 * w),
-            ("weight and bias grads summed over chunks", chunks * (w + channels * 4) + w + channels * 4),
-            ("weight grad laid out as the parameter", 2 * w)]
+            ("weight and bias grads summed over chunks, laid out as the parameters",
+             chunks * (w + channels * 4) + w + channels * 4)]
 
 
 def depthwise_conv_tiles(x: torch.Tensor, conv: torch.nn.Conv2d, tiles: StageTiles) -> torch.Tensor:
