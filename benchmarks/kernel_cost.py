@@ -44,17 +44,21 @@ from fcmae.sparse import triton_dwconv as k  # noqa: E402
 from fcmae.sparse.kernel_resources import (STAGE_TILES, TAPS, KernelConfig, compile_config,  # noqa: E402
                                            compile_kernel, halo_skips, load_traffic, sass_loops, stage_configs)
 from fcmae.sparse.layout import SparseLayout  # noqa: E402
+from fcmae.sparse.wgrad_kernels import HALO_ROW_AT  # noqa: E402
 
 SMS, SCHEDULERS, CLOCK_HZ, HBM_BYTES_S, L2_BYTES_S = 132, 4, 1.98e9, 4.8e12, 5.5e12
 LATENCY_CYCLES, LAUNCH_S = 500.0, 2e-6
 KERNEL = 7
 
 
-def column_activity(halo: torch.Tensor, tile: int) -> list[float]:
+def column_activity(halo: torch.Tensor, tile: int, halo_rows: bool = False) -> list[float]:
     """Share of active halo sites in each halo column over every (tile, output row, kernel row): what a
-    program of either kernel reads for one output row and one kernel row."""
+    program of either kernel reads for one output row and one kernel row; with ``halo_rows``, over every
+    (tile, halo row): what a weight-grad program of a halo row reads a trip."""
     side = tile + KERNEL - 1
     active = (halo >= 0).view(-1, side, side).float()
+    if halo_rows:
+        return active.mean((0, 1)).tolist()
     rows = torch.stack([active[:, y + ky] for y in range(tile) for ky in range(KERNEL)], 1)
     return rows.mean((0, 1)).tolist()
 
@@ -80,7 +84,11 @@ def l2_bytes_per_trip(cfg: KernelConfig, activity: list[float]) -> float:
     (``k * k * C`` x 4 bytes, the same for every program on an SM) are taken as L1 hits."""
     elem = 2 if cfg.dtype == "bf16" else 4
     sites = sum(activity) * cfg.block_c * elem + len(activity) * 32
-    return sites + (cfg.tile * cfg.block_c * elem if cfg.kernel == "wgrad" else 0)
+    if cfg.kernel != "wgrad":
+        return sites
+    if cfg.tile in HALO_ROW_AT:  # a tile's grads, the rows that pair with the program's halo row (t k of t (t + k - 1))
+        return sites + cfg.tile * KERNEL / (cfg.tile + KERNEL - 1) * cfg.tile * cfg.block_c * elem
+    return sites + cfg.tile * cfg.block_c * elem  # a tile row's grads
 
 
 def launch_cost(binary: Binary, programs: int, trips: int, activity: list[float], latency: float) -> dict:
@@ -137,12 +145,15 @@ def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype:
         # the grid the op launches once the first launch has told the registers
         plan = k.wgrad_plan(tiles, channels, tile, torch.device("cuda"), sms=SMS, pairs=wg_cfg.pairs,
                             resident=wg_bin.resident)
-        wgrad = launch_cost(wg_bin, plan.chunks * KERNEL * blocks, math.ceil(plan.rows / plan.chunks), activity, latency)
-        wgrad["chunks"] = plan.chunks
+        wg_activity = column_activity(tiles_of.halo, tile, halo_rows=tile in HALO_ROW_AT)
+        wgrad = launch_cost(wg_bin, plan.chunks * plan.axis * blocks, math.ceil(plan.rows / plan.chunks),
+                            wg_activity, latency)
+        wgrad["chunks"], wgrad["axis"] = plan.chunks, plan.axis
+        partials = plan.chunks * plan.slots
         # x and grad; the partial sums written (read again by the glue's sum over chunks)
-        finish(wgrad, (2 * row_bytes + plan.chunks * (TAPS + 1) * channels * 4) / HBM_BYTES_S)
+        finish(wgrad, (2 * row_bytes + partials * (TAPS + 1) * channels * 4) / HBM_BYTES_S)
         glue = [{"name": name, "bytes": nbytes, "time_s": max(LAUNCH_S, nbytes / HBM_BYTES_S)}
-                for name, nbytes in k.glue_launches(channels, plan.chunks, TAPS)]
+                for name, nbytes in k.glue_launches(channels, partials, TAPS)]
         glue_s = sum(g["time_s"] for g in glue)
         tile_time = 2 * fwd["time_s"] + wgrad["time_s"] + glue_s
         canvas_floor = (8 * canvas_bytes + 8 * row_bytes) / HBM_BYTES_S

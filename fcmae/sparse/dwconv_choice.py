@@ -59,7 +59,8 @@ WGRAD_TOLERANCE = (1e-4, 1e-5)
 def self_test_images(grid: tuple[int, int], mask_ratio: float, dims: tuple[int, ...] = ATTO_DIMS,
                      device: torch.device = torch.device("cpu")) -> int:
     """Images enough that the weight grad's every loop runs at every stage on ``device``: more than one
-    chunk, and every chunk summing at least two tile rows (one tile per visible patch)."""
+    chunk, and every chunk summing at least two of its units (tile rows; tiles at 2x2 tiles: one tile per
+    visible patch)."""
     from .triton_dwconv import wgrad_plan
     visible = num_visible(grid[0] * grid[1], mask_ratio)
     for images in range(1, 100_000):

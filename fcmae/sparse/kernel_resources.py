@@ -76,7 +76,8 @@ def compile_kernel(cfg: KernelConfig, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .row_kernels import Variant, kernel, words
+    from .row_kernels import Variant, words
+    from .triton_dwconv import kernel
     ptr = f"*{cfg.dtype}"
     fn = kernel(Variant(cfg.kernel, cfg.tile, 7, cfg.pairs))
     if cfg.kernel == "forward":

@@ -20,14 +20,10 @@ reads a tap's two fp32 weights of a word as one 64-bit load and takes its halves
 selection (``PAIRED_WEIGHTS_AT``). Other dtypes load and convert
 plainly (``C2 = C``). The code uses nothing newer than Triton 3.0's language (torch 2.4).
 
-    python -m fcmae.sparse.row_kernels forward 8    # print the forward's source for 8x8 tiles
+    python -m fcmae.sparse.triton_dwconv forward 8    # print the forward's source for 8x8 tiles
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import linecache
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -252,97 +248,3 @@ def forward_source(v: Variant) -> str:
         for i in range(t):
             src(1, f"tl.store(y_ptr + out + {z_offset(0, i, t)} * C2, acc{i}.to(y_ptr.dtype.element_ty), mask=ok)")
     return src.text()
-
-
-def wgrad_source(v: Variant) -> str:
-    """One program per (chunk, kernel row ``ky``, channel block): over every ``CHUNKS``-th tile row from
-    ``chunk``, the products ``x[o + tap] * grad[o]`` of the row's ``k`` taps accumulate in registers, and
-    the ``ky == 0`` programs also sum the grads (the bias grad, which would otherwise read every grad
-    again). fp32 partial sums ``(CHUNKS, k * k + 1, C)``, channels in their own order, row ``k * k`` the
-    bias grad's.
-
-    A trip issues all its loads before it uses any: the grads, the halo indices, then every halo site's
-    values as *predicated* loads (a masked site's lanes load nothing and read as zero), so the trip waits
-    on memory about twice (indices, then values) rather than once per active site, as a branch around
-    each site's load made it (#49: ~10 dependent L2 round trips a trip at stage 0). The multiply-adds
-    of a masked site run on zeros: a few more issue slots, no memory. ``ROWS`` and ``CHUNKS`` are not
-    specialised (``do_not_specialize``), so the start-up self-test runs the binary training runs."""
-    t, k, h = v.tile, v.k, v.tile + v.k - 1
-    src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)",
-                  jit='@triton.jit(do_not_specialize=["ROWS", "CHUNKS"])')
-    src(1, "chunk = tl.program_id(0)")
-    src(1, "ky = tl.program_id(1)")
-    halves = _preamble(src, v, 2)
-    src(1, "ok = q < C2")
-    src(1, "gw = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)" if v.pairs else "gw = g_ptr")
-    for kx in range(k):
-        for s in halves:
-            src(1, f"acc{s}{kx} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
-    for s in halves:
-        src(1, f"bias{s} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
-    # the halo indices of a trip are loaded one trip ahead (the first trip's before the loop), so a trip's
-    # site loads wait on nothing it loaded itself
-    src(1, f"hrow = halo_ptr + (chunk // {t}) * {h * h} + (chunk % {t} + ky) * {h}")
-    for j in range(h):
-        src(1, f"i{j} = tl.load(hrow + {j})")
-    src(1, "for r in range(chunk, ROWS, CHUNKS):")
-    src(2, f"p = r // {t}")
-    src(2, f"y = r % {t}")
-    base = f"(p * {t * t} + ({_y_bits(t)}))"
-    src(2, f"grow = {base}.to(tl.int64) * C2 + q" if v.wide else f"grow = {base} * C2 + q")
-    graw = [_load_raw(src, 2, v, f"gw + grow + {z_offset(0, i, t)} * C2", f"g{i}") for i in range(t)]
-    loaded = [_load_raw(src, 2, v, _site(v, "xw", f"i{j}"), f"x{j}", active=f"i{j} >= 0") for j in range(h)]
-    src(2, "rn = tl.minimum(r + CHUNKS, ROWS - 1)  # the next trip's row (the last trip reads its own again)")
-    src(2, f"hrow = halo_ptr + (rn // {t}) * {h * h} + (rn % {t} + ky) * {h}")
-    for j in range(h):
-        src(2, f"i{j} = tl.load(hrow + {j})")
-    # a barrier between the loads and their uses: the compiler otherwise interleaves each load with its
-    # multiply-adds (ptxas then reuses one register for every site: a full memory latency per site);
-    # here every load of the trip is in flight before the first use waits
-    src(2, "tl.debug_barrier()")
-    for i in range(t):  # the row's grads, widened once for the kernel row's taps; their sum is the bias grad's
-        for s, name in zip(halves, _widen(src, 2, v, graw[i], f"g{i}")):
-            src(2, f"bias{s} += {name}")
-    for j in range(h):
-        names = _widen(src, 2, v, loaded[j], f"x{j}")
-        for kx in range(k):
-            if 0 <= j - kx < t:
-                for s, name in zip(halves, names):
-                    src(2, f"acc{s}{kx} += {name} * g{j - kx}{s}")
-    # channels in their own order: a pair's low half is channel 2q, its high half 2q + 1
-    src(1, f"out = out_ptr + (chunk * {k * k + 1} + ky * {k}) * C")
-    columns = [("2 * q", "lo"), ("2 * q + 1", "hi")] if v.pairs else [("q", "")]
-    for kx in range(k):
-        for column, s in columns:
-            src(1, f"tl.store(out + {kx} * C + {column}, acc{s}{kx}, mask=ok)")
-    src(1, f"bias_row = out_ptr + (chunk * {k * k + 1} + {k * k}) * C")
-    for column, s in columns:
-        src(1, f"tl.store(bias_row + {column}, bias{s}, mask=ok & (ky == 0))")
-    return src.text()
-
-
-@functools.lru_cache(maxsize=None)
-def kernel(v: Variant):
-    """The ``triton.jit`` function for ``v``, compiled from its generated source. The source is
-    registered with :mod:`linecache` under a name that carries its hash, so ``inspect`` (which Triton
-    reads a kernel's source with), tracebacks and the interpreter all see it; nothing is written to disk."""
-    import triton  # noqa: F401  (the generated module imports it)
-    text = forward_source(v) if v.kernel == "forward" else wgrad_source(v)
-    name = f"<fcmae-{v.kernel}-t{v.tile}-k{v.k}{'-pairs' if v.pairs else ''}{'-wide' if v.wide else ''}-" \
-           f"{hashlib.sha1(text.encode()).hexdigest()[:12]}>"
-    linecache.cache[name] = (len(text), None, text.splitlines(True), name)  # mtime None: never evicted
-    namespace: dict = {"__name__": f"fcmae_generated_{v.kernel}_t{v.tile}"}
-    exec(compile(text, name, "exec"), namespace)
-    return namespace[v.kernel]
-
-
-def main(argv: list[str]) -> int:
-    kind, tile = (argv + ["forward", "8"])[:2]
-    v = Variant(kind, int(tile), pairs="--plain" not in argv)
-    print(forward_source(v) if kind == "forward" else wgrad_source(v), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

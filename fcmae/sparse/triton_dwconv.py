@@ -15,13 +15,19 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import functools
+import hashlib
+import linecache
+import sys
+
 import torch
 import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from .row_kernels import Variant, kernel, words
+from .row_kernels import Variant, forward_source, words
 from .tiles import StageTiles
+from .wgrad_kernels import HALO_ROW_AT, wgrad_source
 
 # The weight grad's grid where no GPU says better (the interpreter): this many chunks at most.
 WGRAD_CHUNKS = 64
@@ -56,6 +62,21 @@ def _pairs(x: torch.Tensor) -> bool:
 
 def _taps(weight_rows: int) -> int:
     return int(round(weight_rows ** 0.5))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(v: Variant):
+    """The ``triton.jit`` function for ``v``, compiled from its generated source (the forward's from
+    :mod:`.row_kernels`, the weight grad's from :mod:`.wgrad_kernels`). The source is registered with
+    :mod:`linecache` under a name that carries its hash, so ``inspect`` (which Triton reads a kernel's
+    source with), tracebacks and the interpreter all see it; nothing is written to disk."""
+    text = forward_source(v) if v.kernel == "forward" else wgrad_source(v)
+    name = f"<fcmae-{v.kernel}-t{v.tile}-k{v.k}{'-pairs' if v.pairs else ''}{'-wide' if v.wide else ''}-" \
+           f"{hashlib.sha1(text.encode()).hexdigest()[:12]}>"
+    linecache.cache[name] = (len(text), None, text.splitlines(True), name)  # mtime None: never evicted
+    namespace: dict = {"__name__": f"fcmae_generated_{v.kernel}_t{v.tile}"}
+    exec(compile(text, name, "exec"), namespace)
+    return namespace[v.kernel]
 
 
 @torch.library.custom_op("fcmae::dwconv_tiles", mutates_args=())
@@ -128,8 +149,9 @@ def dwconv_tiles_wgrad(x: torch.Tensor, grad: torch.Tensor, halo: torch.Tensor, 
     variant = Variant("wgrad", tile, k, pairs, _wide(x))
     plan = wgrad_plan(tiles, channels, tile, x.device, pairs=pairs, k=k,
                       resident=_RESIDENT.get((variant, channels)))
-    partial = torch.empty(plan.chunks, taps + 1, channels, device=x.device, dtype=torch.float32)  # all written
-    grid = (plan.chunks, k, triton.cdiv(channels, plan.block_c))
+    # every value written once (a halo row a program: t slots a chunk, wgrad_kernels.halo_row_source)
+    partial = torch.empty(plan.chunks * plan.slots, taps + 1, channels, device=x.device, dtype=torch.float32)
+    grid = (plan.chunks, plan.axis, triton.cdiv(channels, plan.block_c))
     launched = kernel(variant)[grid](
         x, grad, halo, partial, plan.rows, plan.chunks, C=channels, C2=words(channels, pairs),
         BLOCK_C=plan.block_c, EVEN_C=channels % plan.block_c == 0, num_warps=plan.warps)
@@ -192,29 +214,32 @@ def _remember_occupancy(variant: Variant, channels: int, launched, warps: int, d
 class WgradPlan(NamedTuple):
     block_c: int  # channels a program covers
     warps: int
-    chunks: int  # programs per kernel row and channel block, each summing every chunks-th tile row
-    rows: int  # tile rows in all (tiles x tile side)
+    chunks: int  # programs per kernel (or halo) row and channel block, each summing every chunks-th unit
+    rows: int  # the units a program's trips walk, in all: tile rows (tiles x tile side), or tiles
+    axis: int = 7  # the grid's second axis: kernel rows (k), or halo rows (tile + k - 1)
+    slots: int = 1  # partial sums a chunk writes: 1, or the tile side (a halo row a program)
 
 
 def wgrad_plan(tiles: int, channels: int, tile: int, device: torch.device, sms: int | None = None,
                pairs: bool = True, k: int = 7, resident: int | None = None) -> WgradPlan:
-    """The weight grad's launch: ``chunks x k`` (kernel rows) ``x`` channel blocks programs, as many as
-    the GPU holds at once (``resident`` programs an SM, from the binary's registers once a launch has
+    """The weight grad's launch: ``chunks x k`` (kernel rows; halo rows, ``tile + k - 1``, at the tile sides
+    of ``wgrad_kernels.HALO_ROW_AT``) ``x`` channel blocks programs, as many as the GPU holds at once (``resident`` programs an SM, from the binary's registers once a launch has
     told them; ``WGRAD_PROGRAMS_PER_SM`` before: one wave, every SM busy, and a chain of trips per
     program no longer than it must be: a trip's time is mostly memory latency, hidden only by other
-    programs), chunks of at least ``WGRAD_MIN_SITES`` sites (the partial-sum bound) and at least one
-    tile row. ``sms``: the GPU's SM count (asked of ``device`` when None); without a GPU,
-    ``WGRAD_CHUNKS`` chunks at most."""
+    programs), chunks of at least ``WGRAD_MIN_SITES`` sites for each partial sum they write (the
+    partial-sum bound) and at least one unit (tile row, or tile). ``sms``: the GPU's SM count (asked of
+    ``device`` when None); without a GPU, ``WGRAD_CHUNKS`` chunks at most."""
     block_c, warps = launch_shape(channels, pairs, tile)
+    halo_rows = tile in HALO_ROW_AT
+    axis, slots, rows = (tile + k - 1, tile, tiles) if halo_rows else (k, 1, tiles * tile)
     if device.type == "cuda":
         sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
         per_sm = resident or WGRAD_PROGRAMS_PER_SM
-        wanted = max(1, per_sm * sms // (k * triton.cdiv(channels, block_c)))  # one wave: not one program more
+        wanted = max(1, per_sm * sms // (axis * triton.cdiv(channels, block_c)))  # one wave: not one program more
     else:
         wanted = WGRAD_CHUNKS
-    rows = tiles * tile
-    chunks = max(1, min(wanted, tiles * tile * tile // WGRAD_MIN_SITES, rows))
-    return WgradPlan(block_c, warps, chunks, rows)
+    chunks = max(1, min(wanted, tiles * tile * tile // (WGRAD_MIN_SITES * slots), rows))
+    return WgradPlan(block_c, warps, chunks, rows, axis, slots)
 
 
 @dwconv_tiles_wgrad.register_fake
@@ -295,3 +320,14 @@ def _autocast_dtype(device_type: str):
         return None
     return None
 
+
+def main(argv: list[str]) -> int:
+    """``python -m fcmae.sparse.triton_dwconv forward|wgrad TILE [--plain]``: print a kernel's source."""
+    kind, tile = (argv + ["forward", "8"])[:2]
+    v = Variant(kind, int(tile), pairs="--plain" not in argv)
+    print(forward_source(v) if kind == "forward" else wgrad_source(v), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -196,7 +196,8 @@ def test_the_weight_grad_binary_does_not_depend_on_the_row_or_chunk_count():
     """The row and chunk counts come from the batch and the GPU, so the JIT must not specialise on them
     (divisible by 16, or 1): the start-up self-test's small batch then runs the binary training runs (#49)."""
     import fcmae.sparse.triton_dwconv as tk
-    from fcmae.sparse.row_kernels import Variant, kernel
+    from fcmae.sparse.row_kernels import Variant
+    from fcmae.sparse.triton_dwconv import kernel
     fn = kernel(Variant("wgrad", 8, 7, True))
     names = fn.arg_names
     if hasattr(fn, "do_not_specialize"):  # the JIT: indices (or names, in some releases)
@@ -317,8 +318,10 @@ def test_the_default_self_test_has_images_enough_for_every_loop(monkeypatch):
     that the weight grad runs more than one chunk of at least two tile rows at every stage, on a GPU
     (an H200's 132 SMs, faked) as on the CPU. By hand, for atto: the coarsest stage binds, whose chunks
     need 98 sites (1x1 tiles) each; two chunks need 196 tiles, 11 images (209 tiles). On 132 SMs each
-    kernel row of a chunk is a program: ceil(4 * 132 / 7) = 76 chunks wanted, 209 * 64 / 98 = 136 allowed
-    at stage 0; 3344 / 98 = 34, 836 / 98 = 8 and 209 / 98 = 2 at the others."""
+    kernel row of a chunk is a program: 4 * 132 // 7 = 75 chunks wanted (one wave), 209 * 64 / 98 = 136
+    allowed at stage 0; 3344 / 98 = 34 at stage 1, 209 / 98 = 2 at stage 3. At stage 2 (2x2 tiles) a
+    program takes a halo row and a chunk writes a partial sum for each of the 2 tile rows: 836 / (98 * 2)
+    = 4 chunks of the 209 tiles."""
     import types
     import fcmae.sparse.triton_dwconv as tk
     from fcmae.sparse.dwconv_choice import ATTO_DIMS, self_test_images
@@ -327,7 +330,8 @@ def test_the_default_self_test_has_images_enough_for_every_loop(monkeypatch):
     gpu = torch.device("cuda", 0)
     assert self_test_images((7, 7), 0.6, ATTO_DIMS, gpu) == 11
     plans = [tk.wgrad_plan(11 * 19, c, 8 >> stage, gpu) for stage, c in enumerate(ATTO_DIMS)]
-    assert [(p.chunks, p.rows) for p in plans] == [(75, 1672), (34, 836), (8, 418), (2, 209)]
+    assert [(p.chunks, p.rows) for p in plans] == [(75, 1672), (34, 836), (4, 209), (2, 209)]
+    assert [(p.axis, p.slots) for p in plans] == [(7, 1), (7, 1), (8, 2), (7, 1)]
 
 
 def test_the_weight_grad_keeps_its_partial_sums_small_and_every_sm_busy(monkeypatch):
@@ -342,9 +346,12 @@ def test_the_weight_grad_keeps_its_partial_sums_small_and_every_sm_busy(monkeypa
         tile = 8 >> stage
         plan = tk.wgrad_plan(128 * 19, channels, tile, gpu)
         data = 2 * 128 * 19 * tile * tile * channels * 2  # x and grad in bf16
-        assert plan.chunks * 49 * channels * 4 <= data / 2, (stage, plan)
-        assert plan.chunks * 7 * -(-channels // plan.block_c) >= 132, (stage, plan)
+        assert plan.chunks * plan.slots * 49 * channels * 4 <= data / 2, (stage, plan)
+        assert plan.chunks * plan.axis * -(-channels // plan.block_c) >= 132, (stage, plan)
     assert tk.wgrad_plan(128 * 19, 1024, 1, gpu) == tk.WgradPlan(block_c=1024, warps=4, chunks=24, rows=2432)
+    # 2x2 tiles, a halo row a program (8 of them a chunk), 2 partial sums a chunk: at 4 programs an SM
+    # 4 * 132 // 8 = 66 chunks fit one wave, 9728 sites / (98 * 2) = 49 are allowed; a trip is a tile
+    assert tk.wgrad_plan(128 * 19, 512, 2, gpu, resident=4) == tk.WgradPlan(512, 2, 49, 2432, axis=8, slots=2)
 
 
 def test_the_weight_grad_grid_fills_the_sms_at_the_occupancy_its_registers_allow(monkeypatch):
@@ -362,9 +369,9 @@ def test_the_weight_grad_grid_fills_the_sms_at_the_occupancy_its_registers_allow
     before = tk.wgrad_plan(128 * 19, 128, 8, gpu)
     after = tk.wgrad_plan(128 * 19, 128, 8, gpu, resident=21)
     assert before.chunks == 4 * 132 // 7 and after.chunks == 21 * 132 // 7  # one 128-channel block
-    # one wave, not a program more: at 6 an SM and 512 channels (stage 2's binary) 113 chunks x 7 rows fit
-    # 132 SMs' 792; 114 (rounded up) would leave 6 programs to a second wave, the whole chain again
-    assert tk.wgrad_plan(128 * 190, 512, 2, gpu, resident=6).chunks == 113
+    # one wave, not a program more: at 12 an SM (stage 1's binary) 226 chunks x 7 rows fit 132 SMs' 1584;
+    # 227 (rounded up) would leave 5 programs to a second wave, the whole chain again
+    assert tk.wgrad_plan(128 * 190, 256, 4, gpu, resident=12).chunks == 226
     assert after.chunks * 49 * 128 * 4 <= 2 * 128 * 19 * 64 * 128 * 2 / 2
     # the register count comes from the launch (the driver's), on a GPU only
     monkeypatch.setattr(tk, "_RESIDENT", {})
