@@ -13,12 +13,11 @@ before this module is imported.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import functools
 import hashlib
 import linecache
 import sys
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -222,10 +221,11 @@ class WgradPlan(NamedTuple):
 
 def wgrad_plan(tiles: int, channels: int, tile: int, device: torch.device, sms: int | None = None,
                pairs: bool = True, k: int = 7, resident: int | None = None) -> WgradPlan:
-    """The weight grad's launch: ``chunks x k`` (kernel rows; halo rows, ``tile + k - 1``, at the tile sides
-    of ``wgrad_kernels.HALO_ROW_AT``) ``x`` channel blocks programs, as many as the GPU holds at once (``resident`` programs an SM, from the binary's registers once a launch has
-    told them; ``WGRAD_PROGRAMS_PER_SM`` before: one wave, every SM busy, and a chain of trips per
-    program no longer than it must be: a trip's time is mostly memory latency, hidden only by other
+    """The weight grad's launch: ``chunks x k`` (kernel rows; halo rows, ``tile + k - 1``, at the tile
+    sides of ``wgrad_kernels.HALO_ROW_AT``) ``x`` channel blocks programs, as many as the GPU holds at
+    once (``resident`` programs an SM, from the binary's registers once a launch has told them;
+    ``WGRAD_PROGRAMS_PER_SM`` before: one wave, every SM busy, and a chain of trips per program no longer
+    than it must be: a trip's time is mostly memory latency, hidden only by other
     programs), chunks of at least ``WGRAD_MIN_SITES`` sites for each partial sum they write (the
     partial-sum bound) and at least one unit (tile row, or tile). ``sms``: the GPU's SM count (asked of
     ``device`` when None); without a GPU, ``WGRAD_CHUNKS`` chunks at most."""

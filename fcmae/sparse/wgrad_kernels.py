@@ -1,5 +1,5 @@
 """The source of the weight grad's Triton code, generated per tile side (#38, #49); the helpers and the
-forward are :mod:`fcmae.sparse.row_kernels`'.
+forward are in :mod:`fcmae.sparse.row_kernels`.
 
 Two ways to split the work over programs, both summing ``x[o + tap] * grad[o]`` over active outputs ``o``
 into fp32 partial sums per chunk of the tiles, which one small launch sums (``triton_dwconv.sum_partials``):
