@@ -29,6 +29,27 @@ def wgrad_source(v: Variant) -> str:
     return halo_row_source(v) if v.tile in HALO_ROW_AT else kernel_row_source(v)
 
 
+def _opening(v: Variant, row: str):
+    """Both generators' start: the signature (``ROWS`` and ``CHUNKS`` not specialised), the chunk and
+    ``row`` (the grid's second axis) as program ids, the channel words ``q`` and their mask, the grads'
+    pointer; returns the source and the halves' names."""
+    src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, C2: tl.constexpr, "
+                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)",
+                  jit='@triton.jit(do_not_specialize=["ROWS", "CHUNKS"])')
+    src(1, "chunk = tl.program_id(0)")
+    src(1, f"{row} = tl.program_id(1)")
+    halves = _preamble(src, v, 2)
+    src(1, "ok = q < C2")
+    src(1, "gw = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)" if v.pairs else "gw = g_ptr")
+    return src, halves
+
+
+def _columns(v: Variant) -> list[tuple[str, str]]:
+    """``(channel, half)`` of a thread's word ``q`` as the partial sums store it: channels in their own
+    order (a pair's low half is channel 2q, its high half 2q + 1)."""
+    return [("2 * q", "lo"), ("2 * q + 1", "hi")] if v.pairs else [("q", "")]
+
+
 def kernel_row_source(v: Variant) -> str:
     """One program per (chunk, kernel row ``ky``, channel block): over every ``CHUNKS``-th tile row from
     ``chunk``, the products ``x[o + tap] * grad[o]`` of the row's ``k`` taps accumulate in registers, and
@@ -43,14 +64,7 @@ def kernel_row_source(v: Variant) -> str:
     of a masked site run on zeros: a few more issue slots, no memory. ``ROWS`` and ``CHUNKS`` are not
     specialised (``do_not_specialize``), so the start-up self-test runs the binary training runs."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
-    src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)",
-                  jit='@triton.jit(do_not_specialize=["ROWS", "CHUNKS"])')
-    src(1, "chunk = tl.program_id(0)")
-    src(1, "ky = tl.program_id(1)")
-    halves = _preamble(src, v, 2)
-    src(1, "ok = q < C2")
-    src(1, "gw = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)" if v.pairs else "gw = g_ptr")
+    src, halves = _opening(v, "ky")
     for kx in range(k):
         for s in halves:
             src(1, f"acc{s}{kx} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
@@ -85,9 +99,8 @@ def kernel_row_source(v: Variant) -> str:
             if 0 <= j - kx < t:
                 for s, name in zip(halves, names):
                     src(2, f"acc{s}{kx} += {name} * g{j - kx}{s}")
-    # channels in their own order: a pair's low half is channel 2q, its high half 2q + 1
     src(1, f"out = out_ptr + (chunk * {k * k + 1} + ky * {k}) * C")
-    columns = [("2 * q", "lo"), ("2 * q + 1", "hi")] if v.pairs else [("q", "")]
+    columns = _columns(v)
     for kx in range(k):
         for column, s in columns:
             src(1, f"tl.store(out + {kx} * C + {column}, acc{s}{kx}, mask=ok)")
@@ -105,14 +118,7 @@ def halo_row_source(v: Variant) -> str:
     written by the program of halo row ``y + ky``) and its bias grad (written by the program of halo row
     ``y``), so every value of it is written once. Loads and barrier as :func:`kernel_row_source`."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
-    src = _header(v, "wgrad(x_ptr, g_ptr, halo_ptr, out_ptr, ROWS, CHUNKS, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr)",
-                  jit='@triton.jit(do_not_specialize=["ROWS", "CHUNKS"])')
-    src(1, "chunk = tl.program_id(0)")
-    src(1, "hh = tl.program_id(1)")
-    halves = _preamble(src, v, 2)
-    src(1, "ok = q < C2")
-    src(1, "gw = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)" if v.pairs else "gw = g_ptr")
+    src, halves = _opening(v, "hh")
     for y in range(t):
         src(1, f"has{y} = (hh >= {y}) & (hh < {y + k})  # tile row {y} pairs with kernel row hh - {y}")
         for name in [f"acc{y}{s}{kx}" for kx in range(k) for s in halves] + [f"bias{y}{s}" for s in halves]:
@@ -142,7 +148,7 @@ def halo_row_source(v: Variant) -> str:
                 if 0 <= j - kx < t:
                     for s, name, g in zip(halves, names, grads[y, j - kx]):
                         src(2, f"acc{y}{s}{kx} += {name} * {g}")
-    columns = [("2 * q", "lo"), ("2 * q + 1", "hi")] if v.pairs else [("q", "")]
+    columns = _columns(v)
     for y in range(t):
         src(1, f"slot = out_ptr + (chunk * {t} + {y}) * {k * k + 1} * C")
         for kx in range(k):
