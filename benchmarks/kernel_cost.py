@@ -44,6 +44,7 @@ from fcmae.sparse import triton_dwconv as k  # noqa: E402
 from fcmae.sparse.kernel_resources import (STAGE_TILES, TAPS, KernelConfig, compile_config,  # noqa: E402
                                            compile_kernel, halo_skips, load_traffic, sass_loops, stage_configs)
 from fcmae.sparse.layout import SparseLayout  # noqa: E402
+from fcmae.sparse.row_kernels import forward_loop, rows_a_program  # noqa: E402
 from fcmae.sparse.wgrad_kernels import HALO_ROW_AT  # noqa: E402
 
 SMS, SCHEDULERS, CLOCK_HZ, HBM_BYTES_S, L2_BYTES_S = 132, 4, 1.98e9, 4.8e12, 5.5e12
@@ -91,8 +92,11 @@ def l2_bytes_per_trip(cfg: KernelConfig, activity: list[float]) -> float:
     return sites + cfg.tile * cfg.block_c * elem  # a tile row's grads
 
 
-def launch_cost(binary: Binary, programs: int, trips: int, activity: list[float], latency: float) -> dict:
-    """One loop, ``trips`` times a program; the issue, L2 and latency floors (HBM is the caller's)."""
+def launch_cost(binary: Binary, programs: int, trips: int, activity: list[float], latency: float,
+                peeled: int = 0, l2_trips: int | None = None) -> dict:
+    """One loop, ``trips`` times a program (and ``peeled`` trips of it written out after it, counted in the
+    straight-line code, each waiting on memory once); the issue, L2 and latency floors (HBM is the
+    caller's). The L2 bytes are ``l2_trips`` (default ``trips``) times :func:`l2_bytes_per_trip`'s."""
     loop, warps = binary.loop, binary.warps
     skips = halo_skips(binary.cubin, loop)
     untraced = sum(s.column is None for s in skips)
@@ -103,14 +107,15 @@ def launch_cost(binary: Binary, programs: int, trips: int, activity: list[float]
     spread = per_warp * warps * programs / (SMS * SCHEDULERS * CLOCK_HZ)
     traffic = load_traffic(binary.cubin, loop, activity, latency)
     l2 = l2_bytes_per_trip(binary.cfg, activity)
-    chain = traffic.cycles * trips + straight + latency  # the first loads and the last stores: one latency
+    # the first loads and the last stores: one latency; a peeled trip's loads: one more each
+    chain = traffic.cycles * trips + straight + latency * (1 + peeled)
     return {"loop_instructions": loop.instructions, "expected_loop_instructions": expected,
             "skips": len(skips), "untraced_skips": untraced, "trips": trips, "per_warp": per_warp, "warps": warps,
             "programs": programs, "registers": binary.registers, "resident": binary.resident, "waves": waves,
-            "round_trips_per_trip": traffic.round_trips, "l2_bytes": l2 * trips * programs,
+            "round_trips_per_trip": traffic.round_trips, "l2_bytes": l2 * (l2_trips or trips) * programs,
             "in_flight_per_sm": traffic.in_flight * warps * min(binary.resident, math.ceil(programs / SMS)),
             "issue_s": max(spread, per_warp * waves / CLOCK_HZ),
-            "l2_s": l2 * trips * programs / L2_BYTES_S,
+            "peeled": peeled, "l2_s": l2 * (l2_trips or trips) * programs / L2_BYTES_S,
             "latency_s": waves * chain / CLOCK_HZ}
 
 
@@ -140,8 +145,13 @@ def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype:
         fwd_bin, wg_bin = Binary(fwd_cfg), Binary(wg_cfg)
         blocks = math.ceil(channels / fwd_cfg.block_c)
         row_bytes, canvas_bytes = rows * channels * elem, canvas * channels * elem
-        # a program per tile row and channel block; read x, write y
-        fwd = finish(launch_cost(fwd_bin, tiles * tile * blocks, KERNEL, activity, latency), 2 * row_bytes / HBM_BYTES_S)
+        # a program per tile row and channel block, each trip a halo row read; or per tile, each of the
+        # tile's halo rows read once (row_kernels.WHOLE_TILE_AT); read x, write y
+        loop, peeled = forward_loop(tile, KERNEL)
+        whole = rows_a_program(tile) > 1
+        fwd_activity = column_activity(tiles_of.halo, tile, halo_rows=True) if whole else activity
+        fwd = finish(launch_cost(fwd_bin, tiles * tile // rows_a_program(tile) * blocks, loop, fwd_activity, latency,
+                                 peeled, l2_trips=tile + KERNEL - 1 if whole else KERNEL), 2 * row_bytes / HBM_BYTES_S)
         # the grid the op launches once the first launch has told the registers
         plan = k.wgrad_plan(tiles, channels, tile, torch.device("cuda"), sms=SMS, pairs=wg_cfg.pairs,
                             resident=wg_bin.resident)
@@ -158,7 +168,7 @@ def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype:
         tile_time = 2 * fwd["time_s"] + wgrad["time_s"] + glue_s
         canvas_floor = (8 * canvas_bytes + 8 * row_bytes) / HBM_BYTES_S
         rows_out.append({"stage": stage, "channels": channels, "depth": depth, "tile": tile, "tiles": tiles,
-                         "activity": activity, "forward": fwd, "wgrad": wgrad, "glue": glue, "glue_s": glue_s,
+                         "activity": activity, "forward_activity": fwd_activity, "forward": fwd, "wgrad": wgrad, "glue": glue, "glue_s": glue_s,
                          "tile_time_s": tile_time, "canvas_floor_s": canvas_floor})
     return rows_out
 

@@ -64,8 +64,9 @@ def launch_configs(dtypes=("bf16", "fp32")) -> dict[KernelConfig, list[str]]:
 def stage_configs(tile: int, reach: int, channels: int, dtype: str) -> tuple[KernelConfig, KernelConfig]:
     """The forward's and the weight grad's configurations at one stage, as the ops choose them."""
     from .triton_dwconv import launch_shape
-    block_c, warps = launch_shape(channels, dtype == "bf16" and channels % 2 == 0, tile)
-    return tuple(KernelConfig(kind, tile, reach, channels, block_c, warps, dtype) for kind in ("forward", "wgrad"))
+    pairs = dtype == "bf16" and channels % 2 == 0
+    return tuple(KernelConfig(kind, tile, reach, channels, *launch_shape(channels, pairs, tile, kind == "forward"), dtype)
+                 for kind in ("forward", "wgrad"))
 
 
 def compile_kernel(cfg: KernelConfig, arch: int):

@@ -2,7 +2,7 @@
 
 Both kernels work on one *row* of a tile at a time: the ``t`` outputs of a tile row, for a kernel
 row ``ky``, read one halo row of ``t + k - 1`` sites, and each site's values serve up to ``k`` of
-those outputs. Triton has no register arrays, so the ``t`` accumulators and the walk over the halo
+those outputs (at 2x2 tiles a forward program takes the whole tile, both rows: ``WHOLE_TILE_AT``). Triton has no register arrays, so the ``t`` accumulators and the walk over the halo
 row are written out as plain variables by this generator: each input is loaded and converted once
 per halo row and used from registers by every output that reads it (the gather-per-tap kernels it
 replaces loaded and converted it once per tap: 49 times). A site whose halo entry is -1 (a masked
@@ -157,6 +157,36 @@ def _weight_loads(src: _Source, depth: int, v: Variant, prefix: str, row: str) -
                       "0.0")
 
 
+def _epilogue(src: _Source, v: Variant, base: str, outputs: list[tuple[str, int]]) -> None:
+    """Emit the forward's end: the bias added to each accumulator ``acc{half}{name}`` of ``outputs``
+    (``(name, z-order offset of its site from the row ``base``)``), rounded as the output dtype rounds it,
+    and each stored at its site (pairs: two channels packed into a word)."""
+    halves = ("lo", "hi") if v.pairs else ("",)
+    src(1, "if HAS_BIAS:")
+    for half, s in enumerate(halves):
+        src(2, f"b{s} = tl.load(b_ptr + {_channel(v, half)}, mask=ok, other=0.0)  # fp32, channels in their order")
+        # rounded to the output's dtype, as a conv in that dtype adds it (here, once a program, rather than
+        # a launch of its own around the kernel); bf16 to nearest even on the bits, as a GPU's cast rounds
+        # (Triton's interpreter truncates a cast to bf16)
+        src(2, "if y_ptr.dtype.element_ty == tl.bfloat16:")
+        src(3, f"u = b{s}.to(tl.int32, bitcast=True)")
+        src(3, f"b{s} = ((u + 32767 + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)")
+        src(2, "else:")
+        src(3, f"b{s} = b{s}.to(y_ptr.dtype.element_ty).to(tl.float32)")
+        for name, _ in outputs:
+            src(2, f"acc{s}{name} += b{s}")
+    src(1, f"out = {base}.to(tl.int64) * C2 + q" if v.wide else f"out = {base} * C2 + q")
+    if v.pairs:
+        src(1, "yw = y_ptr.to(tl.pointer_type(tl.int32), bitcast=True)")
+        for name, offset in outputs:
+            src(1, f"low = acclo{name}.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535")
+            src(1, f"high = acchi{name}.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16")
+            src(1, f"tl.store(yw + out + {offset} * C2, low | high, mask=ok)")
+    else:
+        for name, offset in outputs:
+            src(1, f"tl.store(y_ptr + out + {offset} * C2, acc{name}.to(y_ptr.dtype.element_ty), mask=ok)")
+
+
 SITES_AHEAD_UP_TO = 2  # tile sides whose forward loads its sites a trip ahead
 # tile sides whose forward reads a tap's weights for a word's two channels as one 64-bit load (a 16-byte
 # load for two words: 14 loads a kernel row, not 56). Not at 4x4 tiles: there the SASS then moves the
@@ -165,7 +195,10 @@ PAIRED_WEIGHTS_AT = (1, 2, 8)
 
 
 def forward_source(v: Variant) -> str:
-    """One program per (tile row, channel block): ``t`` outputs accumulated over ``k`` kernel rows."""
+    """One program per (tile row, channel block): ``t`` outputs accumulated over ``k`` kernel rows (at the
+    tile sides of ``WHOLE_TILE_AT``, one per (tile, channel block): :func:`whole_tile_source`)."""
+    if v.tile in WHOLE_TILE_AT:
+        return whole_tile_source(v)
     t, k, h = v.tile, v.k, v.tile + v.k - 1
     src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
                      "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, FLIP: tl.constexpr)")
@@ -223,28 +256,86 @@ def forward_source(v: Variant) -> str:
     if ahead:
         for cur, nxt in zip(loaded, ahead):
             src(2, f"{cur} = {nxt}")
-    src(1, "if HAS_BIAS:")
-    for half, s in enumerate(halves):
-        src(2, f"b{s} = tl.load(b_ptr + {_channel(v, half)}, mask=ok, other=0.0)  # fp32, channels in their order")
-        # rounded to the output's dtype, as a conv in that dtype adds it (here, once a program, rather than
-        # a launch of its own around the kernel); bf16 to nearest even on the bits, as a GPU's cast rounds
-        # (Triton's interpreter truncates a cast to bf16)
-        src(2, "if y_ptr.dtype.element_ty == tl.bfloat16:")
-        src(3, f"u = b{s}.to(tl.int32, bitcast=True)")
-        src(3, f"b{s} = ((u + 32767 + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)")
-        src(2, "else:")
-        src(3, f"b{s} = b{s}.to(y_ptr.dtype.element_ty).to(tl.float32)")
+    _epilogue(src, v, f"(p * {t * t} + ({_y_bits(t)}))", [(f"{i}", z_offset(0, i, t)) for i in range(t)])
+    return src.text()
+
+
+# tile sides whose forward runs a program per tile, not per tile row (#49): at 2x2 tiles a tile row's two
+# outputs gave each widened site value 2 multiply-adds and each weight 2; a whole tile gives both 4
+WHOLE_TILE_AT = (2,)
+
+
+def rows_a_program(tile: int) -> int:
+    """Tile rows one forward program computes: ``tile`` at the sides of ``WHOLE_TILE_AT``, else one."""
+    return tile if tile in WHOLE_TILE_AT else 1
+
+
+def forward_loop(tile: int, k: int = 7) -> tuple[int, int]:
+    """The forward's loop as generated: ``(iterations, trips outside the loop)``; a trip is a kernel row."""
+    return (k // 2, k % 2) if tile in WHOLE_TILE_AT else (k, 0)
+
+
+def _whole_tile_trip(src: _Source, depth: int, v: Variant, ky: str, rows: tuple[str, str],
+                     weights: tuple[str, str]) -> None:
+    """Emit trip ``ky`` of :func:`whole_tile_source`: halo row ``ky`` is widened already (names ``rows[0]``),
+    row ``ky + 1``'s sites are loaded (predicated: a masked site reads nothing and gives zeros) and widened
+    into ``rows[1]``; kernel row ``ky``'s weights are in ``weights[0]``, the next row's are loaded into
+    ``weights[1]`` (a trip ahead: loaded in the trip that uses them, each went just before its first use),
+    and the indices of halo row ``ky + 2``: all before the barrier, so a trip waits on memory about once."""
+    t, k, h = v.tile, v.k, v.tile + v.k - 1
+    halves = ("lo", "hi") if v.pairs else ("",)
+    top, bottom = rows
+    below = [_load_raw(src, depth, v, _site(v, "xw", f"i{j}"), f"{bottom}{j}", active=f"i{j} >= 0") for j in range(h)]
+    for j in range(h):
+        src(depth, f"i{j} = tl.load(hrow + tl.minimum({ky} + 2, {h - 1}) * {h} + {j})")
+    _weight_loads(src, depth, v, weights[1], f"tl.minimum({ky} + 1, {k - 1})")
+    src(depth, "tl.debug_barrier()")
+    w = weights[0]
+    for j in range(h):
+        # halo row ky's site j (tile row 0) is used up before row ky + 1's (tile row 1) is widened
+        for r in range(t):
+            names = [f"{top}{j}{s}" for s in halves] if r == 0 else _widen(src, depth, v, below[j], f"{bottom}{j}")
+            for kx in range(k):
+                if 0 <= j - kx < t:
+                    for s, name in zip(halves, names):
+                        src(depth, f"acc{s}{r}{j - kx} += {name} * {w}{s}{kx}")
+
+
+def whole_tile_source(v: Variant) -> str:
+    """One program per (2x2 tile, channel block). Trip ``ky`` applies kernel row ``ky`` to halo rows ``ky``
+    (tile row 0) and ``ky + 1`` (tile row 1): each halo row is loaded and widened once, in the trip that
+    first uses it, and kept widened for the next (where it is tile row 0's); a kernel row's weights serve
+    all four outputs. Per tile, 8 halo rows read and widened, not 14."""
+    t, k, h = v.tile, v.k, v.tile + v.k - 1
+    assert t == 2, "a whole tile a program is written for 2x2 tiles (two tile rows)"
+    src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
+                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, FLIP: tl.constexpr)")
+    src(1, "p = tl.program_id(0)")
+    halves = _preamble(src, v, 1)
+    src(1, "ok = q < C2")
+    if v.pairs and v.tile in PAIRED_WEIGHTS_AT:
+        src(1, "w64 = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)  # fp32 weights, two channels a word")
+    src(1, f"hrow = halo_ptr + p * {h * h}")
+    for r in range(t):
         for i in range(t):
-            src(2, f"acc{s}{i} += b{s}")
-    base = f"(p * {t * t} + ({_y_bits(t)}))"
-    src(1, f"out = {base}.to(tl.int64) * C2 + q" if v.wide else f"out = {base} * C2 + q")
-    if v.pairs:
-        src(1, "yw = y_ptr.to(tl.pointer_type(tl.int32), bitcast=True)")
-        for i in range(t):
-            src(1, f"low = acclo{i}.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535")
-            src(1, f"high = acchi{i}.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16")
-            src(1, f"tl.store(yw + out + {z_offset(0, i, t)} * C2, low | high, mask=ok)")
-    else:
-        for i in range(t):
-            src(1, f"tl.store(y_ptr + out + {z_offset(0, i, t)} * C2, acc{i}.to(y_ptr.dtype.element_ty), mask=ok)")
+            for s in halves:
+                src(1, f"acc{s}{r}{i} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
+    # halo row 0, widened before the loop; row 1's indices
+    for j in range(h):
+        src(1, f"i{j} = tl.load(hrow + {j})")
+    first = [_load_raw(src, 1, v, _site(v, "xw", f"i{j}"), f"a{j}", active=f"i{j} >= 0") for j in range(h)]
+    for j in range(h):
+        src(1, f"i{j} = tl.load(hrow + {h} + {j})")
+    for j, raw in enumerate(first):
+        _widen(src, 1, v, raw, f"a{j}")
+    _weight_loads(src, 1, v, "w", "0")
+    # two trips an iteration, the rows' and the weights' registers swapping roles between them (a trip an
+    # iteration copied the carried row and weights at its end: 32 moves of a 4-channel trip's 256 lines);
+    # trip k - 1 after the loop
+    src(1, f"for m in range({k // 2}):")
+    _whole_tile_trip(src, 2, v, "2 * m", ("a", "b"), ("w", "n"))
+    _whole_tile_trip(src, 2, v, "2 * m + 1", ("b", "a"), ("n", "w"))
+    if k % 2:
+        _whole_tile_trip(src, 1, v, f"{k - 1}", ("a", "b"), ("w", "n"))
+    _epilogue(src, v, f"(p * {t * t})", [(f"{r}{i}", z_offset(r, i, t)) for r in range(t) for i in range(t)])
     return src.text()

@@ -3,8 +3,8 @@ without the zero canvas of :func:`fcmae.sparse.compact.block_rows` (three passes
 block, and 2.5x the arithmetic at mask 0.6). Rows and tiles as :mod:`fcmae.sparse.tiles` lays them
 out. Forward, input grad (the same kernel with the taps reversed: the input and output sites are the
 same set) and weight grad, accumulated in fp32 for any input dtype. The kernels' code is generated per
-tile side (:mod:`fcmae.sparse.row_kernels`: one tile row a program, each input read once per halo row,
-masked sites skipped); this module launches them.
+tile side (:mod:`fcmae.sparse.row_kernels`: one tile row a program, at 2x2 tiles one tile, each input
+read once per halo row, masked sites read as zeros without a memory access); this module launches them.
 
 Registered as the custom ops ``fcmae::dwconv_tiles`` and ``fcmae::dwconv_tiles_wgrad`` (with fake
 tensors and autograd), so ``torch.compile`` keeps the ops around them fused and calls these as they
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from .row_kernels import Variant, forward_source, words
+from .row_kernels import WHOLE_TILE_AT, Variant, forward_source, rows_a_program, words
 from .tiles import StageTiles
 from .wgrad_kernels import HALO_ROW_AT, wgrad_source
 
@@ -37,16 +37,19 @@ WGRAD_MIN_SITES = 98
 MAX_BLOCK_C = 1024  # channels a program covers at most: 8 a thread on 4 warps in bf16
 
 
-def launch_shape(channels: int, pairs: bool, tile: int = 1) -> tuple[int, int]:
-    """``(BLOCK_C, num_warps)`` of both kernels: one channel block for the whole width where it fits, 8
-    channels a thread in 16-bit dtypes (one 16-byte load a site) and 4 in fp32, so a site's index read and
-    a trip's barrier are shared by as many values as a thread can hold; half that at 8x8 tiles, whose
-    8 outputs, 14 sites in flight and two kernel rows of weights would not fit 255 registers at 8 (chosen
-    from the SASS counts of benchmarks/kernel_cost.py; tests/sparse/test_kernel_resources.py keeps every
-    launch free of spills)."""
+def launch_shape(channels: int, pairs: bool, tile: int = 1, forward: bool = False) -> tuple[int, int]:
+    """``(BLOCK_C, num_warps)`` of a kernel (the weight grad's, or with ``forward`` the forward's): one
+    channel block for the whole width where it fits, 8 channels a thread in 16-bit dtypes (one 16-byte
+    load a site) and 4 in fp32, so a site's index read and a trip's barrier are shared by as many values as
+    a thread can hold; half that at 8x8 tiles, whose 8 outputs, 14 sites in flight and two kernel rows of
+    weights would not fit 255 registers at 8, and in the forward at the tile sides of
+    ``row_kernels.WHOLE_TILE_AT`` (four outputs, two widened halo rows and two kernel rows of weights: 254
+    registers at 8), there on up to 8 warps (chosen from the SASS counts of benchmarks/kernel_cost.py;
+    tests/sparse/test_kernel_resources.py keeps every launch free of spills)."""
     block_c = max(32, min(triton.next_power_of_2(channels), MAX_BLOCK_C))
-    per_thread = (8 if pairs else 4) // (2 if tile >= 8 else 1)
-    return block_c, max(1, min(4, block_c // (32 * per_thread)))
+    whole = forward and tile in WHOLE_TILE_AT
+    per_thread = (8 if pairs else 4) // (2 if tile >= 8 or whole else 1)
+    return block_c, max(1, min(8 if whole else 4, block_c // (32 * per_thread)))
 
 
 def _wide(x: torch.Tensor) -> bool:
@@ -98,8 +101,9 @@ def dwconv_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     channels, k, pairs = x.shape[1], _taps(weight.shape[0]), _pairs(x)
     weight = weight.float().contiguous()  # no copy for the fp32 (taps, C) weights the encoder hands over
     bias32 = bias.float().contiguous() if bias is not None else weight
-    block_c, warps = launch_shape(channels, pairs, tile)
-    grid = (halo.shape[0] * tile, triton.cdiv(channels, block_c))  # one program per tile row and channel block
+    block_c, warps = launch_shape(channels, pairs, tile, forward=True)
+    # one program per tile row (or whole tile, row_kernels.WHOLE_TILE_AT) and channel block
+    grid = (halo.shape[0] * tile // rows_a_program(tile), triton.cdiv(channels, block_c))
     kernel(Variant("forward", tile, k, pairs, _wide(x)))[grid](
         x, weight, bias32, halo, y, C=channels, C2=words(channels, pairs), BLOCK_C=block_c,
         HAS_BIAS=bias is not None, EVEN_C=channels % block_c == 0, FLIP=flip, num_warps=warps)
