@@ -31,9 +31,10 @@ from .wgrad_kernels import HALO_ROW_AT, wgrad_source
 # The weight grad's grid where no GPU says better (the interpreter): this many chunks at most.
 WGRAD_CHUNKS = 64
 WGRAD_PROGRAMS_PER_SM = 4  # the weight grad's grid: about this many programs for each SM, whatever the batch
-# sites a weight-grad chunk covers at least: its (k * k, C) fp32 partial sums then stay under half the
-# bf16 x and grad it reads (the sum over chunks reads them again)
-WGRAD_MIN_SITES = 98
+# sites a weight-grad chunk covers at least: its (k * k, C) fp32 partial sums then stay within the bf16 x
+# and grad it reads (the sum over chunks reads them again). 98 (half) left stage 3 of base at b128 24 chunks
+# for 528 places: 102 trips a program, latency-bound at 33.5 us a block; 49 chunks model 17.4 (#49)
+WGRAD_MIN_SITES = 49
 MAX_BLOCK_C = 1024  # channels a program covers at most: 8 a thread on 4 warps in bf16
 
 
