@@ -168,7 +168,8 @@ def stage_costs(model: str, batch: int, img_size: int, mask_ratio: float, dtype:
         tile_time = 2 * fwd["time_s"] + wgrad["time_s"] + glue_s
         canvas_floor = (8 * canvas_bytes + 8 * row_bytes) / HBM_BYTES_S
         rows_out.append({"stage": stage, "channels": channels, "depth": depth, "tile": tile, "tiles": tiles,
-                         "activity": activity, "forward_activity": fwd_activity, "forward": fwd, "wgrad": wgrad, "glue": glue, "glue_s": glue_s,
+                         "activity": activity, "forward_activity": fwd_activity, "forward": fwd, "wgrad": wgrad,
+                         "glue": glue, "glue_s": glue_s,
                          "tile_time_s": tile_time, "canvas_floor_s": canvas_floor})
     return rows_out
 

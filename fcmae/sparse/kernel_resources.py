@@ -65,8 +65,8 @@ def stage_configs(tile: int, reach: int, channels: int, dtype: str) -> tuple[Ker
     """The forward's and the weight grad's configurations at one stage, as the ops choose them."""
     from .triton_dwconv import launch_shape
     pairs = dtype == "bf16" and channels % 2 == 0
-    return tuple(KernelConfig(kind, tile, reach, channels, *launch_shape(channels, pairs, tile, kind == "forward"), dtype)
-                 for kind in ("forward", "wgrad"))
+    return tuple(KernelConfig(kind, tile, reach, channels, *launch_shape(channels, pairs, tile, kind == "forward"),
+                              dtype) for kind in ("forward", "wgrad"))
 
 
 def compile_kernel(cfg: KernelConfig, arch: int):

@@ -2,8 +2,9 @@
 
 Both kernels work on one *row* of a tile at a time: the ``t`` outputs of a tile row, for a kernel
 row ``ky``, read one halo row of ``t + k - 1`` sites, and each site's values serve up to ``k`` of
-those outputs (at 2x2 tiles a forward program takes the whole tile, both rows: ``WHOLE_TILE_AT``). Triton has no register arrays, so the ``t`` accumulators and the walk over the halo
-row are written out as plain variables by this generator: each input is loaded and converted once
+those outputs (at 2x2 tiles a forward program takes the whole tile, both rows: ``WHOLE_TILE_AT``).
+Triton has no register arrays, so the ``t`` accumulators and the walk over the halo row are written
+out as plain variables by this generator: each input is loaded and converted once
 per halo row and used from registers by every output that reads it (the gather-per-tap kernels it
 replaces loaded and converted it once per tap: 49 times). A site whose halo entry is -1 (a masked
 patch or off the image) is read by a predicated load that touches no memory and gives zeros. A trip
