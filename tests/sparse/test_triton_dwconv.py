@@ -53,7 +53,10 @@ def random_mask(n, grid, seed):
     return mask
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])  # tiles of 8x8, 4x4, 2x2, 1x1 sites; reach 1, 1, 2, 3 tiles
+# tiles of 8x8, 4x4, 2x2, 1x1 sites; reach 1, 1, 2, 3 tiles. Stage 0 takes the interpreter 15-19 s here,
+# the fast tier's slowest test at the edge of its 20 s budget: in the full set (the fast tier runs stage
+# 0 in the extremes below)
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 1, 2, 3])
 def test_tiles_match_the_canvas_at_every_stage(stage):
     grid = (2, 2)
     tiles, canvas = both(random_mask(3, grid, seed=stage), grid, stage)  # an odd batch, uneven samples
