@@ -158,6 +158,26 @@ def _weight_loads(src: _Source, depth: int, v: Variant, prefix: str, row: str) -
                       "0.0")
 
 
+def _forward_opening(v: Variant, ids: list[str], hrow: str, outputs: list[str]):
+    """Both forward generators' start: the signature, the program's ``ids`` lines, the channel words
+    ``q`` and their mask, the weights' 64-bit view where they are read in pairs, the program's first halo
+    row ``hrow`` and a zero accumulator ``acc{half}{name}`` for each of ``outputs``; returns the source and
+    the halves' names."""
+    src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
+                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, FLIP: tl.constexpr)")
+    for line in ids:
+        src(1, line)
+    halves = _preamble(src, v, 1)
+    src(1, "ok = q < C2")
+    if v.pairs and v.tile in PAIRED_WEIGHTS_AT:
+        src(1, "w64 = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)  # fp32 weights, two channels a word")
+    src(1, f"hrow = {hrow}")
+    for name in outputs:
+        for s in halves:
+            src(1, f"acc{s}{name} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
+    return src, halves
+
+
 def _epilogue(src: _Source, v: Variant, base: str, outputs: list[tuple[str, int]]) -> None:
     """Emit the forward's end: the bias added to each accumulator ``acc{half}{name}`` of ``outputs``
     (``(name, z-order offset of its site from the row ``base``)``), rounded as the output dtype rounds it,
@@ -201,19 +221,8 @@ def forward_source(v: Variant) -> str:
     if v.tile in WHOLE_TILE_AT:
         return whole_tile_source(v)
     t, k, h = v.tile, v.k, v.tile + v.k - 1
-    src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, FLIP: tl.constexpr)")
-    src(1, "r = tl.program_id(0)")
-    src(1, f"p = r // {t}")
-    src(1, f"y = r % {t}")
-    halves = _preamble(src, v, 1)
-    src(1, "ok = q < C2")
-    if v.pairs and v.tile in PAIRED_WEIGHTS_AT:
-        src(1, "w64 = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)  # fp32 weights, two channels a word")
-    src(1, f"hrow = halo_ptr + p * {h * h} + y * {h}")
-    for i in range(t):
-        for s in halves:
-            src(1, f"acc{s}{i} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
+    src, halves = _forward_opening(v, ["r = tl.program_id(0)", f"p = r // {t}", f"y = r % {t}"],
+                                   f"halo_ptr + p * {h * h} + y * {h}", [f"{i}" for i in range(t)])
     # as in the weight grad: a kernel row's halo indices are loaded one trip ahead, its sites' values by
     # predicated loads (a masked site: no memory access, zeros), all issued before a barrier and used
     # after it, so a trip waits on memory about once, not once per active site
@@ -309,18 +318,8 @@ def whole_tile_source(v: Variant) -> str:
     all four outputs. Per tile, 8 halo rows read and widened, not 14."""
     t, k, h = v.tile, v.k, v.tile + v.k - 1
     assert t == 2, "a whole tile a program is written for 2x2 tiles (two tile rows)"
-    src = _header(v, "forward(x_ptr, w_ptr, b_ptr, halo_ptr, y_ptr, C: tl.constexpr, C2: tl.constexpr, "
-                     "BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, FLIP: tl.constexpr)")
-    src(1, "p = tl.program_id(0)")
-    halves = _preamble(src, v, 1)
-    src(1, "ok = q < C2")
-    if v.pairs and v.tile in PAIRED_WEIGHTS_AT:
-        src(1, "w64 = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)  # fp32 weights, two channels a word")
-    src(1, f"hrow = halo_ptr + p * {h * h}")
-    for r in range(t):
-        for i in range(t):
-            for s in halves:
-                src(1, f"acc{s}{r}{i} = tl.zeros([BLOCK_C // {len(halves)}], dtype=tl.float32)")
+    src, halves = _forward_opening(v, ["p = tl.program_id(0)"], f"halo_ptr + p * {h * h}",
+                                   [f"{r}{i}" for r in range(t) for i in range(t)])
     # halo row 0, widened before the loop; row 1's indices
     for j in range(h):
         src(1, f"i{j} = tl.load(hrow + {j})")
